@@ -13,7 +13,8 @@ class UserError(Exception):
 
 
 # Globals a released checkpoint may hold besides tensors; none can run code.
-SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.core.multiarray.scalar,
+_NP_CORE = getattr(np, "_core", None) or np.core
+SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NP_CORE.multiarray.scalar,
                 np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType]
 
 
