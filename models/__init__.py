@@ -1,0 +1,79 @@
+"""Model families. Importing this package registers every factory in timm's registry."""
+from utils import UserError
+
+from . import convnext, convnext_isotropic  # noqa: F401  (registers the families)
+from .groups import Group, Part, Producer
+from .registry import FAMILIES, OUR_MODELS, create_model, default_arch
+
+
+def build_model(arch, **kwargs):
+    """Build the exact shape an `arch` dict describes (kwargs: drop_path_rate, ...)."""
+    family = FAMILIES.get(arch.get("family")) if isinstance(arch, dict) else None
+    if family is None:
+        raise UserError(f"unknown model arch family {arch.get('family') if isinstance(arch, dict) else arch!r}; "
+                        f"known: {', '.join(FAMILIES)}")
+    try:
+        return family.from_arch(arch, **kwargs)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"malformed arch {describe_arch(arch)}: {e}") from None
+
+
+def infer_arch(state_dict):
+    """Recognise the shape of a state dict in one of our layouts (e.g. a released checkpoint)."""
+    for family in FAMILIES.values():
+        arch = family.infer_arch(state_dict)
+        if arch is not None:
+            return arch
+    raise UserError("the checkpoint's weights are not a ConvNeXt layout this toolkit knows "
+                    "(expected keys like downsample_layers.0.0.weight or stem.weight)")
+
+
+def channel_groups(arch):
+    """The family's channel groups (models/groups.py) for pruning."""
+    return FAMILIES[arch["family"]].channel_groups(arch)
+
+
+def registered_name(arch):
+    """The registered model whose default shape is exactly `arch`, or None."""
+    return next((name for name in OUR_MODELS if default_arch(name) == arch), None)
+
+
+def describe_arch(arch):
+    """A one-line summary of a shape, naming the registered model that has it."""
+    if not isinstance(arch, dict):
+        return repr(arch)
+    if arch.get("family") == "convnext":
+        text = (f"ConvNeXt depths {arch.get('depths')} dims {arch.get('dims')}"
+                + (" multi-scale" if arch.get("dw") == "multiscale" else ""))
+    else:
+        text = f"{arch.get('family')} depth {arch.get('depth')} dim {arch.get('dim')}"
+    if arch.get("hidden") and _is_pruned_mlp(arch):
+        text += " with pruned MLP widths"
+    text += f", {arch.get('num_classes')} classes"
+    name = registered_name(arch) if arch.get("family") in FAMILIES else None
+    return text + (f" (= {name})" if name else "")
+
+
+def _is_pruned_mlp(arch):
+    if arch.get("family") == "convnext":
+        return any(h != 4 * d for stage, d in zip(arch["hidden"], arch["dims"]) for h in stage)
+    return any(h != 4 * arch.get("dim", 0) for h in arch["hidden"])
+
+
+def check_arch_matches(model, state_dict, what="the model"):
+    """Raise a UserError naming the checkpoint's shape if `state_dict` does not fit `model`."""
+    own = model.state_dict()
+    bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if not (bad or missing or unexpected):
+        return
+    try:
+        held = describe_arch(infer_arch(state_dict))
+    except UserError:
+        held = "an unknown layout"
+    ours = describe_arch(getattr(model, "arch", type(model).__name__))
+    first = (bad or missing or unexpected)[0]
+    raise UserError(f"checkpoint holds {held}, but {what} is {ours} "
+                    f"(first mismatch: {first}; {len(bad)} shape, {len(missing)} missing, "
+                    f"{len(unexpected)} unexpected tensors)")

@@ -1,0 +1,217 @@
+"""ConvNeXt (Liu et al., "A ConvNet for the 2020s") in the official key layout.
+
+Generalised so that every block may have its own MLP width and its own multi-scale depthwise
+split: a pruned checkpoint of any shape rebuilds from its `arch`.
+"""
+import torch
+import torch.nn as nn
+
+from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
+from .layers import (MS_BRANCHES, Block, LayerNorm2d, block_hidden_widths, default_branch_widths,
+                     drop_path_rates, init_weights, layer_scale_value)
+from .registry import register_factory, register_family
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt: a 4x4/4 stem, then stages of blocks joined by LayerNorm + 2x2/2 downsampling.
+
+    Args:
+        in_chans (int): input image channels.
+        num_classes (int): classifier outputs.
+        depths (list[int]): blocks per stage.
+        dims (list[int]): residual width per stage.
+        hidden (list[list[int]] | None): MLP width of every block; None is 4 * dim.
+        dw (str): "standard" (7x7 depthwise) or "multiscale" (3x3 | 7x7 | dilated 7x7 split).
+        dw_branches (list[list[list[int]]] | None): multi-scale branch widths of every block;
+            None is the 1:2:1 split.
+        drop_path_rate (float): stochastic depth rate, rising linearly over the blocks.
+        layer_scale_init_value (float): initial layer scale; <= 0 disables it.
+        head_init_scale (float): multiplier on the initial head weights and bias.
+    """
+
+    def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
+                 hidden=None, dw="standard", dw_branches=None, drop_path_rate=0.,
+                 layer_scale_init_value=1e-6, head_init_scale=1.):
+        super().__init__()
+        depths, dims = list(map(int, depths)), list(map(int, dims))
+        hidden = block_hidden_widths(hidden, depths, dims)
+        branches = self._branch_widths(dw, dw_branches, depths, dims)
+        self.downsample_layers = nn.ModuleList([nn.Sequential(
+            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
+            LayerNorm2d(dims[0], eps=1e-6))])
+        for i in range(len(dims) - 1):
+            self.downsample_layers.append(nn.Sequential(
+                LayerNorm2d(dims[i], eps=1e-6),
+                nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+        rates = drop_path_rates(drop_path_rate, sum(depths))
+        self.stages = nn.ModuleList()
+        for s, (depth, dim) in enumerate(zip(depths, dims)):
+            first = sum(depths[:s])
+            self.stages.append(nn.Sequential(*[
+                Block(dim, hidden[s][j], rates[first + j], layer_scale_init_value, branches[s][j])
+                for j in range(depth)]))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes)
+        self.apply(init_weights)
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
+            self.head.bias.mul_(head_init_scale)
+        self.arch = {"family": "convnext", "depths": depths, "dims": dims, "hidden": hidden,
+                     "dw": dw, "dw_branches": branches if dw == "multiscale" else None,
+                     "layer_scale": layer_scale_init_value > 0,
+                     "num_classes": num_classes, "in_chans": in_chans}
+
+    @staticmethod
+    def _branch_widths(dw, dw_branches, depths, dims):
+        if dw == "standard":
+            return [[None] * n for n in depths]
+        if dw != "multiscale":
+            raise ValueError(f"dw must be 'standard' or 'multiscale', not {dw!r}")
+        if dw_branches is None:
+            return [[default_branch_widths(d)] * n for n, d in zip(depths, dims)]
+        return [[list(map(int, b)) for b in stage] for stage in dw_branches]
+
+    def forward_features(self, x):
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = stage(downsample(x))
+        return self.norm(x.mean([-2, -1]))  # global average pooling, (N, C, H, W) -> (N, C)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+    # --- arch <-> state dict <-> channel groups -------------------------------------------
+
+    @classmethod
+    def from_arch(cls, arch, **kwargs):
+        keys = ("depths", "dims", "hidden", "dw", "dw_branches", "num_classes", "in_chans")
+        kwargs["layer_scale_init_value"] = layer_scale_value(arch.get("layer_scale", True), kwargs)
+        return cls(**{k: arch[k] for k in keys if k in arch}, **kwargs)
+
+    @staticmethod
+    def infer_arch(sd):
+        """The arch of an official-layout state dict, or None when it is not one."""
+        if "downsample_layers.0.0.weight" not in sd or "head.weight" not in sd:
+            return None
+        n_stages = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("stages."))
+        depths = [len({k.split(".")[2] for k in sd if k.startswith(f"stages.{s}.")})
+                  for s in range(n_stages)]
+        dims = [sd[f"downsample_layers.{s}.{min(s, 1)}.weight"].shape[0] for s in range(n_stages)]
+        hidden = [[sd[f"stages.{s}.{j}.pwconv1.weight"].shape[0] for j in range(n)]
+                  for s, n in enumerate(depths)]
+        multiscale = "stages.0.0.dwconv.weight" not in sd
+        branches = [[[_width(sd, f"stages.{s}.{j}.dwconv.{name}.weight") for name in MS_BRANCHES]
+                     for j in range(n)] for s, n in enumerate(depths)] if multiscale else None
+        return {"family": "convnext", "depths": depths, "dims": dims, "hidden": hidden,
+                "dw": "multiscale" if multiscale else "standard", "dw_branches": branches,
+                "layer_scale": "stages.0.0.gamma" in sd,
+                "num_classes": sd["head.weight"].shape[0],
+                "in_chans": sd["downsample_layers.0.0.weight"].shape[1]}
+
+    @staticmethod
+    def channel_groups(arch):
+        """A residual group per stage, a hidden group per block (DESIGN section 4)."""
+        groups = []
+        for s, (depth, dim) in enumerate(zip(arch["depths"], arch["dims"])):
+            entry = "downsample_layers.0.0" if s == 0 else f"downsample_layers.{s}.1"
+            producers = [Producer((Part(f"{entry}.weight", 0),))]
+            slices = list(linear_parts(entry, False))
+            scales = []
+            if s == 0:
+                slices += norm_parts("downsample_layers.0.1")
+                scales.append("downsample_layers.0.1.weight")
+            for j in range(depth):
+                block = f"stages.{s}.{j}"
+                widths = arch["dw_branches"][s][j] if arch.get("dw") == "multiscale" else None
+                p, sl, sc = block_residual_parts(block, arch.get("layer_scale", True),
+                                                 _dw_parts(block, widths))
+                producers += p
+                slices += sl
+                scales += sc
+                groups.append(hidden_group(f"{block}.hidden", block, arch["hidden"][s][j]))
+            last = s == len(arch["dims"]) - 1
+            consumer_norm = "norm" if last else f"downsample_layers.{s + 1}.0"
+            slices += norm_parts(consumer_norm)
+            slices += linear_parts("head" if last else f"downsample_layers.{s + 1}.1", True)
+            scales.append(f"{consumer_norm}.weight")
+            groups.append(Group(f"stages.{s}.residual", "residual", dim, tuple(producers),
+                                tuple(slices), tuple(scales)))
+        return groups
+
+
+def _width(sd, key):
+    return sd[key].shape[0] if key in sd else 0
+
+
+def _dw_parts(block, widths):
+    """Depthwise conv slices of a block; a multi-scale branch holds a sub-range of channels."""
+    if widths is None:
+        return (Part(f"{block}.dwconv.weight", 0), Part(f"{block}.dwconv.bias", 0))
+    parts, start = [], 0
+    for name, w in zip(MS_BRANCHES, widths):
+        if w > 0:
+            for t in ("weight", "bias"):
+                parts.append(Part(f"{block}.dwconv.{name}.{t}", 0, start, start + w))
+        start += w
+    return tuple(parts)
+
+
+register_family("convnext", ConvNeXt)
+
+OFFICIAL = {  # name: (depths, dims)
+    "convnext_tiny": ([3, 3, 9, 3], [96, 192, 384, 768]),
+    "convnext_small": ([3, 3, 27, 3], [96, 192, 384, 768]),
+    "convnext_base": ([3, 3, 27, 3], [128, 256, 512, 1024]),
+    "convnext_large": ([3, 3, 27, 3], [192, 384, 768, 1536]),
+    "convnext_xlarge": ([3, 3, 27, 3], [256, 512, 1024, 2048]),
+}
+# Efficient ConvNeXt-T (Singh & Plumbley): operator-norm pruned shapes of ConvNeXt-T.
+EFFICIENT_DIMS = {
+    "unpruned": [96, 192, 384, 768],
+    "21M_pruned": [96, 192, 384, 576],
+    "16M_pruned": [96, 192, 384, 384],
+    "13M_pruned": [96, 192, 384, 192],
+    "3M_pruned": [32, 64, 128, 256],
+}
+DATASET_CLASSES = {"cifar10": 10, "tinyimagenet": 200}
+
+
+def _register():
+    for name, (depths, dims) in OFFICIAL.items():
+        register_factory(name, ConvNeXt, f"ConvNeXt {name[9:]}: depths {depths}, dims {dims}.",
+                         depths=depths, dims=dims)
+    tiny_depths = OFFICIAL["convnext_tiny"][0]
+    for variant, dims in EFFICIENT_DIMS.items():
+        for data, classes in DATASET_CLASSES.items():
+            register_factory(f"convnext_tiny_{variant}_{data}", ConvNeXt,
+                             f"Efficient ConvNeXt-T {variant} for {data}: dims {dims}.",
+                             depths=tiny_depths, dims=dims, num_classes=classes)
+    for suffix, classes in [("", 1000)] + [(f"_{d}", c) for d, c in DATASET_CLASSES.items()]:
+        register_factory(f"convnext_ms_tiny{suffix}", ConvNeXt,
+                         "ConvNeXt-T with multi-scale depthwise convs (3x3 | 7x7 | 7x7 dilated, 1:2:1).",
+                         depths=tiny_depths, dims=OFFICIAL["convnext_tiny"][1], dw="multiscale",
+                         num_classes=classes)
+
+
+_register()
+
+
+def from_timm_state_dict(sd):
+    """Rename a timm `ConvNeXt` state dict (conv_mlp=False) to the official key layout."""
+    renames = [(".conv_dw.", ".dwconv."), (".mlp.fc1.", ".pwconv1."), (".mlp.fc2.", ".pwconv2."),
+               ("head.norm.", "norm."), ("head.fc.", "head."), ("stem.0.", "downsample_layers.0.0."),
+               ("stem.1.", "downsample_layers.0.1.")]
+    out = {}
+    for key, value in sd.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        parts = key.split(".")
+        if parts[0] == "stages" and parts[2] == "downsample":  # stages.s.downsample.i
+            key = ".".join(["downsample_layers", parts[1]] + parts[3:])
+        elif parts[0] == "stages" and parts[2] == "blocks":  # stages.s.blocks.j
+            key = ".".join(parts[:2] + parts[3:])
+        out[key] = value
+    return out

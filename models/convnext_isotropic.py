@@ -1,0 +1,92 @@
+"""Isotropic ConvNeXt (no downsampling stages), official key layout: stem, blocks, norm, head."""
+import torch
+import torch.nn as nn
+
+from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
+from .layers import Block, drop_path_rates, init_weights, layer_scale_value
+from .registry import register_factory, register_family
+
+
+class ConvNeXtIsotropic(nn.Module):
+    """A 16x16/16 patchify stem followed by `depth` blocks of one width.
+
+    Args:
+        in_chans (int): input image channels.
+        num_classes (int): classifier outputs.
+        depth (int): number of blocks.
+        dim (int): residual width.
+        hidden (list[int] | None): MLP width of every block; None is 4 * dim.
+        drop_path_rate (float): stochastic depth rate, rising linearly over the blocks.
+        layer_scale_init_value (float): initial layer scale; the official default 0 disables it.
+        head_init_scale (float): multiplier on the initial head weights and bias.
+    """
+
+    def __init__(self, in_chans=3, num_classes=1000, depth=18, dim=384, hidden=None,
+                 drop_path_rate=0., layer_scale_init_value=0., head_init_scale=1.):
+        super().__init__()
+        hidden = [4 * dim] * depth if hidden is None else list(map(int, hidden))
+        self.stem = nn.Conv2d(in_chans, dim, kernel_size=16, stride=16)
+        rates = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.Sequential(*[Block(dim, hidden[j], rates[j], layer_scale_init_value)
+                                      for j in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        self.apply(init_weights)
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
+            self.head.bias.mul_(head_init_scale)
+        self.arch = {"family": "convnext_isotropic", "depth": depth, "dim": dim, "hidden": hidden,
+                     "layer_scale": layer_scale_init_value > 0,
+                     "num_classes": num_classes, "in_chans": in_chans}
+
+    def forward_features(self, x):
+        x = self.blocks(self.stem(x))
+        return self.norm(x.mean([-2, -1]))  # global average pooling, (N, C, H, W) -> (N, C)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+    @classmethod
+    def from_arch(cls, arch, **kwargs):
+        kwargs["layer_scale_init_value"] = layer_scale_value(arch.get("layer_scale", False), kwargs)
+        keys = ("depth", "dim", "hidden", "num_classes", "in_chans")
+        return cls(**{k: arch[k] for k in keys if k in arch}, **kwargs)
+
+    @staticmethod
+    def infer_arch(sd):
+        """The arch of an official isotropic state dict, or None when it is not one."""
+        if "stem.weight" not in sd or "blocks.0.pwconv1.weight" not in sd:
+            return None
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        return {"family": "convnext_isotropic", "depth": depth, "dim": sd["stem.weight"].shape[0],
+                "hidden": [sd[f"blocks.{j}.pwconv1.weight"].shape[0] for j in range(depth)],
+                "layer_scale": "blocks.0.gamma" in sd,
+                "num_classes": sd["head.weight"].shape[0], "in_chans": sd["stem.weight"].shape[1]}
+
+    @staticmethod
+    def channel_groups(arch):
+        """One residual group for the whole network, a hidden group per block."""
+        producers, slices, scales, groups = [Producer((Part("stem.weight", 0),))], [], [], []
+        slices += linear_parts("stem", False)
+        for j in range(arch["depth"]):
+            block = f"blocks.{j}"
+            dw = (Part(f"{block}.dwconv.weight", 0), Part(f"{block}.dwconv.bias", 0))
+            p, sl, sc = block_residual_parts(block, arch.get("layer_scale", False), dw)
+            producers, slices, scales = producers + list(p), slices + list(sl), scales + list(sc)
+            groups.append(hidden_group(f"{block}.hidden", block, arch["hidden"][j]))
+        slices += norm_parts("norm") + linear_parts("head", True)
+        scales.append("norm.weight")
+        groups.append(Group("blocks.residual", "residual", arch["dim"], tuple(producers),
+                            tuple(slices), tuple(scales)))
+        return groups
+
+
+register_family("convnext_isotropic", ConvNeXtIsotropic)
+for _name, (_depth, _dim) in {"small": (18, 384), "base": (18, 768), "large": (36, 1024)}.items():
+    register_factory(f"convnext_isotropic_{_name}", ConvNeXtIsotropic,
+                     f"Isotropic ConvNeXt-{_name[0].upper()}: {_depth} blocks of width {_dim}.",
+                     depth=_depth, dim=_dim)

@@ -1,0 +1,63 @@
+"""Channel groups: which tensor slices must be cut together when pruning.
+
+Plain data built from an `arch`; `pruning/` consumes it and never needs the model code.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Part:
+    """A slice of tensor `key` along `axis` that holds group channels [start, stop)."""
+    key: str
+    axis: int
+    start: int = 0
+    stop: int | None = None  # None: up to the group width
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Weights whose output filters (rows, axis 0 of each part) are scored for a group."""
+    parts: tuple[Part, ...]  # together cover channels [0, width) in order
+    scale: str | None = None  # 1-D per-row multiplier folded into the rows (layer scale)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Channels that share one kept-index set, e.g. a stage's residual stream."""
+    name: str
+    kind: str  # "residual" | "hidden"
+    width: int
+    producers: tuple[Producer, ...]
+    slices: tuple[Part, ...]  # every tensor slice cut with this group's kept indices
+    scales: tuple[str, ...] = ()  # per-channel scale factors (slimming criterion)
+
+
+def linear_parts(prefix, axis_in):
+    """Parts of a Linear/Conv at `prefix` whose input (axis 1) or output (axis 0) is the group."""
+    if axis_in:
+        return (Part(f"{prefix}.weight", 1),)
+    return Part(f"{prefix}.weight", 0), Part(f"{prefix}.bias", 0)
+
+
+def norm_parts(prefix):
+    return Part(f"{prefix}.weight", 0), Part(f"{prefix}.bias", 0)
+
+
+def hidden_group(name, block, width):
+    """The MLP hidden channels of one ConvNeXt block (pwconv1 rows, pwconv2 columns)."""
+    return Group(
+        name=name, kind="hidden", width=width,
+        producers=(Producer((Part(f"{block}.pwconv1.weight", 0),)),),
+        slices=linear_parts(f"{block}.pwconv1", False) + linear_parts(f"{block}.pwconv2", True),
+    )
+
+
+def block_residual_parts(block, layer_scale, dw_parts):
+    """What one block contributes to its residual group: (producers, slices, scales)."""
+    gamma = f"{block}.gamma" if layer_scale else None
+    producers = (Producer((Part(f"{block}.pwconv2.weight", 0),), scale=gamma),
+                 Producer(tuple(p for p in dw_parts if p.key.endswith("weight"))))
+    slices = (dw_parts + norm_parts(f"{block}.norm") + linear_parts(f"{block}.pwconv1", True)
+              + linear_parts(f"{block}.pwconv2", False) + ((Part(gamma, 0),) if gamma else ()))
+    scales = (f"{block}.norm.weight",) + ((gamma,) if gamma else ())
+    return producers, slices, scales
