@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Classify one image with a checkpoint: the top-5 classes and their probabilities.
+
+    python scripts/inference.py --image digit.png --checkpoint output/checkpoint-best.pth
+    python scripts/inference.py --image cat.jpg --checkpoint convnext_tiny_1k_224_ema.pth \\
+        --model convnext_tiny --class_names imagenet_classes.txt
+
+The model comes from the checkpoint's `arch`, else from the shape of its weights, else from
+`--model`. Class names come from `--class_names` (one per line), from `--data_set` /
+`--data_path`, else from the data set recorded in the checkpoint's args, else class indices.
+"""
+import argparse
+import logging
+import os
+import sys
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datasets  # noqa: E402  (after the repo root is on the path)
+import models  # noqa: E402
+from utils import UserError, load_checkpoint_file  # noqa: E402
+
+logger = logging.getLogger("inference")
+TOP_K = 5
+HEAD_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight")  # our / timm heads
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("ConvNeXt single-image inference", add_help=True)
+    parser.add_argument("--image", required=True, help="image file to classify")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint (.pth) of a trained model")
+    parser.add_argument("--model", default=None,
+                        help="model name, used when the checkpoint has no arch and an unknown layout")
+    parser.add_argument("--input_size", type=int, default=None,
+                        help="image size; default: the checkpoint's training input_size, else 224")
+    names = parser.add_mutually_exclusive_group()
+    names.add_argument("--class_names", default=None, help="text file, one class name per line")
+    names.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+                       help="take the class names from this data set (with --data_path)")
+    parser.add_argument("--data_path", default=None, help="data set folder for --data_set")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    return parser
+
+
+def checkpoint_parts(ckpt):
+    """(state dict, arch or None, training args dict) of a loaded checkpoint."""
+    if not isinstance(ckpt, dict):
+        raise UserError("the checkpoint is not a dict of tensors or a training checkpoint")
+    state_dict = ckpt.get("model", ckpt.get("state_dict", ckpt))
+    train_args = ckpt.get("args") or {}
+    train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else dict(train_args)
+    return state_dict, ckpt.get("arch"), train_args
+
+
+def build_model(arch, state_dict, model_name):
+    """(model, display name): from `arch`, else the weights' shape, else `model_name`."""
+    if arch is None:
+        try:
+            arch = models.infer_arch(state_dict)
+        except UserError:
+            if not model_name:
+                raise UserError("the checkpoint has no arch and an unknown layout: "
+                                "give --model NAME") from None
+    if arch is not None:
+        return models.build_model(arch), models.registered_name(arch) or models.describe_arch(arch)
+    head = next((state_dict[k] for k in HEAD_KEYS if k in state_dict), None)
+    kwargs = {"num_classes": head.shape[0]} if head is not None else {}
+    return models.create_model(model_name, **kwargs), model_name
+
+
+def load_weights(model, state_dict, name):
+    models.check_arch_matches(model, state_dict, what=f"`{name}`")
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def read_class_names(args, train_args, num_classes):
+    """Class names from the file, the data set, the checkpoint's data set, or indices."""
+    if args.class_names:
+        if not os.path.isfile(args.class_names):
+            raise UserError(f"class names file not found: {args.class_names}")
+        with open(args.class_names, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    elif args.data_set:
+        names = datasets.class_names(datasets.default_data_args(
+            data_set=args.data_set, data_path=args.data_path, nb_classes=num_classes))
+    else:
+        names = _names_from_training(train_args, num_classes)
+    if len(names) != num_classes:
+        raise UserError(f"{len(names)} class names given but the model has {num_classes} classes")
+    return names
+
+
+def _names_from_training(train_args, num_classes):
+    """The names of the data set the checkpoint was trained on, if it can still be read."""
+    if train_args.get("data_set"):
+        data_args = datasets.default_data_args(**{k: train_args[k] for k in (
+            "data_set", "data_path", "eval_data_path", "nb_classes") if k in train_args})
+        try:
+            return datasets.class_names(data_args)
+        except UserError as e:
+            logger.warning("class names unavailable (%s); printing class indices", e)
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def load_image(path, transform):
+    """The image at `path` as a (1, 3, H, W) batch."""
+    if not os.path.isfile(path):
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return transform(img.convert("RGB")).unsqueeze(0)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def pick_device(name):
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available; running on the CPU")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}") from None
+
+
+@torch.inference_mode()
+def class_probabilities(model, batch):
+    """Softmax over the classes for a batch of one image."""
+    return model(batch).float().softmax(dim=-1)[0].cpu()
+
+
+def run(args):
+    if not os.path.isfile(args.image):
+        raise UserError(f"image not found: {args.image}")
+    state_dict, arch, train_args = checkpoint_parts(load_checkpoint_file(args.checkpoint))
+    model, name = build_model(arch, state_dict, args.model)
+    print(f"Build `{name}` model successfully.")
+    device = pick_device(args.device)
+    model = load_weights(model, state_dict, name).to(device)
+    print(f"Load `{name}` model weights `{os.path.abspath(args.checkpoint)}` successfully.")
+    data_args = datasets.default_data_args(
+        input_size=args.input_size or train_args.get("input_size", 224),
+        crop_pct=train_args.get("crop_pct"),
+        imagenet_default_mean_and_std=train_args.get("imagenet_default_mean_and_std", True))
+    batch = load_image(args.image, datasets.build_transform(False, data_args)).to(device)
+    probs = class_probabilities(model, batch)
+    names = read_class_names(args, train_args, probs.numel())
+    top = probs.topk(min(TOP_K, probs.numel()))
+    for p, i in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"{names[i]:<75} ({p * 100:.2f}%)")
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
