@@ -1,0 +1,500 @@
+#!/usr/bin/env python
+"""Size and speed of models: params, MACs, eval throughput, latency and train-step throughput.
+
+Models are named by our registry (`convnext_tiny_13M_pruned_cifar10`), by stock timm name
+(`resnet18`), by a checkpoint path (its `arch` rebuilds the shape), or as
+`timm_convnext:<our name>`: timm's own ConvNeXt class with our model's depths, dims and classes.
+
+    python scripts/benchmark.py --models convnext_tiny_unpruned_cifar10 convnext_tiny_3M_pruned_cifar10 \
+        --batch_size 16 --json results.jsonl --plot speed.png
+
+`--vs A B` times two models (or one model under two `--vs_settings`) alternately in one
+process, printing B/A round by round, so a comparison holds on a busy machine:
+
+    python scripts/benchmark.py --vs convnext_tiny --vs_settings channels_last=0 channels_last=1
+
+Throughput is batch / median step time (robust to the odd slow step on a shared machine).
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from utils import UserError  # noqa: E402
+
+logger = logging.getLogger("benchmark")
+
+MODES = ("eval", "latency", "train")
+DEFAULT_THREADS = torch.get_num_threads()
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+JSON_FIELDS = ("model", "params", "macs", "input_size", "batch_size", "device", "amp",
+               "channels_last", "compile", "threads", "eval_img_s", "eval_ms_median",
+               "latency_ms_median", "latency_ms_p90", "train_img_s", "train_ms_median",
+               "torch", "timm")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a model is run; `--vs_settings` overrides any field but device and input_size."""
+    device: str
+    input_size: int
+    batch_size: int
+    channels_last: bool = False
+    amp: str = "none"
+    compile: bool = False
+    threads: int = 0  # 0: torch's default
+
+    def describe(self):
+        return (f"amp={self.amp},channels_last={int(self.channels_last)},compile={int(self.compile)},"
+                f"batch_size={self.batch_size}" + (f",threads={self.threads}" if self.threads else ""))
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 0/1")
+
+
+def _parse_amp(text):
+    if text not in AMP_DTYPES:
+        raise ValueError(f"expected one of {', '.join(AMP_DTYPES)}")
+    return text
+
+
+def _parse_positive(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError("expected a positive integer")
+    return value
+
+
+SETTING_PARSERS = {"channels_last": _parse_bool, "amp": _parse_amp, "compile": _parse_bool,
+                   "batch_size": _parse_positive, "threads": _parse_positive}
+
+
+def parse_settings(text, base):
+    """`"channels_last=1,amp=bf16"` -> `base` with those fields replaced ("" keeps `base`)."""
+    changes = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in SETTING_PARSERS:
+            raise UserError(f"bad --vs_settings item {item!r}: use KEY=VALUE with KEY in "
+                            f"{', '.join(SETTING_PARSERS)}")
+        try:
+            changes[key] = SETTING_PARSERS[key](value)
+        except ValueError as e:
+            raise UserError(f"bad --vs_settings value {item!r}: {e}") from None
+    return check_settings(replace(base, **changes))
+
+
+def check_settings(s):
+    """Refuse settings this machine cannot run, before any model is built."""
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {s.device}: CUDA is not available on this machine")
+    if s.amp == "fp16" and not s.device.startswith("cuda"):
+        raise UserError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
+    return s
+
+
+# --- building models ----------------------------------------------------------------------
+
+def build(spec):
+    """A model from a registered name, `timm_convnext:<our name>` or a checkpoint path."""
+    torch.manual_seed(0)  # both sides of a --vs comparison start from the same weights
+    if spec.startswith("timm_convnext:"):
+        return timm_convnext_like(spec.split(":", 1)[1])
+    if os.path.exists(spec) or spec.endswith((".pth", ".pt")):
+        return from_checkpoint(spec)
+    import models
+    return models.create_model(spec)
+
+
+def timm_convnext_like(name):
+    """timm's `ConvNeXt` class with the depths, dims, classes and layer scale of our `name`."""
+    import models
+    from timm.models.convnext import ConvNeXt as TimmConvNeXt
+    ours = models.create_model(name)
+    arch = getattr(ours, "arch", None) or {}
+    if arch.get("family") != "convnext" or arch.get("dw", "standard") != "standard":
+        raise UserError(f"timm_convnext:{name}: timm's ConvNeXt only mirrors our standard "
+                        f"ConvNeXt family, not {arch.get('family') or type(ours).__name__}")
+    if any(h != 4 * d for stage, d in zip(arch["hidden"], arch["dims"]) for h in stage):
+        raise UserError(f"timm_convnext:{name}: timm's ConvNeXt has no per-block MLP widths "
+                        f"(this model's hidden widths are pruned)")
+    gammas = [p for n, p in ours.named_parameters() if n.endswith("gamma")]
+    ls_init = float(gammas[0].detach().flatten()[0]) if gammas else None  # None: no layer scale
+    return TimmConvNeXt(in_chans=arch["in_chans"], num_classes=arch["num_classes"],
+                        depths=arch["depths"], dims=arch["dims"], ls_init_value=ls_init)
+
+
+def from_checkpoint(path):
+    """Rebuild a checkpoint's exact shape from its `arch` (or its tensors) and load its weights."""
+    import models
+    from utils import load_checkpoint_file
+    ckpt = load_checkpoint_file(path)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: no model state dict in this checkpoint")
+    arch = ckpt.get("arch") or models.infer_arch(state)
+    model = models.build_model(arch)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not fit its arch (missing {list(missing)[:3]}, "
+                        f"unexpected {list(unexpected)[:3]})")
+    return model
+
+
+def in_chans_of(model):
+    """Input channels: the arch's, else the first conv's, else 3."""
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, dict) and "in_chans" in arch:
+        return arch["in_chans"]
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model, input_size, in_chans=3, device="cpu"):
+    """MACs of one forward pass on one image (FlopCounterMode FLOPs / 2) and the output width."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, in_chans, input_size, input_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        out = model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2, out.shape[-1]
+
+
+class Runner:
+    """One model under one Settings, ready to run eval, latency (batch 1) or train steps."""
+
+    def __init__(self, model, settings, num_classes):
+        s = self.settings = settings
+        self.device = torch.device(s.device)
+        fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=fmt)
+        if s.compile:
+            try:
+                self.model = torch.compile(self.model, dynamic=False)
+            except Exception as e:  # e.g. a Python version this torch cannot compile for
+                raise UserError(f"torch.compile is unsupported here: {_first_line(e)}") from None
+        size, chans = s.input_size, in_chans_of(model)
+
+        def images(n):
+            return torch.randn(n, chans, size, size, device=self.device).to(memory_format=fmt)
+        self.inputs = {"eval": images(s.batch_size), "latency": images(1),
+                       "train": images(s.batch_size)}
+        self.targets = torch.randint(0, num_classes, (s.batch_size,), device=self.device)
+        self.criterion = nn.CrossEntropyLoss()
+        self.optimizer = None  # made on the first train step: eval-only runs need no state
+        self.scaler = torch.amp.GradScaler("cuda") if s.amp == "fp16" else None
+
+    def autocast(self):
+        dtype = AMP_DTYPES[self.settings.amp]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def images_per_step(self, mode):
+        return 1 if mode == "latency" else self.settings.batch_size
+
+    def enter(self, mode):
+        """Set train/eval mode and the thread count before steps of `mode`."""
+        torch.set_num_threads(self.settings.threads or DEFAULT_THREADS)  # sides may differ
+        self.model.train(mode == "train")
+        if mode == "train" and self.optimizer is None:
+            # a tiny lr: random data must not drive the weights anywhere odd
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
+
+    def step(self, mode):
+        if mode == "train":
+            return self._train_step()
+        with torch.inference_mode(), self.autocast():
+            self.model(self.inputs[mode])
+
+    def _train_step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.criterion(self.model(self.inputs["train"]).float(), self.targets)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def warmup(self, mode, steps):
+        """Untimed steps; the first one compiles under --compile, so its failure is explained."""
+        self.enter(mode)
+        for i in range(max(steps, 1 if self.settings.compile else 0)):
+            try:
+                self.step(mode)
+            except Exception as e:
+                if not self.settings.compile or i:
+                    raise
+                raise UserError(f"torch.compile failed ({type(e).__name__}: {_first_line(e)}); "
+                                f"run without --compile") from None
+        self.sync()
+
+    def time(self, mode, iters, min_time):
+        """Seconds of each timed step: at least `iters` steps and at least `min_time` seconds."""
+        self.enter(mode)
+        times, start = [], time.perf_counter()
+        while len(times) < iters or time.perf_counter() - start < min_time:
+            t0 = time.perf_counter()
+            self.step(mode)
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def percentile(values, q):
+    """Nearest-rank percentile, q in [0, 100]."""
+    ordered = sorted(values)
+    rank = math.ceil(q / 100 * len(ordered))  # 1-based: the smallest value with q% at or below
+    return ordered[min(len(ordered), max(rank, 1)) - 1]
+
+
+def benchmark_model(spec, settings, args):
+    """Every measurement of one model, as one JSON-able dict with all JSON_FIELDS."""
+    import timm
+    model = build(spec)
+    macs, num_classes = count_macs(model, settings.input_size, in_chans_of(model))
+    row = dict.fromkeys(JSON_FIELDS)
+    row.update(model=spec, params=count_params(model), macs=macs,
+               input_size=settings.input_size, batch_size=settings.batch_size,
+               device=settings.device, amp=settings.amp, channels_last=settings.channels_last,
+               compile=settings.compile, threads=settings.threads or torch.get_num_threads(),
+               torch=torch.__version__, timm=timm.__version__)
+    runner = Runner(model, settings, num_classes)
+    for mode in (m for m in MODES if m not in args.skip):
+        logger.info("%s: %s", spec, mode)
+        runner.warmup(mode, args.warmup)
+        ms = [t * 1e3 for t in runner.time(mode, args.iters, args.min_time)]
+        median = statistics.median(ms)
+        if mode == "latency":
+            row.update(latency_ms_median=median, latency_ms_p90=percentile(ms, 90))
+        else:
+            row[f"{mode}_ms_median"] = median
+            row[f"{mode}_img_s"] = runner.images_per_step(mode) * 1e3 / median
+    return row
+
+
+# --- reporting ----------------------------------------------------------------------------
+
+def _fmt(value, spec, suffix=""):
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_table(rows):
+    """The results as a Markdown table; speed-up and MACs ratio are relative to the first row."""
+    head = ("| model | params (M) | MACs (G) | eval img/s | latency ms median/p90 | train img/s "
+            "| speed-up | MACs ratio | speed-up / MACs ratio |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    base = rows[0]
+    for r in rows:
+        speedup = (r["eval_img_s"] / base["eval_img_s"]
+                   if r["eval_img_s"] and base["eval_img_s"] else None)
+        macs_ratio = base["macs"] / r["macs"] if r["macs"] else None
+        share = speedup / macs_ratio if speedup and macs_ratio else None
+        latency = ("-" if r["latency_ms_median"] is None else
+                   f"{r['latency_ms_median']:.2f} / {r['latency_ms_p90']:.2f}")
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} "
+                     f"| {_fmt(r['eval_img_s'], '.1f')} | {latency} | {_fmt(r['train_img_s'], '.1f')} "
+                     f"| {_fmt(speedup, '.2f', 'x')} | {_fmt(macs_ratio, '.2f', 'x')} "
+                     f"| {_fmt(share, '.2f')} |")
+    return "\n".join(lines)
+
+
+def write_plot(rows, path):
+    """Throughput against MACs, one labelled point per model (matplotlib only imported here)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    key = "eval_img_s" if rows[0]["eval_img_s"] is not None else "train_img_s"
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        x, y = r["macs"] / 1e9, r[key]
+        ax.scatter([x], [y])
+        ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(f"GMACs per image ({rows[0]['input_size']} px)")
+    ax.set_ylabel(f"{key.split('_')[0]} throughput (img/s, batch {rows[0]['batch_size']})")
+    ax.set_title(f"{rows[0]['device']}, amp={rows[0]['amp']}, "
+                 f"channels_last={int(rows[0]['channels_last'])}")
+    # from the origin, so the gap between points reads as a ratio; room on the right for labels
+    ax.set_xlim(0, 1.4 * max(r["macs"] / 1e9 for r in rows))
+    ax.set_ylim(0, 1.15 * max(r[key] for r in rows))
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(records, path):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+# --- the two modes --------------------------------------------------------------------------
+
+def run_list(args, settings):
+    rows = []
+    for spec in args.models:
+        rows.append(benchmark_model(spec, settings, args))
+        logger.info("%s", json.dumps(rows[-1]))
+    print(markdown_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+    if args.plot:
+        write_plot(rows, args.plot)
+    return rows
+
+
+def run_vs(args, settings):
+    """Time A and B alternately, `--rounds` times; print B/A throughput per round and its spread."""
+    spec_a, spec_b = args.vs if len(args.vs) == 2 else (args.vs[0], args.vs[0])
+    texts = args.vs_settings or ("", "")
+    sides = []
+    for spec, text in zip((spec_a, spec_b), texts):
+        s = parse_settings(text, settings)
+        model = build(spec)
+        macs, num_classes = count_macs(model, s.input_size, in_chans_of(model))
+        sides.append((f"{spec} [{s.describe()}]", Runner(model, s, num_classes), macs))
+    mode = args.vs_mode
+    for _, runner, _ in sides:
+        runner.warmup(mode, args.warmup)
+    print(f"A: {sides[0][0]}\nB: {sides[1][0]}\n"
+          f"mode {mode}, {settings.input_size} px, {settings.device}, {args.rounds} rounds "
+          f"of >= {args.iters} steps\n")
+    print("| round | A img/s | B img/s | B/A |\n|---|---|---|---|")
+    rates = ([], [])
+    for i in range(args.rounds):
+        for k, (_, runner, _) in enumerate(sides):
+            median = statistics.median(runner.time(mode, args.iters, args.min_time))
+            rates[k].append(runner.images_per_step(mode) / median)
+        print(f"| {i + 1} | {rates[0][-1]:.2f} | {rates[1][-1]:.2f} "
+              f"| {rates[1][-1] / rates[0][-1]:.3f} |", flush=True)
+    ratios = [b / a for a, b in zip(*rates)]
+    summary = {"a": sides[0][0], "b": sides[1][0], "mode": mode, "input_size": settings.input_size,
+               "device": settings.device, "rounds": args.rounds, "a_macs": sides[0][2],
+               "b_macs": sides[1][2], "a_img_s": rates[0],
+               "b_img_s": rates[1], "ratios": ratios, "ratio_median": statistics.median(ratios),
+               "ratio_min": min(ratios), "ratio_max": max(ratios), "torch": torch.__version__}
+    print(f"\nB/A median {summary['ratio_median']:.3f} (min {summary['ratio_min']:.3f}, "
+          f"max {summary['ratio_max']:.3f}) over {args.rounds} rounds; "
+          f"A median {statistics.median(rates[0]):.2f} img/s, "
+          f"B median {statistics.median(rates[1]):.2f} img/s; MACs ratio A/B "
+          f"{sides[0][2] / sides[1][2]:.3f}")
+    if args.json:
+        write_json([summary], args.json)
+    return summary
+
+
+# --- command line -------------------------------------------------------------------------
+
+def get_args_parser():
+    p = argparse.ArgumentParser("ConvNeXt benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", help="registered names, timm_convnext:<name> or checkpoints")
+    p.add_argument("--vs", nargs="+", metavar="MODEL",
+                   help="A B: time two models alternately; one model needs --vs_settings")
+    p.add_argument("--vs_settings", nargs=2, metavar=("SETTINGS_A", "SETTINGS_B"),
+                   help='per-side overrides, e.g. "channels_last=0" "channels_last=1,amp=bf16"; '
+                        f"keys: {', '.join(SETTING_PARSERS)}")
+    p.add_argument("--vs_mode", default="eval", choices=MODES, help="what --vs times")
+    p.add_argument("--rounds", type=int, default=10, help="A B rounds of --vs")
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=32, help="batch of eval and train steps")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--iters", type=int, default=10, help="timed steps (at least)")
+    p.add_argument("--min_time", type=float, default=0., help="time steps for at least this many s")
+    p.add_argument("--skip", default="", help=f"comma list of {', '.join(MODES)} to skip")
+    p.add_argument("--json", help="write results as JSON lines (one per model)")
+    p.add_argument("--plot", help="PNG of throughput against MACs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
+    return p
+
+
+def check_args(args):
+    """Every bad flag combination is one clear line, before any timing starts."""
+    if bool(args.models) == bool(args.vs):
+        raise UserError("give either --models A [B ...] or --vs A [B]")
+    if args.vs and not 1 <= len(args.vs) <= 2:
+        raise UserError("--vs takes one or two models")
+    if args.vs and len(args.vs) == 1 and not args.vs_settings:
+        raise UserError("--vs with one model needs --vs_settings SETTINGS_A SETTINGS_B")
+    if args.vs_settings and not args.vs:
+        raise UserError("--vs_settings only applies to --vs")
+    if args.vs and args.plot:
+        raise UserError("--plot applies to --models, not --vs")
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.skip - set(MODES):
+        raise UserError(f"--skip: unknown {', '.join(sorted(args.skip - set(MODES)))}; "
+                        f"choose from {', '.join(MODES)}")
+    if args.plot and {"eval", "train"} <= args.skip:
+        raise UserError("--plot needs eval or train throughput; do not skip both")
+    for name in ("input_size", "batch_size", "iters", "rounds"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.warmup < 0 or args.min_time < 0 or args.threads < 0:
+        raise UserError("--warmup, --min_time and --threads cannot be negative")
+    for path in filter(None, (args.json, args.plot)):
+        if os.path.exists(path) and not args.overwrite:
+            raise UserError(f"{path} exists; pass --overwrite to replace it")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)") from None
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        check_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        settings = check_settings(Settings(args.device, args.input_size, args.batch_size,
+                                           args.channels_last, args.amp, args.compile, args.threads))
+        if settings.device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest
+        return run_vs(args, settings) if args.vs else run_list(args, settings)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
