@@ -1,0 +1,122 @@
+"""Parameter and MAC counts of a shape, and a fast cost model for candidate prunings.
+
+`count_arch` builds the model on the meta device (no memory, no weights) and counts MACs with
+torch's FlopCounterMode (MACs = FLOPs / 2), the figures every table of the project uses.
+
+`CostModel` answers "what would params and MACs be if these channels were kept?" many times
+during a global ranking without rebuilding a model each time. Every counted op of these
+families is a conv or a Linear, whose MACs are numel(weight) x output positions, and the
+positions depend on the input size only, never on channel widths. So the model records each
+weight's output positions once (forward hooks on the meta model), and a candidate's cost is a
+sum over tensors of their pruned sizes. It checks itself against FlopCounterMode on the
+unpruned shape and refuses to run if they disagree.
+"""
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import models
+from utils import UserError
+
+
+def meta_model(arch):
+    """The model an arch describes, on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return models.build_model(arch)
+
+
+def count_model(model, input_size):
+    """(params, MACs) of a model at a square input size, MACs from FlopCounterMode.
+
+    Args:
+        model: nn.Module (meta device is fine).
+        input_size: image side in pixels.
+    """
+    device = next(model.parameters()).device
+    in_chans = getattr(model, "arch", {}).get("in_chans", 3)
+    x = torch.empty(1, in_chans, input_size, input_size, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        try:
+            model(x)
+        except RuntimeError as e:  # e.g. a feature map shrinks below a kernel
+            raise UserError(f"cannot run this model at --input_size {input_size}: "
+                            f"{str(e).splitlines()[0][:160]}") from None
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
+
+
+def count_arch(arch, input_size):
+    """(params, MACs) of the shape an arch describes, counted on the meta device."""
+    return count_model(meta_model(arch).eval(), input_size)
+
+
+class CostModel:
+    """Params and MACs of candidate kept-index sets for the channel groups of one arch.
+
+    Args:
+        arch: the source shape.
+        groups: models.channel_groups(arch).
+        input_size: image side in pixels for MACs.
+    """
+
+    def __init__(self, arch, groups, input_size):
+        model = meta_model(arch).eval()
+        self.widths = {g.name: g.width for g in groups}
+        self.positions = self._weight_positions(model, arch, input_size)
+        self.shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+        self.cuts = {k: [] for k in self.shapes}  # key -> [(axis, group, start, stop)]
+        for g in groups:
+            for part in g.slices:
+                if part.key in self.cuts:
+                    stop = g.width if part.stop is None else part.stop
+                    self.cuts[part.key].append((part.axis, g.name, part.start, stop))
+        self.full = count_model(model, input_size)
+        mine = self({})
+        if mine != self.full:
+            raise RuntimeError(f"cost model disagrees with FlopCounterMode on {arch.get('family')}: "
+                               f"{mine} vs {self.full} (params, MACs)")
+
+    @staticmethod
+    def _weight_positions(model, arch, input_size):
+        """Output positions per conv/Linear weight key (MACs per weight element)."""
+        positions, hooks = {}, []
+
+        def hook_for(name, out_features):
+            def hook(module, inputs, output):
+                positions[f"{name}.weight"] = output.numel() // out_features
+            return hook
+
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d):
+                hooks.append(module.register_forward_hook(hook_for(name, module.out_channels)))
+            elif isinstance(module, nn.Linear):
+                hooks.append(module.register_forward_hook(hook_for(name, module.out_features)))
+        x = torch.empty(1, arch.get("in_chans", 3), input_size, input_size, device="meta")
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        return positions
+
+    def __call__(self, keep):
+        """(params, MACs) when group `name` keeps indices keep[name] (all for absent names).
+
+        Args:
+            keep: dict group name -> sorted kept indices (list or 1-D tensor).
+        """
+        counts = {}  # (group, start, stop) -> kept channels in that range
+        params = macs = 0
+        for key, shape in self.shapes.items():
+            size = list(shape)
+            for axis, group, start, stop in self.cuts[key]:
+                if group in keep:
+                    rng = (group, start, stop)
+                    if rng not in counts:
+                        idx = torch.as_tensor(keep[group])
+                        counts[rng] = int(((idx >= start) & (idx < stop)).sum())
+                    size[axis] = counts[rng]
+            n = 1
+            for s in size:
+                n *= s
+            params += n
+            macs += n * self.positions.get(key, 0)
+        return params, macs

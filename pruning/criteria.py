@@ -1,0 +1,245 @@
+"""Filter-importance criteria: plain functions over one producer weight, high score = keep.
+
+Every scorer takes a weight of shape [F, C, kh, kw] (a conv), [F, C] (a Linear, read as
+K = 1) or, for `slimming`, a 1-D tensor of per-channel scale factors, and returns F float64
+scores on the CPU. Register a new criterion by adding one function to `CRITERIA`; a scorer
+that needs randomness declares a `seed` keyword and the group scorer passes one.
+
+Operator norm (Singh & Plumbley), DESIGN section 5. For each input channel c, with
+A_c = W[:, c, :] (F x K) and mu_c its mean over the filters, let u1, v1 be the first singular
+vectors of A_c - mu_c and d_c = sign(u1[0]) * v1, i.e. v1 oriented so that filter 0 projects
+non-negatively onto it (the authors normalise row 0 of u1 v1^T). Then
+t_f = sum_c <W[f, c] - mu_c, d_c> and score_f = t_f^2 / max_g t_g^2.
+
+When filter 0 sits on the channel mean (|u1[0]| < ORIENT_TOL, u1 being a unit vector) its
+sign says nothing. DESIGN asks for +1 there, but +1 times v1 keeps whatever sign the SVD
+library happened to return, so two correct implementations (numpy and torch, or the closed
+form for K = 1) could disagree. We orient by the first filter that is off the mean instead:
+d_c = sign(u1[j]) * v1 with j the first filter with |u1[j]| >= ORIENT_TOL. It equals the
+authors' rule whenever theirs is defined, and it depends on the weights alone. A channel
+whose filters are all equal contributes nothing either way.
+
+Properties worth knowing:
+- the orientation of every channel's direction is fixed by filter 0, so the scores depend on
+  which filter comes first: reordering the filters can change them (W0, W1, W2 -> [1, 1, 0],
+  but W2, W0, W1 -> [1, 0, 1] in the DESIGN worked example);
+- invariant to scaling all weights (by any non-zero factor), to adding one offset to every
+  filter, and to permuting the input channels;
+- never NaN: when every t_f is (numerically) zero, every score is 0; the keep rules then fall
+  back on their tie rule (lower channel index wins).
+"""
+import math
+
+import numpy as np
+import torch
+
+from utils import UserError
+
+# |u1[0]| below this (u1 is a unit vector) means filter 0 sits on the channel mean.
+ORIENT_TOL = 1e-9
+# max|t| below this share of sum_c ||A_c||_F (bounded from above) is rounding noise: scores 0.
+ZERO_TOL = 1e-12
+
+
+def as_filters(weight):
+    """View a producer weight as float64 [F, C, K] on the CPU.
+
+    Args:
+        weight: tensor of shape [F, C, kh, kw], [F, C, K] or [F, C].
+    """
+    w = torch.as_tensor(weight).detach().to("cpu", torch.float64)
+    if w.dim() < 2:
+        raise ValueError(f"a producer weight needs at least 2 dimensions, got shape {tuple(w.shape)}")
+    return w.reshape(w.shape[0], w.shape[1], -1)
+
+
+def _finite(scores):
+    """Scores of finite weights are finite; anything else means NaN / inf in the weight."""
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("weight holds NaN or infinite values")
+    return scores
+
+
+def _normalise_t(t, floor):
+    """score_f = t_f^2 / max t^2; all zeros when every |t_f| is below the rounding floor.
+
+    Args:
+        t: [F] float64 projections.
+        floor: ZERO_TOL x sum_c (||A_c - mu_c||_F + sqrt(F) ||mu_c||), an upper bound of
+            ZERO_TOL x sum_c ||A_c||_F computed from what the criterion already has.
+    """
+    _finite(t)
+    peak = float(t.abs().max())
+    if peak <= floor or peak == 0.0:
+        return torch.zeros_like(t)
+    return (t / peak) ** 2
+
+
+def _floor(centred_norms, mu, n_filters):
+    """Rounding-noise floor from per-channel norms of the centred weights and of the means."""
+    mean_norms = torch.linalg.vector_norm(mu.reshape(mu.shape[-2], -1), dim=1)
+    return ZERO_TOL * float(centred_norms.sum() + math.sqrt(n_filters) * mean_norms.sum())
+
+
+def orientation(u0, u1_of):
+    """+1 or -1 per channel: the sign of u1 at the first filter off the channel mean.
+
+    Args:
+        u0: [C] entry 0 of every channel's first left singular vector (a unit vector).
+        u1_of: callable(mask) -> [n, F] full u1 of the masked channels; called only for the
+            channels where filter 0 sits on the mean (|u0| < ORIENT_TOL), usually none.
+    Returns:
+        [C] float64 signs (+1 for a channel whose filters are all equal).
+    """
+    sign = torch.where(u0 < 0, -1.0, 1.0).to(u0.dtype)
+    on_mean = u0.abs() < ORIENT_TOL
+    if bool(on_mean.any()):
+        u1 = u1_of(on_mean)
+        off = u1.abs() >= ORIENT_TOL
+        first = off.to(torch.int8).argmax(dim=1)  # argmax returns the first maximal index
+        pivot = u1.gather(1, first[:, None])[:, 0]
+        sign[on_mean] = torch.where(off.any(dim=1) & (pivot < 0), -1.0, 1.0).to(u0.dtype)
+    return sign
+
+
+def opnorm(weight):
+    """Operator-norm scores, vectorised: one batched SVD over channels and one contraction.
+
+    Args:
+        weight: producer weight [F, C, kh, kw] or [F, C].
+    Returns:
+        [F] float64 scores in [0, 1].
+    """
+    w = as_filters(weight)
+    mu = w.mean(dim=0, keepdim=True)            # [1, C, K] channel means over the filters
+    x = w - mu                                  # centred, [F, C, K]
+    if x.shape[2] == 1:
+        # K = 1: the SVD of a column x is u1 = x / |x|, v1 = [1], so d_c = sign(x[0]) in closed
+        # form; skipping thousands of tiny LAPACK calls is what makes Linear layers cheap.
+        col = x[:, :, 0]                        # [F, C]
+        norms = col.square().sum(dim=0).sqrt()  # (vector_norm over dim 0 is 5x slower)
+        safe = norms.clamp_min(1e-300)
+        u0 = col[0] / safe
+        sign = orientation(u0, lambda m: (col[:, m] / safe[m]).T)
+        d = sign[:, None]                       # [C, 1]
+    else:
+        # [F, C, K] -> [C, F, K]: one F x K matrix per input channel, all in one call.
+        u, s, vh = torch.linalg.svd(x.permute(1, 0, 2), full_matrices=False)
+        norms = torch.linalg.vector_norm(s, dim=1)  # ||x_c||_F from the singular values
+        sign = orientation(u[:, 0, 0], lambda m: u[m, :, 0])
+        d = sign[:, None] * vh[:, 0, :]         # [C, K] oriented directions
+    t = torch.einsum("fck,ck->f", x, d)
+    return _normalise_t(t, _floor(norms, mu[0], w.shape[0]))
+
+
+def opnorm_loop(weight):
+    """Operator-norm scores, the plain loop form (per channel SVD, per filter dot product).
+
+    The reference the vectorised `opnorm` is tested and benchmarked against; numpy only.
+
+    Args:
+        weight: producer weight [F, C, kh, kw] or [F, C].
+    Returns:
+        [F] float64 scores in [0, 1].
+    """
+    w = as_filters(weight)
+    a = w.numpy()
+    n_filters, n_channels, _ = a.shape
+    t = np.zeros(n_filters)
+    centred_norms, means = np.zeros(n_channels), np.zeros((n_channels, a.shape[2]))
+    for c in range(n_channels):
+        mu = a[:, c, :].mean(axis=0)
+        u, s, vh = np.linalg.svd(a[:, c, :] - mu, full_matrices=False)
+        centred_norms[c], means[c] = np.sqrt(np.sum(s ** 2)), mu
+        sign = 1.0
+        for f in range(n_filters):  # the first filter off the channel mean sets the sign
+            if abs(u[f, 0]) >= ORIENT_TOL:
+                sign = math.copysign(1.0, u[f, 0])
+                break
+        d = sign * vh[0]
+        for f in range(n_filters):
+            t[f] += float(np.dot(a[f, c, :] - mu, d))
+    floor = _floor(torch.from_numpy(centred_norms), torch.from_numpy(means), n_filters)
+    return _normalise_t(torch.from_numpy(t), floor)
+
+
+def l1(weight):
+    """L1 norm of each filter (Li et al.): sum |W[f]|.
+
+    Args:
+        weight: producer weight [F, ...].
+    """
+    w = as_filters(weight)
+    return _finite(w.abs().sum(dim=(1, 2)))
+
+
+def l2(weight):
+    """L2 norm of each filter: ||W[f]||_2.
+
+    Args:
+        weight: producer weight [F, ...].
+    """
+    w = as_filters(weight)
+    return _finite(torch.linalg.vector_norm(w, dim=(1, 2)))
+
+
+def fpgm(weight):
+    """FPGM (He et al.): g_f = sum_i ||W[f] - W[i]||_2; filters near the others are redundant.
+
+    Args:
+        weight: producer weight [F, ...].
+    """
+    w = as_filters(weight)
+    flat = w.reshape(w.shape[0], -1)
+    return _finite(torch.cdist(flat, flat).sum(dim=1))
+
+
+def random(weight, seed=0):
+    """Uniform random scores from a seeded generator: the control every pruning study needs.
+
+    Args:
+        weight: producer weight [F, ...] or scale factors [F]; only F is used.
+        seed: generator seed; the same seed and F give the same scores.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.rand(int(weight.shape[0]), generator=gen, dtype=torch.float64)
+
+
+def slimming(weight):
+    """Network slimming (Liu et al.): |scale factor| of each channel.
+
+    In ConvNeXt the LayerNorm weights and layer-scale gamma play the BatchNorm gamma's role,
+    so the group scorer feeds this the group's 1-D scale factors, not a producer weight.
+
+    Args:
+        weight: 1-D tensor of per-channel scale factors.
+    """
+    w = torch.as_tensor(weight).detach().to("cpu", torch.float64)
+    if w.dim() != 1:
+        raise ValueError(f"slimming scores 1-D scale factors, got shape {tuple(w.shape)}")
+    return _finite(w.abs())
+
+
+# Scorers that read a group's scale factors (`Group.scales`) instead of its producers.
+slimming.uses_scales = True
+
+CRITERIA = {
+    "opnorm": opnorm,
+    "l1": l1,
+    "l2": l2,
+    "fpgm": fpgm,
+    "random": random,
+    "slimming": slimming,
+}
+
+
+def get_criterion(name):
+    """The scorer registered under `name`; UserError naming the choices otherwise.
+
+    Args:
+        name: a key of CRITERIA.
+    """
+    try:
+        return CRITERIA[name]
+    except KeyError:
+        raise UserError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}") from None

@@ -1,0 +1,159 @@
+"""Checkpoint surgery: cut every tensor slice of every channel group to its kept indices.
+
+`prune_state_dict` is a pure function on state dicts; `read_source` and `prune_checkpoint`
+deal with the checkpoint around it (our format with `arch`, or a released official /
+Efficient ConvNeXt file with a `model` state dict and no `arch`).
+"""
+import argparse
+import hashlib
+
+import torch
+
+import models
+from utils import UserError
+
+from .costs import meta_model
+from .scoring import part_stop
+
+
+def _check_keep(group, idx):
+    idx = torch.as_tensor(idx, dtype=torch.int64)
+    if idx.dim() != 1 or idx.numel() == 0:
+        raise ValueError(f"group {group.name}: kept indices must be a non-empty 1-D list")
+    if bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0 or int(idx[-1]) >= group.width:
+        raise ValueError(f"group {group.name}: kept indices must be sorted, unique and in "
+                         f"[0, {group.width})")
+    return idx
+
+
+def prune_state_dict(state_dict, groups, keep):
+    """A new state dict with each group's slices cut to `keep[group.name]`.
+
+    Tensors no group touches are carried over as they are (shared, not copied). A tensor cut
+    by two groups (pwconv1.weight: hidden rows, residual columns) is cut on both axes.
+
+    Args:
+        state_dict: source tensors (not modified).
+        groups: models.channel_groups(arch) of the source shape.
+        keep: dict group name -> sorted kept indices; absent groups keep every channel.
+    Returns:
+        dict key -> tensor.
+    """
+    out = dict(state_dict)
+    for g in groups:
+        if g.name not in keep:
+            continue
+        idx = _check_keep(g, keep[g.name])
+        if idx.numel() == g.width:
+            continue
+        for part in g.slices:
+            if part.key not in out:
+                raise UserError(f"the checkpoint lacks {part.key}, which group {g.name} cuts")
+            t = out[part.key]
+            stop = part_stop(part, g.width)
+            if t.shape[part.axis] != stop - part.start:
+                raise UserError(f"{part.key} has {t.shape[part.axis]} channels on axis {part.axis}; "
+                                f"group {g.name} expects {stop - part.start}")
+            local = idx[(idx >= part.start) & (idx < stop)] - part.start
+            out[part.key] = t.index_select(part.axis, local.to(t.device))
+    return out
+
+
+def sha256_file(path):
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _state_dict_of(ckpt):
+    """The model state dict of a loaded checkpoint: its `model` entry, or a bare state dict."""
+    for key in ("model", "module"):  # official releases use "model", some others "module"
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt
+    raise UserError("the checkpoint holds no model weights (expected a `model` state dict)")
+
+
+def read_source(ckpt, model_name=None, use_ema=False):
+    """The state dicts and shape of a loaded checkpoint.
+
+    Args:
+        ckpt: what utils.load_checkpoint_file returned.
+        model_name: a registered model of ours whose shape the weights must have, or None to
+            use the checkpoint's `arch`, else the shape inferred from the tensors.
+        use_ema: score the `model_ema` weights instead of `model`.
+    Returns:
+        (state dicts by checkpoint key, the key whose weights are scored, arch).
+    """
+    sds = {"model": _state_dict_of(ckpt)}
+    ema = ckpt.get("model_ema") if isinstance(ckpt, dict) else None
+    if isinstance(ema, dict) and ema:
+        sds["model_ema"] = ema
+    if use_ema and "model_ema" not in sds:
+        raise UserError("--use_ema: the checkpoint has no model_ema weights")
+    arch = _resolve_arch(sds["model"], ckpt, model_name)
+    what = f"--model {model_name}" if model_name else "the checkpoint's own `arch` entry"
+    meta = meta_model(arch)
+    models.check_arch_matches(meta, sds["model"], what=what)
+    arch = {**arch, **meta.arch}  # complete a partial stored arch (channel groups need all fields)
+    if "model_ema" in sds:
+        shapes = {k: tuple(v.shape) for k, v in sds["model"].items()}
+        if {k: tuple(v.shape) for k, v in sds["model_ema"].items()} != shapes:
+            raise UserError("the checkpoint's model_ema weights do not have the shape of its model weights")
+    return sds, ("model_ema" if use_ema else "model"), arch
+
+
+def _resolve_arch(sd, ckpt, model_name):
+    if model_name is not None:
+        if model_name not in models.OUR_MODELS:
+            raise UserError(f"--model {model_name}: pruning needs one of this toolkit's ConvNeXt "
+                            "models (see the README's model zoo), whose channel groups it knows")
+        arch = dict(models.default_arch(model_name))
+        if "head.weight" in sd:
+            arch["num_classes"] = int(sd["head.weight"].shape[0])
+        return arch
+    arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
+    return dict(arch) if isinstance(arch, dict) else models.infer_arch(sd)
+
+
+def plain_args(args):
+    """Checkpoint `args` as a plain dict (released files hold an argparse.Namespace)."""
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def new_arch(source_arch, state_dict):
+    """The pruned shape: inferred from the new tensors, other source fields carried over."""
+    return {**source_arch, **models.infer_arch(state_dict)}
+
+
+def prune_checkpoint(ckpt, sds, groups, keep, source_arch, provenance):
+    """The pruned checkpoint: the same cut on every state dict, optimizer and scaler dropped.
+
+    Args:
+        ckpt: the loaded source checkpoint.
+        sds: its state dicts by key (from read_source).
+        groups: channel groups of the source shape.
+        keep: dict group name -> kept indices.
+        source_arch: the source shape.
+        provenance: dict recorded under `pruning` (criterion, options, source sha256, ...).
+    Returns:
+        dict with model (+ model_ema), args, arch and pruning.
+    """
+    out = {key: prune_state_dict(sd, groups, keep) for key, sd in sds.items()}
+    out["args"] = plain_args(ckpt.get("args") if isinstance(ckpt, dict) else None)
+    out["arch"] = new_arch(source_arch, out["model"])
+    record = dict(provenance)
+    record["kept"] = {name: [int(i) for i in idx] for name, idx in keep.items()}
+    record["source_arch"] = source_arch
+    for key in ("epoch", "max_accuracy"):
+        if isinstance(ckpt, dict) and key in ckpt:
+            value = ckpt[key]
+            record[f"source_{key}"] = value.item() if hasattr(value, "item") else value
+    out["pruning"] = record
+    return out
