@@ -1,17 +1,42 @@
-"""Parameter and MAC counts (MACs from torch's FlopCounterMode, one image)."""
+"""Parameter and MAC counts (MACs from torch's FlopCounterMode, one image; meta device is fine)."""
 import torch
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from utils import UserError
 
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model, input_size=224, in_chans=3):
-    """Multiply-accumulates of one forward pass on one image (FLOPs / 2, as papers report)."""
+def in_chans_of(model):
+    """Input channels: the arch's, else the first conv's, else 3."""
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, dict) and "in_chans" in arch:
+        return arch["in_chans"]
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+def forward_cost(model, input_size, in_chans=None):
+    """(MACs, output width) of one eval-mode forward pass on one image; MACs = FLOPs / 2."""
     device = next(model.parameters()).device
-    x = torch.zeros(1, in_chans, input_size, input_size, device=device)
+    x = torch.zeros(1, in_chans or in_chans_of(model), input_size, input_size, device=device)
+    was_training = model.training
+    model.eval()
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2
+    try:
+        with counter, torch.no_grad():
+            out = model(x)
+    except RuntimeError as e:  # e.g. a feature map shrinks below a kernel
+        raise UserError(f"cannot run this model at --input_size {input_size}: "
+                        f"{str(e).splitlines()[0][:160]}") from None
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2, out.shape[-1]
+
+
+def count_macs(model, input_size=224, in_chans=None):
+    """Multiply-accumulates of one forward pass on one image (as papers report them)."""
+    return forward_cost(model, input_size, in_chans)[0]

@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
+from models.complexity import count_macs, count_params
 from utils import UserError
 
 
@@ -26,22 +27,8 @@ def meta_model(arch):
 
 
 def count_model(model, input_size):
-    """(params, MACs) of a model at a square input size, MACs from FlopCounterMode.
-
-    Args:
-        model: nn.Module (meta device is fine).
-        input_size: image side in pixels.
-    """
-    device = next(model.parameters()).device
-    in_chans = getattr(model, "arch", {}).get("in_chans", 3)
-    x = torch.empty(1, in_chans, input_size, input_size, device=device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        try:
-            model(x)
-        except RuntimeError as e:  # e.g. a feature map shrinks below a kernel
-            raise UserError(f"cannot run this model at --input_size {input_size}: "
-                            f"{str(e).splitlines()[0][:160]}") from None
-    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
+    """(params, MACs) of a model at a square input size (meta device is fine)."""
+    return count_params(model), count_macs(model, input_size)
 
 
 def count_arch(arch, input_size):

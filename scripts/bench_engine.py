@@ -25,7 +25,8 @@ import torch.nn as nn  # noqa: E402
 import engine  # noqa: E402
 import optim_factory  # noqa: E402
 import utils  # noqa: E402
-from benchmark import AMP_DTYPES, Settings, build, check_settings, count_macs, in_chans_of  # noqa: E402
+from benchmark import AMP_DTYPES, Settings, build, check_settings  # noqa: E402
+from models.complexity import forward_cost, in_chans_of  # noqa: E402
 from utils import UserError  # noqa: E402
 
 logger = logging.getLogger("bench_engine")
@@ -44,7 +45,7 @@ class Setup:
         self.amp_dtype = AMP_DTYPES[args.amp]
         self.channels_last, self.steps = args.channels_last, args.steps
         model = build(args.model)
-        _, num_classes = count_macs(model, args.input_size, in_chans_of(model))
+        _, num_classes = forward_cost(model, args.input_size)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=fmt)
         groups = optim_factory.get_parameter_groups(self.model, weight_decay=0.05)

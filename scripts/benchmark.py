@@ -30,7 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from utils import UserError  # noqa: E402
+import models  # noqa: E402
+from models.complexity import count_params, forward_cost, in_chans_of  # noqa: E402
+from utils import UserError, load_checkpoint_file  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -117,13 +119,11 @@ def build(spec):
         return timm_convnext_like(spec.split(":", 1)[1])
     if os.path.exists(spec) or spec.endswith((".pth", ".pt")):
         return from_checkpoint(spec)
-    import models
     return models.create_model(spec)
 
 
 def timm_convnext_like(name):
     """timm's `ConvNeXt` class with the depths, dims, classes and layer scale of our `name`."""
-    import models
     from timm.models.convnext import ConvNeXt as TimmConvNeXt
     ours = models.create_model(name)
     arch = getattr(ours, "arch", None) or {}
@@ -141,8 +141,6 @@ def timm_convnext_like(name):
 
 def from_checkpoint(path):
     """Rebuild a checkpoint's exact shape from its `arch` (or its tensors) and load its weights."""
-    import models
-    from utils import load_checkpoint_file
     ckpt = load_checkpoint_file(path)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
@@ -156,33 +154,7 @@ def from_checkpoint(path):
     return model
 
 
-def in_chans_of(model):
-    """Input channels: the arch's, else the first conv's, else 3."""
-    arch = getattr(model, "arch", None)
-    if isinstance(arch, dict) and "in_chans" in arch:
-        return arch["in_chans"]
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else 3
-
-
 # --- measuring ----------------------------------------------------------------------------
-
-def count_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model, input_size, in_chans=3, device="cpu"):
-    """MACs of one forward pass on one image (FlopCounterMode FLOPs / 2) and the output width."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = model.training
-    model.eval()
-    x = torch.randn(1, in_chans, input_size, input_size, device=device)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        out = model(x)
-    model.train(was_training)
-    return counter.get_total_flops() // 2, out.shape[-1]
-
 
 class Runner:
     """One model under one Settings, ready to run eval, latency (batch 1) or train steps."""
@@ -285,7 +257,7 @@ def benchmark_model(spec, settings, args):
     """Every measurement of one model, as one JSON-able dict with all JSON_FIELDS."""
     import timm
     model = build(spec)
-    macs, num_classes = count_macs(model, settings.input_size, in_chans_of(model))
+    macs, num_classes = forward_cost(model, settings.input_size)
     row = dict.fromkeys(JSON_FIELDS)
     row.update(model=spec, params=count_params(model), macs=macs,
                input_size=settings.input_size, batch_size=settings.batch_size,
@@ -385,7 +357,7 @@ def run_vs(args, settings):
     for spec, text in zip((spec_a, spec_b), texts):
         s = parse_settings(text, settings)
         model = build(spec)
-        macs, num_classes = count_macs(model, s.input_size, in_chans_of(model))
+        macs, num_classes = forward_cost(model, s.input_size)
         sides.append((f"{spec} [{s.describe()}]", Runner(model, s, num_classes), macs))
     mode = args.vs_mode
     for _, runner, _ in sides:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import models
+from models.complexity import count_macs, count_params, forward_cost
 from utils import UserError, save_checkpoint_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,14 +49,14 @@ def tiny_ckpt(tmp_path_factory):
 
 def test_macs_of_one_conv_by_hand():
     conv = nn.Conv2d(3, 8, kernel_size=3, padding=1)
-    macs, outputs = bench.count_macs(conv, input_size=8, in_chans=3)
+    macs, outputs = forward_cost(conv, input_size=8, in_chans=3)
     assert macs == 3 * 8 * 9 * 64  # C_in * C_out * k*k * H_out*W_out; bias adds no MACs
     assert outputs == 8
 
 
 def test_macs_of_linear_head_by_hand():
     model = nn.Sequential(nn.Conv2d(3, 4, kernel_size=2, stride=2), nn.Flatten(), nn.Linear(4 * 16, 5))
-    macs, outputs = bench.count_macs(model, input_size=8)
+    macs, outputs = forward_cost(model, input_size=8)
     assert macs == 3 * 4 * 4 * 16 + 64 * 5
     assert outputs == 5
 
@@ -64,8 +65,8 @@ def test_timm_convnext_mirror_has_our_shape():
     ours = models.create_model("convnext_tiny_3M_pruned_cifar10")
     theirs = bench.build("timm_convnext:convnext_tiny_3M_pruned_cifar10")
     assert type(theirs).__module__ == "timm.models.convnext"
-    assert bench.count_params(theirs) == bench.count_params(ours)
-    assert bench.count_macs(theirs, 32) == bench.count_macs(ours, 32)
+    assert count_params(theirs) == count_params(ours)
+    assert count_macs(theirs, 32) == count_macs(ours, 32)
     gammas = [p for n, p in theirs.named_parameters() if n.endswith("gamma")]
     assert gammas and float(gammas[0].detach()[0]) == pytest.approx(1e-6)  # layer scale matched
 
@@ -102,7 +103,7 @@ def test_end_to_end_json_table_and_plot(tmp_path, tiny_ckpt):
         assert r["latency_ms_p90"] >= r["latency_ms_median"] > 0
     tiny = models.build_model(TINY_ARCH)
     assert rows[0]["params"] == sum(p.numel() for p in tiny.parameters())
-    assert rows[0]["macs"] == bench.count_macs(tiny, 32)[0]
+    assert rows[0]["macs"] == count_macs(tiny, 32)
     table = [line for line in res.stdout.splitlines() if line.startswith("|")]
     assert len(table) == 4 and "speed-up" in table[0] and "MACs ratio" in table[0]
     assert "| 1.00x | 1.00x |" in table[2]  # the first model is the reference
