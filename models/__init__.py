@@ -5,6 +5,10 @@ from . import convnext, convnext_isotropic  # noqa: F401  (registers the familie
 from .groups import Group, Part, Producer
 from .registry import FAMILIES, OUR_MODELS, create_model, default_arch
 
+__all__ = ["Group", "Part", "Producer", "FAMILIES", "OUR_MODELS", "create_model", "default_arch",
+           "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",
+           "check_arch_matches"]
+
 
 def build_model(arch, **kwargs):
     """Build the exact shape an `arch` dict describes (kwargs: drop_path_rate, ...)."""

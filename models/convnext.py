@@ -3,16 +3,15 @@
 Generalised so that every block may have its own MLP width and its own multi-scale depthwise
 split: a pruned checkpoint of any shape rebuilds from its `arch`.
 """
-import torch
 import torch.nn as nn
 
 from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
 from .layers import (MS_BRANCHES, Block, LayerNorm2d, block_hidden_widths, default_branch_widths,
-                     drop_path_rates, init_weights, layer_scale_value)
+                     PooledHead, drop_path_rates, layer_scale_value)
 from .registry import register_factory, register_family
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(PooledHead):
     """ConvNeXt: a 4x4/4 stem, then stages of blocks joined by LayerNorm + 2x2/2 downsampling.
 
     Args:
@@ -52,10 +51,7 @@ class ConvNeXt(nn.Module):
                 for j in range(depth)]))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes)
-        self.apply(init_weights)
-        with torch.no_grad():
-            self.head.weight.mul_(head_init_scale)
-            self.head.bias.mul_(head_init_scale)
+        self.init_weights(head_init_scale)
         self.arch = {"family": "convnext", "depths": depths, "dims": dims, "hidden": hidden,
                      "dw": dw, "dw_branches": branches if dw == "multiscale" else None,
                      "layer_scale": layer_scale_init_value > 0,
@@ -74,14 +70,7 @@ class ConvNeXt(nn.Module):
     def forward_features(self, x):
         for downsample, stage in zip(self.downsample_layers, self.stages):
             x = stage(downsample(x))
-        return self.norm(x.mean([-2, -1]))  # global average pooling, (N, C, H, W) -> (N, C)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
+        return self.pool_norm(x)
 
     # --- arch <-> state dict <-> channel groups -------------------------------------------
 

@@ -1,13 +1,12 @@
 """Isotropic ConvNeXt (no downsampling stages), official key layout: stem, blocks, norm, head."""
-import torch
 import torch.nn as nn
 
 from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
-from .layers import Block, drop_path_rates, init_weights, layer_scale_value
+from .layers import Block, PooledHead, drop_path_rates, layer_scale_value
 from .registry import register_factory, register_family
 
 
-class ConvNeXtIsotropic(nn.Module):
+class ConvNeXtIsotropic(PooledHead):
     """A 16x16/16 patchify stem followed by `depth` blocks of one width.
 
     Args:
@@ -31,24 +30,13 @@ class ConvNeXtIsotropic(nn.Module):
                                       for j in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
-        self.apply(init_weights)
-        with torch.no_grad():
-            self.head.weight.mul_(head_init_scale)
-            self.head.bias.mul_(head_init_scale)
+        self.init_weights(head_init_scale)
         self.arch = {"family": "convnext_isotropic", "depth": depth, "dim": dim, "hidden": hidden,
                      "layer_scale": layer_scale_init_value > 0,
                      "num_classes": num_classes, "in_chans": in_chans}
 
     def forward_features(self, x):
-        x = self.blocks(self.stem(x))
-        return self.norm(x.mean([-2, -1]))  # global average pooling, (N, C, H, W) -> (N, C)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
-
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
+        return self.pool_norm(self.blocks(self.stem(x)))
 
     @classmethod
     def from_arch(cls, arch, **kwargs):

@@ -92,6 +92,31 @@ class Block(nn.Module):
         return shortcut + self.drop_path(x)
 
 
+class PooledHead(nn.Module):
+    """The shared tail of the ConvNeXt families: global average pool, LayerNorm, Linear head.
+
+    Subclasses build `self.norm` and `self.head` and define `forward_features` (up to the
+    pooled, normalised features), then call `init_weights`.
+    """
+
+    def pool_norm(self, x):
+        return self.norm(x.mean([-2, -1]))  # global average pooling, (N, C, H, W) -> (N, C)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+    def init_weights(self, head_init_scale):
+        """Official init, the head's weights and bias then scaled by `head_init_scale`."""
+        self.apply(init_weights)
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
+            self.head.bias.mul_(head_init_scale)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+
 def init_weights(module):
     """Official init: truncated normal (std .02) weights, zero biases for convs and linears."""
     if isinstance(module, (nn.Conv2d, nn.Linear)):

@@ -13,11 +13,9 @@ unpruned shape and refuses to run if they disagree.
 """
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models.complexity import count_macs, count_params
-from utils import UserError
 
 
 def meta_model(arch):

@@ -61,7 +61,6 @@ def test_logits_match_timm_convnext(dims):
     with torch.no_grad():  # random non-trivial norms and biases
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    ours = models.ConvNeXt if hasattr(models, "ConvNeXt") else None
     ours = models.build_model({"family": "convnext", "depths": list(depths), "dims": list(dims),
                                "num_classes": 10}).eval()
     ours.load_state_dict(from_timm_state_dict(ref.state_dict()), strict=True)
