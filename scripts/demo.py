@@ -21,7 +21,8 @@ SHAPES = {"13M": [96, 192, 384, 192], "3M": [32, 64, 128, 256]}
 INPUT_SIZE = 32
 DATA = ["--data_set", "DIGITS", "--input_size", str(INPUT_SIZE), "--num_workers", "0", "--device", "cpu"]
 RECIPE = ["--batch_size", "32", "--warmup_epochs", "0", "--drop_path", "0", "--mixup", "0",
-          "--cutmix", "0", "--reprob", "0", "--aa", "none", "--smoothing", "0", "--save_ckpt_freq", "1000"]
+          "--cutmix", "0", "--reprob", "0", "--aa", "none", "--smoothing", "0", "--save_ckpt_freq", "1000",
+          "--auto_resume", "false"]  # a rerun starts afresh (its files are replaced)
 
 
 def run(cmd):
