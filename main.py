@@ -187,7 +187,10 @@ def resolve_device(args):
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         logger.warning("warning: CUDA is not available, running on the CPU (--device cpu)")
         args.device = "cpu"
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device (use cpu, cuda or cuda:N)") from None
     if args.use_amp:
         args.amp_dtype = args.amp_dtype or ("fp16" if device.type == "cuda" else "bf16")
         if args.amp_dtype == "fp16" and device.type != "cuda":
@@ -327,6 +330,8 @@ def build_model(args, resume, finetune):
         arch = _checkpoint_arch(ckpt, state)
         if arch is not None:
             model = _model_from_arch(args, arch, resume is None, kwargs)
+            source = args.resume if resume is not None else args.finetune
+            args.model = models.registered_name(model.arch) or f"the arch stored in {source}"
         else:
             args.model = _saved_model_name(ckpt)
             logger.info("Model: --model %s, as saved in the checkpoint's args", args.model)
@@ -334,7 +339,7 @@ def build_model(args, resume, finetune):
         args.model = args.model or DEFAULT_MODEL
         model = models.create_model(args.model, pretrained=False, num_classes=args.nb_classes, **kwargs)
         if resume is not None:
-            models.check_arch_matches(model, state, what=f"--model {args.model}")
+            models.check_arch_matches(model, state, f"--resume {args.resume}", f"--model {args.model}")
     if finetune is not None:
         utils.load_model_state(model, state, f"--finetune {args.finetune}", drop_head_on_mismatch=True)
     return model

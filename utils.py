@@ -519,13 +519,12 @@ def model_state(checkpoint, model_key="model|module", model_prefix=""):
     return tensors
 
 
-def describe_state(state_dict):
-    """The shape a state dict holds, in words (via models.infer_arch when it is ours)."""
-    import models  # models imports this module: import lazily
-    try:
-        return models.describe_arch(models.infer_arch(state_dict))
-    except UserError:
-        return "a layout this toolkit does not recognise"
+def head_prefix(model):
+    """Key prefix of the classifier: timm's get_classifier() where it exists, else `head.`."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    return f"{name}." if name else "head."
 
 
 def load_model_state(model, state_dict, what, drop_head_on_mismatch=False):
@@ -536,23 +535,15 @@ def load_model_state(model, state_dict, what, drop_head_on_mismatch=False):
         drop_head_on_mismatch (bool): fine-tuning: a head of another class count is dropped
             (the model keeps its fresh head) instead of being an error.
     """
+    import models  # models imports this module: import lazily
     own = model.state_dict()
     state = dict(state_dict)
     if drop_head_on_mismatch:
-        for k in [k for k in state if k.startswith("head.") and k in own and own[k].shape != state[k].shape]:
-            logger.info("Removing key %s from pretrained checkpoint (%s -> %s)", k,
-                        list(state[k].shape), list(own[k].shape))
-            state.pop(k)
-    bad = [f"{k} is {list(v.shape)} in the checkpoint but {list(own[k].shape)} in the model"
-           for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state and not (drop_head_on_mismatch and k.startswith("head."))]
-    if bad or missing:
-        detail = "; ".join(bad[:3]) if bad else f"missing tensors: {', '.join(missing[:5])}"
-        more = len(bad) - 3 if bad else len(missing) - 5
-        raise UserError(f"{what} does not fit the model: {detail}"
-                        + (f" (+{more} more)" if more > 0 else "")
-                        + f"; the checkpoint holds {describe_state(state_dict)}")
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        logger.warning("Weights from %s not used by the model: %s", what, unexpected[:10])
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        prefix = head_prefix(model)
+        for k in [k for k in own if k.startswith(prefix)]:
+            if k not in state or state[k].shape != own[k].shape:
+                logger.info("Removing key %s from pretrained checkpoint (%s -> %s)", k,
+                            list(state[k].shape) if k in state else "absent", list(own[k].shape))
+                state[k] = own[k]  # the model keeps its fresh head
+    models.check_arch_matches(model, state, what)
+    model.load_state_dict(state, strict=True)

@@ -25,7 +25,11 @@ def build_model(arch, **kwargs):
 def infer_arch(state_dict):
     """Recognise the shape of a state dict in one of our layouts (e.g. a released checkpoint)."""
     for family in FAMILIES.values():
-        arch = family.infer_arch(state_dict)
+        try:
+            arch = family.infer_arch(state_dict)
+        except (KeyError, ValueError, IndexError, AttributeError) as e:  # a partial state dict
+            raise UserError(f"the checkpoint's {family.__name__} weights are incomplete "
+                            f"({type(e).__name__}: {e})") from None
         if arch is not None:
             return arch
     raise UserError("the checkpoint's weights are not a ConvNeXt layout this toolkit knows "
@@ -64,20 +68,25 @@ def _is_pruned_mlp(arch):
     return any(h != 4 * arch.get("dim", 0) for h in arch["hidden"])
 
 
-def check_arch_matches(model, state_dict, what="the model"):
-    """Raise a UserError naming the checkpoint's shape if `state_dict` does not fit `model`."""
+def check_arch_matches(model, state_dict, what="the checkpoint", model_name="the model"):
+    """Raise a UserError naming the mismatching tensors and the checkpoint's shape if
+    `state_dict` (from `what`) does not fit `model` exactly."""
     own = model.state_dict()
-    bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    bad = [f"{k} is {list(v.shape)} in the checkpoint but {list(own[k].shape)} in the model"
+           for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if not (bad or missing or unexpected):
         return
+    for problems, label in ((bad, ""), (missing, "missing tensors: "), (unexpected, "unexpected tensors: ")):
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            detail = label + ("; " if not label else ", ").join(problems[:3]) + more
+            break
     try:
         held = describe_arch(infer_arch(state_dict))
     except UserError:
-        held = "an unknown layout"
+        held = "a layout this toolkit does not recognise"
     ours = describe_arch(getattr(model, "arch", type(model).__name__))
-    first = (bad or missing or unexpected)[0]
-    raise UserError(f"checkpoint holds {held}, but {what} is {ours} "
-                    f"(first mismatch: {first}; {len(bad)} shape, {len(missing)} missing, "
-                    f"{len(unexpected)} unexpected tensors)")
+    raise UserError(f"{what} does not fit {model_name}: {detail}; the checkpoint holds {held}, "
+                    f"{model_name} is {ours}")

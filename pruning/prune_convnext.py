@@ -108,6 +108,8 @@ def check_args(args):
             raise UserError(f"{flag} {path} is the input checkpoint; choose another file")
         if os.path.exists(path) and not args.overwrite:
             raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
+        if flag == "--export_scores" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{flag} {path}: its folder does not exist")
     if args.round_to < 1:
         raise UserError(f"--round_to must be >= 1, got {args.round_to}")
     if args.ratio is not None and not 0 <= args.ratio < 1:

@@ -98,7 +98,7 @@ def read_source(ckpt, model_name=None, use_ema=False):
     arch = _resolve_arch(sds["model"], ckpt, model_name)
     what = f"--model {model_name}" if model_name else "the checkpoint's own `arch` entry"
     meta = meta_model(arch)
-    models.check_arch_matches(meta, sds["model"], what=what)
+    models.check_arch_matches(meta, sds["model"], model_name=what)
     arch = {**arch, **meta.arch}  # complete a partial stored arch (channel groups need all fields)
     if "model_ema" in sds:
         shapes = {k: tuple(v.shape) for k, v in sds["model"].items()}

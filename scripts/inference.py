@@ -72,7 +72,7 @@ def build_model(arch, state_dict, model_name):
 
 
 def load_weights(model, state_dict, name):
-    models.check_arch_matches(model, state_dict, what=f"`{name}`")
+    models.check_arch_matches(model, state_dict, model_name=f"`{name}`")
     model.load_state_dict(state_dict)
     return model.eval()
 

@@ -242,6 +242,7 @@ BAD_INPUTS = {
     "truncated checkpoint": (["--eval", "true", "--resume", "{cut}"], "truncated"),
     "url": (["--eval", "true", "--resume", "https://dl.fbaipublicfiles.com/x.pth"], "no network"),
     "fp16 on cpu": (["--use_amp", "true", "--amp_dtype", "fp16"], "fp16 needs CUDA"),
+    "bad device": (["--device", "tpu9"], "is not a device"),
     "odd batch with mixup": (["--batch_size", "65"], "even --batch_size"),
     "unknown optimizer": (["--model", MODEL, "--opt", "adamz"], "unknown --opt"),
     "bad bool": (["--eval", "maybe"], "boolean value expected"),

@@ -111,6 +111,9 @@ def test_released_checkpoint_is_recognised(tmp_path):
         models.check_arch_matches(timm.create_model("convnext_tiny_unpruned_cifar10"), sd)
     with pytest.raises(UserError, match="not a ConvNeXt layout"):
         models.infer_arch({"fc.weight": torch.zeros(2, 2)})
+    partial = {k: v for k, v in sd.items() if not k.startswith("stages.1.2.pwconv1")}
+    with pytest.raises(UserError, match="weights are incomplete"):
+        models.infer_arch(partial)
 
 
 def _axes_cut(groups):

@@ -266,3 +266,15 @@ def test_only_the_main_process_writes_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "get_rank", lambda: 1)
     utils.save_model(run_args(tmp_path), 0, model, opt, scaler)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_refuses_unused_tensors_and_drops_any_timm_head():
+    import timm
+    src = tiny_model().state_dict()
+    no_scale = tiny_model(layer_scale=False)
+    with pytest.raises(UserError, match="unexpected tensors: .*gamma"):
+        utils.load_model_state(no_scale, src, "--finetune x.pth", drop_head_on_mismatch=True)
+    resnet = timm.create_model("resnet18", num_classes=3)
+    utils.load_model_state(resnet, timm.create_model("resnet18", num_classes=7).state_dict(),
+                           "--finetune r.pth", drop_head_on_mismatch=True)
+    assert resnet.fc.out_features == 3
