@@ -406,14 +406,16 @@ def load_checkpoint_file(path, map_location="cpu"):
 
 
 def args_to_dict(args):
-    """The flags as a plain dict of JSON-able values (so weights_only loading accepts it)."""
+    """Flags (a Namespace, or a dict as checkpoints hold them) as a plain dict of JSON-able
+    values, so weights_only loading accepts it; anything else is an empty dict."""
     def plain(v):
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return str(v)  # e.g. a pathlib.Path set by run_with_submitit.py
-    return {k: plain(v) for k, v in vars(args).items()}
+    items = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    return {k: plain(v) for k, v in items.items()}
 
 
 def list_epoch_checkpoints(output_dir):

@@ -4,13 +4,12 @@
 deal with the checkpoint around it (our format with `arch`, or a released official /
 Efficient ConvNeXt file with a `model` state dict and no `arch`).
 """
-import argparse
 import hashlib
 
 import torch
 
 import models
-from utils import UserError
+from utils import UserError, args_to_dict, model_state
 
 from .costs import meta_model
 from .scoring import part_stop
@@ -68,16 +67,6 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def _state_dict_of(ckpt):
-    """The model state dict of a loaded checkpoint: its `model` entry, or a bare state dict."""
-    for key in ("model", "module"):  # official releases use "model", some others "module"
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt
-    raise UserError("the checkpoint holds no model weights (expected a `model` state dict)")
-
-
 def read_source(ckpt, model_name=None, use_ema=False):
     """The state dicts and shape of a loaded checkpoint.
 
@@ -89,7 +78,7 @@ def read_source(ckpt, model_name=None, use_ema=False):
     Returns:
         (state dicts by checkpoint key, the key whose weights are scored, arch).
     """
-    sds = {"model": _state_dict_of(ckpt)}
+    sds = {"model": model_state(ckpt)}
     ema = ckpt.get("model_ema") if isinstance(ckpt, dict) else None
     if isinstance(ema, dict) and ema:
         sds["model_ema"] = ema
@@ -120,13 +109,6 @@ def _resolve_arch(sd, ckpt, model_name):
     return dict(arch) if isinstance(arch, dict) else models.infer_arch(sd)
 
 
-def plain_args(args):
-    """Checkpoint `args` as a plain dict (released files hold an argparse.Namespace)."""
-    if isinstance(args, argparse.Namespace):
-        return dict(vars(args))
-    return dict(args) if isinstance(args, dict) else {}
-
-
 def new_arch(source_arch, state_dict):
     """The pruned shape: inferred from the new tensors, other source fields carried over."""
     return {**source_arch, **models.infer_arch(state_dict)}
@@ -146,7 +128,7 @@ def prune_checkpoint(ckpt, sds, groups, keep, source_arch, provenance):
         dict with model (+ model_ema), args, arch and pruning.
     """
     out = {key: prune_state_dict(sd, groups, keep) for key, sd in sds.items()}
-    out["args"] = plain_args(ckpt.get("args") if isinstance(ckpt, dict) else None)
+    out["args"] = args_to_dict(ckpt.get("args") if isinstance(ckpt, dict) else None)
     out["arch"] = new_arch(source_arch, out["model"])
     record = dict(provenance)
     record["kept"] = {name: [int(i) for i in idx] for name, idx in keep.items()}

@@ -32,7 +32,7 @@ import torch.nn as nn  # noqa: E402
 
 import models  # noqa: E402
 from models.complexity import count_params, forward_cost, in_chans_of  # noqa: E402
-from utils import UserError, load_checkpoint_file  # noqa: E402
+from utils import UserError, load_checkpoint_file, model_state  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -142,15 +142,10 @@ def timm_convnext_like(name):
 def from_checkpoint(path):
     """Rebuild a checkpoint's exact shape from its `arch` (or its tensors) and load its weights."""
     ckpt = load_checkpoint_file(path)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: no model state dict in this checkpoint")
-    arch = ckpt.get("arch") or models.infer_arch(state)
-    model = models.build_model(arch)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not fit its arch (missing {list(missing)[:3]}, "
-                        f"unexpected {list(unexpected)[:3]})")
+    state = model_state(ckpt)
+    model = models.build_model(ckpt.get("arch") or models.infer_arch(state))
+    models.check_arch_matches(model, state, path, "its arch")
+    model.load_state_dict(state)
     return model
 
 

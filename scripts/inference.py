@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402  (after the repo root is on the path)
 import models  # noqa: E402
-from utils import UserError, load_checkpoint_file  # noqa: E402
+from utils import UserError, args_to_dict, load_checkpoint_file, model_state  # noqa: E402
 
 logger = logging.getLogger("inference")
 TOP_K = 5
@@ -47,11 +47,8 @@ def get_args_parser():
 
 def checkpoint_parts(ckpt):
     """(state dict, arch or None, training args dict) of a loaded checkpoint."""
-    if not isinstance(ckpt, dict):
-        raise UserError("the checkpoint is not a dict of tensors or a training checkpoint")
-    state_dict = ckpt.get("model", ckpt.get("state_dict", ckpt))
-    train_args = ckpt.get("args") or {}
-    train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else dict(train_args)
+    state_dict = model_state(ckpt, "model|state_dict")
+    train_args = args_to_dict(ckpt.get("args"))
     return state_dict, ckpt.get("arch"), train_args
 
 
