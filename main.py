@@ -94,7 +94,7 @@ def get_args_parser():
     a("--crop_pct", type=float, default=None)
     # Random Erase params
     a("--reprob", type=float, default=0.25, metavar="PCT", help="Random erase prob (default: 0.25)")
-    a("--remode", type=str, default="pixel", help='Random erase mode (default: "pixel")')
+    a("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"], help='Random erase mode (default: "pixel")')
     a("--recount", type=int, default=1, help="Random erase count (default: 1)")
     a("--resplit", type=str2bool, default=False,
       help="Do not random erase first (clean) augmentation split (needs augmentation splits, "
@@ -108,7 +108,7 @@ def get_args_parser():
       help="Probability of performing mixup or cutmix when either/both is enabled")
     a("--mixup_switch_prob", type=float, default=0.5,
       help="Probability of switching to cutmix when both mixup and cutmix enabled")
-    a("--mixup_mode", type=str, default="batch",
+    a("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
       help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
     # Finetuning params
     a("--finetune", default="", help="finetune from checkpoint")

@@ -25,6 +25,7 @@ import models  # noqa: E402
 from pruning import criteria  # noqa: E402
 from pruning.scoring import plan_keep, score_groups  # noqa: E402
 from pruning.surgery import prune_state_dict  # noqa: E402
+from utils import UserError  # noqa: E402
 
 LOOP = "opnorm_loop"
 
@@ -114,4 +115,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

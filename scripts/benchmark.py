@@ -423,6 +423,8 @@ def check_args(args):
         raise UserError("--vs with one model needs --vs_settings SETTINGS_A SETTINGS_B")
     if args.vs_settings and not args.vs:
         raise UserError("--vs_settings only applies to --vs")
+    if args.vs and args.skip:
+        raise UserError("--skip applies to --models; --vs times one mode, chosen by --vs_mode")
     if args.vs and args.plot:
         raise UserError("--plot applies to --models, not --vs")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}

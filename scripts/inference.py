@@ -5,8 +5,8 @@
     python scripts/inference.py --image cat.jpg --checkpoint convnext_tiny_1k_224_ema.pth \\
         --model convnext_tiny --class_names imagenet_classes.txt
 
-The model comes from the checkpoint's `arch`, else from the shape of its weights, else from
-`--model`. Class names come from `--class_names` (one per line), from `--data_set` /
+The model is `--model` when given (the weights must fit it), else the checkpoint's `arch`, else
+the shape of its weights. Class names come from `--class_names` (one per line), from `--data_set` /
 `--data_path`, else from the data set recorded in the checkpoint's args, else class indices.
 """
 import argparse
@@ -33,7 +33,7 @@ def get_args_parser():
     parser.add_argument("--image", required=True, help="image file to classify")
     parser.add_argument("--checkpoint", required=True, help="checkpoint (.pth) of a trained model")
     parser.add_argument("--model", default=None,
-                        help="model name, used when the checkpoint has no arch and an unknown layout")
+                        help="model name (default: the checkpoint's arch, else its weights' shape)")
     parser.add_argument("--input_size", type=int, default=None,
                         help="image size; default: the checkpoint's training input_size, else 224")
     names = parser.add_mutually_exclusive_group()
@@ -53,19 +53,18 @@ def checkpoint_parts(ckpt):
 
 
 def build_model(arch, state_dict, model_name):
-    """(model, display name): from `arch`, else the weights' shape, else `model_name`."""
+    """(model, display name): `model_name` when given, else `arch`, else the weights' shape."""
+    if model_name:  # explicit wins; load_weights then checks that the weights fit it
+        head = next((state_dict[k] for k in HEAD_KEYS if k in state_dict), None)
+        kwargs = {"num_classes": head.shape[0]} if head is not None else {}
+        return models.create_model(model_name, **kwargs), model_name
     if arch is None:
         try:
             arch = models.infer_arch(state_dict)
         except UserError:
-            if not model_name:
-                raise UserError("the checkpoint has no arch and an unknown layout: "
-                                "give --model NAME") from None
-    if arch is not None:
-        return models.build_model(arch), models.registered_name(arch) or models.describe_arch(arch)
-    head = next((state_dict[k] for k in HEAD_KEYS if k in state_dict), None)
-    kwargs = {"num_classes": head.shape[0]} if head is not None else {}
-    return models.create_model(model_name, **kwargs), model_name
+            raise UserError("the checkpoint has no arch and an unknown layout: "
+                            "give --model NAME") from None
+    return models.build_model(arch), models.registered_name(arch) or models.describe_arch(arch)
 
 
 def load_weights(model, state_dict, name):
@@ -131,6 +130,8 @@ def class_probabilities(model, batch):
 
 
 def run(args):
+    if args.data_path and not args.data_set:
+        raise UserError("--data_path needs --data_set (which layout to read class names from)")
     if not os.path.isfile(args.image):
         raise UserError(f"image not found: {args.image}")
     state_dict, arch, train_args = checkpoint_parts(load_checkpoint_file(args.checkpoint))
