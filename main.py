@@ -34,7 +34,6 @@ from utils import UserError, str2bool
 
 logger = logging.getLogger("main")
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MODEL = "convnext_tiny"
 
 
@@ -152,7 +151,7 @@ def get_args_parser():
     a("--project", default="convnext", type=str, help="The name of the W&B project")
     a("--wandb_ckpt", type=str2bool, default=False, help="Save model checkpoints as W&B Artifacts.")
     # Speed (not in the official repo)
-    a("--amp_dtype", default=None, choices=sorted(AMP_DTYPES),
+    a("--amp_dtype", default=None, choices=sorted(utils.AMP_DTYPES),
       help="AMP precision with --use_amp true (default: fp16 + GradScaler on CUDA, bf16 on CPU)")
     a("--channels_last", type=str2bool, default=False, help="channels-last memory format")
     a("--compile", type=str2bool, default=False, help="torch.compile the model")
@@ -424,7 +423,7 @@ def build_run(args, data, device):
 # ----------------------------------------------------------------------------- loops
 
 def _amp(args):
-    return dict(use_amp=args.use_amp, amp_dtype=AMP_DTYPES[args.amp_dtype or "fp16"],
+    return dict(use_amp=args.use_amp, amp_dtype=utils.AMP_DTYPES[args.amp_dtype or "fp16"],
                 channels_last=args.channels_last, print_freq=args.print_freq)
 
 

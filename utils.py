@@ -37,6 +37,10 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected (true/false), not {v!r}")
 
 
+# --amp_dtype / --amp names -> autocast dtypes (main.py and the benchmarks)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 # ----------------------------------------------------------------------------- metric logging
 
 class SmoothedValue:

@@ -32,13 +32,14 @@ import torch.nn as nn  # noqa: E402
 
 import models  # noqa: E402
 from models.complexity import count_params, forward_cost, in_chans_of  # noqa: E402
+import utils  # noqa: E402
 from utils import UserError, load_checkpoint_file, model_state  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
 MODES = ("eval", "latency", "train")
 DEFAULT_THREADS = torch.get_num_threads()
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"none": None, **utils.AMP_DTYPES}
 JSON_FIELDS = ("model", "params", "macs", "input_size", "batch_size", "device", "amp",
                "channels_last", "compile", "threads", "eval_img_s", "eval_ms_median",
                "latency_ms_median", "latency_ms_p90", "train_img_s", "train_ms_median",
@@ -61,14 +62,6 @@ class Settings:
                 f"batch_size={self.batch_size}" + (f",threads={self.threads}" if self.threads else ""))
 
 
-def _parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected 0/1")
-
-
 def _parse_amp(text):
     if text not in AMP_DTYPES:
         raise ValueError(f"expected one of {', '.join(AMP_DTYPES)}")
@@ -82,7 +75,7 @@ def _parse_positive(text):
     return value
 
 
-SETTING_PARSERS = {"channels_last": _parse_bool, "amp": _parse_amp, "compile": _parse_bool,
+SETTING_PARSERS = {"channels_last": utils.str2bool, "amp": _parse_amp, "compile": utils.str2bool,
                    "batch_size": _parse_positive, "threads": _parse_positive}
 
 
@@ -96,7 +89,7 @@ def parse_settings(text, base):
                             f"{', '.join(SETTING_PARSERS)}")
         try:
             changes[key] = SETTING_PARSERS[key](value)
-        except ValueError as e:
+        except (ValueError, argparse.ArgumentTypeError) as e:
             raise UserError(f"bad --vs_settings value {item!r}: {e}") from None
     return check_settings(replace(base, **changes))
 
