@@ -186,21 +186,3 @@ def _register():
 
 
 _register()
-
-
-def from_timm_state_dict(sd):
-    """Rename a timm `ConvNeXt` state dict (conv_mlp=False) to the official key layout."""
-    renames = [(".conv_dw.", ".dwconv."), (".mlp.fc1.", ".pwconv1."), (".mlp.fc2.", ".pwconv2."),
-               ("head.norm.", "norm."), ("head.fc.", "head."), ("stem.0.", "downsample_layers.0.0."),
-               ("stem.1.", "downsample_layers.0.1.")]
-    out = {}
-    for key, value in sd.items():
-        for old, new in renames:
-            key = key.replace(old, new)
-        parts = key.split(".")
-        if parts[0] == "stages" and parts[2] == "downsample":  # stages.s.downsample.i
-            key = ".".join(["downsample_layers", parts[1]] + parts[3:])
-        elif parts[0] == "stages" and parts[2] == "blocks":  # stages.s.blocks.j
-            key = ".".join(parts[:2] + parts[3:])
-        out[key] = value
-    return out
