@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 
-from utils import UserError
+from errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,14 @@ class ArrayImages(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
+def read_image(path):
+    """An RGB PIL image; an unreadable file is a UserError naming it (also from a worker)."""
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for damaged files
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
 class ImageList(Dataset):
     """Image files on disk with known labels (the raw Tiny ImageNet val split).
 
@@ -94,7 +102,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        img = default_loader(path)
+        img = read_image(path)
         return (self.transform(img) if self.transform else img), target
 
 
@@ -109,7 +117,7 @@ class FixedClassFolder(datasets.ImageFolder):
 
     def __init__(self, root, classes, transform=None):
         self._fixed_classes = list(classes)
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=read_image)
 
     def find_classes(self, directory):
         return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
@@ -134,7 +142,12 @@ def _folder_classes(root):
 
 def _image_folder(root, transform, classes=None):
     """ImageFolder over `root` (class order `classes`, default: its sorted sub-folders)."""
-    classes = classes or _folder_classes(root)
+    found = _folder_classes(root)
+    unknown = sorted(set(found) - set(classes or found))
+    if unknown:
+        raise UserError(f"image folder {root} has class folders the training split lacks: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    classes = classes or found
     try:
         return FixedClassFolder(root, classes, transform)
     except FileNotFoundError as e:  # a class sub-folder missing or empty
@@ -230,6 +243,13 @@ def _cifar_arrays(pickle_dir, data_set, is_train):
             labels.extend(batch[label_key])
         except (KeyError, ValueError) as e:
             raise UserError(f"{data_set}: {path} is not a CIFAR batch (bad or missing {e})") from None
+        if len(labels) != sum(len(i) for i in images):
+            raise UserError(f"{data_set}: {path} holds {len(images[-1])} images but "
+                            f"{len(labels) - sum(len(i) for i in images[:-1])} labels")
+    classes = 10 if data_set == "CIFAR10" else 100
+    bad = [label for label in labels if not 0 <= int(label) < classes]
+    if bad:
+        raise UserError(f"{data_set}: label {bad[0]} is outside 0..{classes - 1} ({len(bad)} such labels)")
     # (N, 3, H, W) -> (N, H, W, 3) for PIL
     return np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)), labels
 

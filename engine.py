@@ -17,11 +17,12 @@ import torch.distributed as dist
 from timm.utils import accuracy, unwrap_model
 
 import utils
+from errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(utils.UserError):
+class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite: training stops."""
 
 
@@ -152,7 +153,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
                 loss = criterion(output, targets)
             grad_norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm,
                                     parameters=model.parameters(), create_graph=second_order,
-                                    update_grad=last_micro, need_norm=log_now)
+                                    update_grad=last_micro, need_norm=True)
         if last_micro:
             optimizer.zero_grad(set_to_none=True)
             if model_ema is not None:

@@ -6,7 +6,6 @@
 
 See TRAINING.md for recipes. Bad input exits with one `error: ...` line and status 2.
 """
-import argparse
 import datetime
 import json
 import logging
@@ -24,162 +23,21 @@ from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
+import checkpoint
 import datasets
 import models
 import utils
 from engine import evaluate, train_one_epoch
+from errors import UserError, first_line, run_cli
 from optim_factory import LayerDecayValueAssigner, create_optimizer
+from options import DEFAULT_MODEL, check_args, parse_args
+from run_folder import RunFolder, resolve_resume, resume_label
 from utils import NativeScalerWithGradNormCount as NativeScaler
-from utils import UserError, str2bool
 
 logger = logging.getLogger("main")
 
-DEFAULT_MODEL = "convnext_tiny"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors: one `error:` line and exit status 2."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def get_args_parser():
-    """The official flags (names, defaults, true/false parsing) plus the speed flags."""
-    p = argparse.ArgumentParser("ConvNeXt training and evaluation script for image classification",
-                                add_help=False)
-    a = p.add_argument
-    a("--batch_size", default=64, type=int, help="Per GPU batch size")
-    a("--epochs", default=300, type=int)
-    a("--update_freq", default=1, type=int, help="gradient accumulation steps")
-    # Model parameters
-    a("--model", default=None, type=str, metavar="MODEL",
-      help=f"Name of model to train (default: {DEFAULT_MODEL}, or the shape stored in the "
-           "--resume / --finetune checkpoint)")
-    a("--drop_path", type=float, default=0, metavar="PCT", help="Drop path rate (default: 0.0)")
-    a("--input_size", default=224, type=int, help="image input size")
-    a("--layer_scale_init_value", default=1e-6, type=float, help="Layer scale initial values")
-    # EMA related parameters
-    a("--model_ema", type=str2bool, default=False)
-    a("--model_ema_decay", type=float, default=0.9999)
-    a("--model_ema_force_cpu", type=str2bool, default=False)
-    a("--model_ema_eval", type=str2bool, default=False, help="Using ema to eval during training.")
-    # Optimization parameters
-    a("--opt", default="adamw", type=str, metavar="OPTIMIZER", help='Optimizer (default: "adamw")')
-    a("--opt_eps", default=1e-8, type=float, metavar="EPSILON", help="Optimizer Epsilon")
-    a("--opt_betas", default=None, type=float, nargs="+", metavar="BETA",
-      help="Optimizer Betas (default: None, use opt default)")
-    a("--clip_grad", type=float, default=None, metavar="NORM",
-      help="Clip gradient norm (default: None, no clipping); works with and without AMP")
-    a("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
-    a("--weight_decay", type=float, default=0.05, help="weight decay (default: 0.05)")
-    a("--weight_decay_end", type=float, default=None,
-      help="Final value of the weight decay (cosine schedule; default: --weight_decay)")
-    a("--lr", type=float, default=4e-3, metavar="LR",
-      help="learning rate (default: 4e-3), with total batch size 4096")
-    a("--layer_decay", type=float, default=1.0)
-    a("--min_lr", type=float, default=1e-6, metavar="LR", help="lower lr bound of the cosine schedule")
-    a("--warmup_epochs", type=int, default=20, metavar="N", help="epochs to warmup LR")
-    a("--warmup_steps", type=int, default=-1, metavar="N",
-      help="num of steps to warmup LR, will overload warmup_epochs if set > 0")
-    # Augmentation parameters
-    a("--color_jitter", type=float, default=0.4, metavar="PCT", help="Color jitter factor")
-    a("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
-      help='AutoAugment / RandAugment policy; "none" disables it')
-    a("--smoothing", type=float, default=0.1, help="Label smoothing (default: 0.1)")
-    a("--train_interpolation", type=str, default="bicubic",
-      help="Training interpolation (random, bilinear, bicubic default: bicubic)")
-    # Evaluation parameters
-    a("--crop_pct", type=float, default=None)
-    # Random Erase params
-    a("--reprob", type=float, default=0.25, metavar="PCT", help="Random erase prob (default: 0.25)")
-    a("--remode", type=str, default="pixel", choices=["pixel", "rand", "const"], help='Random erase mode (default: "pixel")')
-    a("--recount", type=int, default=1, help="Random erase count (default: 1)")
-    a("--resplit", type=str2bool, default=False,
-      help="Do not random erase first (clean) augmentation split (needs augmentation splits, "
-           "which neither this repo nor the official one has: only false is accepted)")
-    # Mixup params
-    a("--mixup", type=float, default=0.8, help="mixup alpha, mixup enabled if > 0.")
-    a("--cutmix", type=float, default=1.0, help="cutmix alpha, cutmix enabled if > 0.")
-    a("--cutmix_minmax", type=float, nargs="+", default=None,
-      help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
-    a("--mixup_prob", type=float, default=1.0,
-      help="Probability of performing mixup or cutmix when either/both is enabled")
-    a("--mixup_switch_prob", type=float, default=0.5,
-      help="Probability of switching to cutmix when both mixup and cutmix enabled")
-    a("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
-      help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
-    # Finetuning params
-    a("--finetune", default="", help="finetune from checkpoint")
-    a("--head_init_scale", default=1.0, type=float,
-      help="classifier head initial scale, typically adjusted in fine-tuning")
-    a("--model_key", default="model|module", type=str,
-      help="which key to load from saved state dict, usually model or model_ema")
-    a("--model_prefix", default="", type=str)
-    # Dataset parameters
-    a("--data_path", default="/datasets01/imagenet_full_size/061417/", type=str, help="dataset path")
-    a("--eval_data_path", default=None, type=str, help="dataset path for evaluation")
-    a("--nb_classes", default=1000, type=int, help="number of the classification types")
-    a("--imagenet_default_mean_and_std", type=str2bool, default=True)
-    a("--data_set", default="IMNET", choices=["CIFAR", *datasets.DATA_SETS], type=str,
-      help="data set (CIFAR is the official name of CIFAR100)")
-    a("--output_dir", default="", help="path where to save, empty for no saving")
-    a("--log_dir", default=None, help="path where to tensorboard log")
-    a("--device", default="cuda", help="device to use for training / testing (CPU if no CUDA)")
-    a("--seed", default=0, type=int)
-    a("--resume", default="", help="resume from checkpoint")
-    a("--auto_resume", type=str2bool, default=True)
-    a("--save_ckpt", type=str2bool, default=True)
-    a("--save_ckpt_freq", default=1, type=int)
-    a("--save_ckpt_num", default=3, type=int)
-    a("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
-    a("--eval", type=str2bool, default=False, help="Perform evaluation only")
-    a("--dist_eval", type=str2bool, default=True, help="Enabling distributed evaluation")
-    a("--disable_eval", type=str2bool, default=False, help="Disabling evaluation during training")
-    a("--num_workers", default=10, type=int)
-    a("--pin_mem", type=str2bool, default=True,
-      help="Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.")
-    # distributed training parameters
-    a("--world_size", default=1, type=int, help="number of distributed processes")
-    a("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int)
-    a("--dist_on_itp", type=str2bool, default=False)
-    a("--dist_url", default="env://", help="url used to set up distributed training")
-    a("--use_amp", type=str2bool, default=False,
-      help="Use PyTorch's AMP (Automatic Mixed Precision) or not")
-    # Weights and Biases arguments
-    a("--enable_wandb", type=str2bool, default=False, help="enable logging to Weights and Biases")
-    a("--project", default="convnext", type=str, help="The name of the W&B project")
-    a("--wandb_ckpt", type=str2bool, default=False, help="Save model checkpoints as W&B Artifacts.")
-    # Speed (not in the official repo)
-    a("--amp_dtype", default=None, choices=sorted(utils.AMP_DTYPES),
-      help="AMP precision with --use_amp true (default: fp16 + GradScaler on CUDA, bf16 on CPU)")
-    a("--channels_last", type=str2bool, default=False, help="channels-last memory format")
-    a("--compile", type=str2bool, default=False, help="torch.compile the model")
-    a("--print_freq", default=10, type=int, help="iterations between log lines")
-    return p
-
-
-def parse_args(argv=None):
-    parser = ArgumentParser("ConvNeXt training and evaluation script", parents=[get_args_parser()])
-    return parser.parse_args(argv)
-
 
 # ----------------------------------------------------------------------------- setup
-
-def check_args(args):
-    """Reject flag combinations that cannot work, before anything heavy happens."""
-    if args.data_set == "CIFAR":
-        args.data_set = "CIFAR100"  # the official repo's CIFAR is CIFAR-100
-    if args.resplit:
-        raise UserError("--resplit true needs augmentation splits, which this repo does not have")
-    if min(args.batch_size, args.epochs, args.update_freq, args.print_freq) < 1:
-        raise UserError("--batch_size, --epochs, --update_freq and --print_freq must be >= 1")
-    if args.eval and args.disable_eval:
-        raise UserError("--eval true needs the evaluation set: drop --disable_eval true")
-    if args.compile and not torch._dynamo.is_dynamo_supported():
-        raise UserError(f"--compile true: torch.compile is not supported with this Python "
-                        f"({sys.version.split()[0]}) / PyTorch {torch.__version__}; run without it")
-
 
 def resolve_device(args):
     """--device, falling back to the CPU (with a warning) when CUDA is absent."""
@@ -203,8 +61,7 @@ def resolve_device(args):
 
 
 def setup(args):
-    """Check flags, pick the device, join the process group, seed, make output folders."""
-    check_args(args)
+    """Join the process group, seed, make the TensorBoard folder; returns the device."""
     # DDP warns once per process when a depthwise conv's weight gradient comes back with a
     # different stride on its size-1 axis: same memory layout, nothing to fix.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
@@ -212,15 +69,14 @@ def setup(args):
     utils.init_distributed_mode(args)
     if args.distributed and device.type == "cuda":
         device = torch.device("cuda", args.gpu)
-    logger.info("%s", json.dumps(utils.args_to_dict(args), sort_keys=True))
+    logger.info("%s", json.dumps(checkpoint.args_to_dict(args), sort_keys=True))
     seed = args.seed + utils.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
     torch.backends.cudnn.benchmark = True
-    for folder in (args.output_dir, args.log_dir):
-        if folder:
-            os.makedirs(folder, exist_ok=True)
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
     return device
 
 
@@ -274,14 +130,38 @@ def build_data(args, device):
 
 def load_sources(args):
     """(resume checkpoint, finetune checkpoint); --resume (or auto-resume) wins over --finetune."""
-    resume = utils.load_checkpoint_file(args.resume) if utils.resolve_resume(args) else None
+    resume = checkpoint.load_checkpoint_file(args.resume) if resolve_resume(args) else None
     finetune = None
     if args.finetune and resume is not None:
         logger.info("Resuming from %s: --finetune %s is not loaded", args.resume, args.finetune)
     elif args.finetune:
-        finetune = utils.load_checkpoint_file(args.finetune)
+        finetune = checkpoint.load_checkpoint_file(args.finetune)
         logger.info("Load ckpt from %s", args.finetune)
+    if args.eval and resume is None and finetune is None:
+        raise UserError(f"--eval true needs trained weights: --output_dir {args.output_dir} holds "
+                        "no checkpoint-N.pth; give --resume CHECKPOINT")
     return resume, finetune
+
+
+def resolve_input_size(args, ckpt):
+    """--input_size, else the one the checkpoint was trained at, else 224; a different size
+    than the checkpoint's is allowed (fine-tuning at another resolution) but said."""
+    trained = checkpoint.saved_args(ckpt).get("input_size") if ckpt is not None else None
+    trained = trained if isinstance(trained, int) and trained > 0 else None
+    if args.input_size is None:
+        args.input_size = trained or 224
+        if trained:
+            logger.info("Input size %d px, as the checkpoint was trained", trained)
+    elif trained and trained != args.input_size:
+        logger.warning("warning: --input_size %d, but the checkpoint was trained at %d px%s",
+                       args.input_size, trained,
+                       ": its accuracy at this size may be far lower" if args.eval else "")
+
+
+def _weights(args, resume, finetune):
+    if resume is not None:
+        return checkpoint.model_state(resume)
+    return checkpoint.model_state(finetune, args.model_key, args.model_prefix) if finetune is not None else None
 
 
 def _checkpoint_arch(ckpt, state):
@@ -299,14 +179,33 @@ def _checkpoint_arch(ckpt, state):
 
 def _saved_model_name(ckpt):
     """--model of the run that wrote the checkpoint (args as a dict or an argparse.Namespace)."""
-    saved = ckpt.get("args")
-    name = saved.get("model") if isinstance(saved, dict) else getattr(saved, "model", None)
+    name = checkpoint.saved_args(ckpt).get("model")
     return name if isinstance(name, str) else None
+
+
+def choose_model(args, resume, finetune):
+    """What this run builds: (arch, None) for the shape a checkpoint holds, else (None, name)."""
+    ckpt = resume if resume is not None else finetune
+    if args.model is None and ckpt is not None:
+        arch = _checkpoint_arch(ckpt, _weights(args, resume, finetune))
+        if arch is not None:
+            return arch, None
+        logger.info("Model: --model %s, as saved in the checkpoint's args", _saved_model_name(ckpt))
+        return None, _saved_model_name(ckpt)
+    return None, args.model or DEFAULT_MODEL
+
+
+def check_input_size(args, resume, finetune):
+    """Refuse an --input_size the model cannot take, on a weightless (meta) copy."""
+    arch, name = choose_model(args, resume, finetune)
+    with torch.device("meta"):
+        probe = models.build_model(arch) if arch is not None else models.create_model(name)
+    models.check_input_size(probe, args.input_size, name or models.describe_arch(arch))
 
 
 def _model_from_arch(args, arch, finetuning, kwargs):
     """Rebuild the exact shape of a checkpoint (a fresh head of nb_classes when fine-tuning)."""
-    source = f"--finetune {args.finetune}" if finetuning else f"--resume {args.resume}"
+    source = f"--finetune {args.finetune}" if finetuning else resume_label(args)
     if finetuning:
         arch = {**arch, "num_classes": args.nb_classes}
     elif arch.get("num_classes") != args.nb_classes:
@@ -317,30 +216,24 @@ def _model_from_arch(args, arch, finetuning, kwargs):
 
 
 def build_model(args, resume, finetune):
-    """Create the model (by --model, or from the checkpoint's shape) and load --finetune."""
+    """Create the model (by --model, or from the checkpoint's shape) and load its weights."""
     kwargs = dict(drop_path_rate=args.drop_path, layer_scale_init_value=args.layer_scale_init_value,
                   head_init_scale=args.head_init_scale)
-    ckpt = resume if resume is not None else finetune
-    state = (utils.model_state(resume) if resume is not None else
-             utils.model_state(finetune, args.model_key, args.model_prefix) if finetune is not None
-             else None)
-    model = None
-    if args.model is None and ckpt is not None:
-        arch = _checkpoint_arch(ckpt, state)
-        if arch is not None:
-            model = _model_from_arch(args, arch, resume is None, kwargs)
-            source = args.resume if resume is not None else args.finetune
-            args.model = models.registered_name(model.arch) or f"the arch stored in {source}"
-        else:
-            args.model = _saved_model_name(ckpt)
-            logger.info("Model: --model %s, as saved in the checkpoint's args", args.model)
-    if model is None:
-        args.model = args.model or DEFAULT_MODEL
-        model = models.create_model(args.model, pretrained=False, num_classes=args.nb_classes, **kwargs)
-        if resume is not None:
-            models.check_arch_matches(model, state, f"--resume {args.resume}", f"--model {args.model}")
-    if finetune is not None:
-        utils.load_model_state(model, state, f"--finetune {args.finetune}", drop_head_on_mismatch=True)
+    state = _weights(args, resume, finetune)
+    arch, name = choose_model(args, resume, finetune)
+    if arch is not None:
+        model = _model_from_arch(args, arch, resume is None, kwargs)
+        source = args.resume if resume is not None else args.finetune
+        args.model = models.registered_name(model.arch) or f"the arch stored in {source}"
+    else:
+        args.model = name
+        model = models.create_model(name, pretrained=False, num_classes=args.nb_classes, **kwargs)
+    if resume is not None:
+        checkpoint.load_model_state(model, state, resume_label(args))
+        logger.info("Resume checkpoint %s", args.resume)
+    elif finetune is not None:  # evaluating needs the trained head: it is never dropped then
+        checkpoint.load_model_state(model, state, f"--finetune {args.finetune}",
+                                    drop_head_on_mismatch=not args.eval)
     return model
 
 
@@ -394,9 +287,8 @@ def build_optimization(args, run, data, device):
                 len(data.train), run.steps_per_epoch, run.criterion)
 
 
-def build_run(args, data, device):
+def build_run(args, data, device, resume, finetune):
     """Model, EMA, DDP / compile wrappers, optimization; then restore --resume."""
-    resume, finetune = load_sources(args)
     model = build_model(args, resume, finetune).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -415,8 +307,10 @@ def build_run(args, data, device):
         run.model, run.eval_model = torch.compile(run.model), torch.compile(model)
     if not args.eval:
         build_optimization(args, run, data, device)
-    restored = utils.auto_load_model(args, model, run.optimizer, run.loss_scaler, run.model_ema,
-                                     checkpoint=resume)
+    restored = {"max_accuracy": 0.0, "max_accuracy_ema": 0.0}
+    if resume is not None:
+        restored = checkpoint.restore_training(args, resume, resume_label(args), run.model_ema,
+                                               run.optimizer, run.loss_scaler)
     return run, restored
 
 
@@ -433,21 +327,23 @@ def evaluate_only(args, data, run, device):
     return stats
 
 
-def _save(args, run, epoch, best, new_best):
-    """checkpoint-{epoch}.pth every --save_ckpt_freq epochs (and the last), plus the best ones.
+def _save(args, run, folder, epoch, best, new_best):
+    """The best checkpoints first, then checkpoint-{epoch}.pth (every --save_ckpt_freq epochs
+    and the last): once checkpoint-{epoch}.pth exists, the epoch is complete on disk.
 
     Args:
         best (dict): max_accuracy and max_accuracy_ema, stored for auto-resume.
         new_best (list[str]): "best" / "best-ema" when this epoch improved on them.
     """
-    if not (args.output_dir and args.save_ckpt):
+    if not (folder and args.save_ckpt and utils.is_main_process()):
         return
-    save = dict(args=args, model_without_ddp=run.model_without_ddp, optimizer=run.optimizer,
-                loss_scaler=run.loss_scaler, model_ema=run.model_ema, **best)
-    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
-        utils.save_model(epoch=epoch, **save)
+    ckpt = checkpoint.training_checkpoint(args, run.model_without_ddp, run.optimizer,
+                                          run.loss_scaler, run.model_ema, epoch, **best)
     for tag in new_best:
-        utils.save_model(epoch=tag, **save)
+        folder.save({**ckpt, "epoch": tag, "best_epoch": epoch}, f"checkpoint-{tag}.pth")
+    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+        folder.save(ckpt, f"checkpoint-{epoch}.pth")
+        folder.rotate(args.save_ckpt_num)
 
 
 def validate(args, data, run, device, best, log_stats):
@@ -462,7 +358,7 @@ def validate(args, data, run, device, best, log_stats):
     logger.info("Max accuracy: %.2f%%", best["max_accuracy"])
     log_stats.update({f"test_{k}": v for k, v in stats.items()})
     if run.model_ema is not None and args.model_ema_eval:
-        ema_model = utils.ema_module(run.model_ema)
+        ema_model = checkpoint.ema_module(run.model_ema)
         ema_device = next(ema_model.parameters()).device  # the CPU with --model_ema_force_cpu
         ema = evaluate(data.loader_val, ema_model, ema_device, **_amp(args))
         logger.info("Accuracy of the model EMA on %d test images: %.1f%%", ema["num_images"], ema["acc1"])
@@ -473,10 +369,12 @@ def validate(args, data, run, device, best, log_stats):
     return stats, new_best
 
 
-def train(args, data, run, device, best):
+def train(args, data, run, device, best, folder):
     """The epoch loop: train, evaluate, checkpoint, log."""
     log_writer = utils.TensorboardLogger(args.log_dir) if args.log_dir and utils.is_main_process() else None
     wandb_logger = utils.WandbLogger(args) if args.enable_wandb and utils.is_main_process() else None
+    if folder is not None and utils.is_main_process():
+        folder.prepare()
     logger.info("Start training for %d epochs", args.epochs)
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -499,57 +397,89 @@ def train(args, data, run, device, best):
             if log_writer is not None:
                 log_writer.update(head="perf", step=epoch, test_acc1=stats["acc1"],
                                   test_acc5=stats["acc5"], test_loss=stats["loss"])
-        _save(args, run, epoch, best, new_best)
-        _write_log(args, log_stats, log_writer, wandb_logger)
+        if folder is not None:
+            folder.log(log_stats)
+        _save(args, run, folder, epoch, best, new_best)
+        _write_log(folder, log_stats, log_writer, wandb_logger)
     if wandb_logger is not None and args.wandb_ckpt and args.save_ckpt and args.output_dir:
         wandb_logger.log_checkpoints()
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
 
-def _write_log(args, log_stats, log_writer, wandb_logger):
-    if args.output_dir and utils.is_main_process():
+def _write_log(folder, log_stats, log_writer, wandb_logger):
+    if folder is not None and utils.is_main_process():
         if log_writer is not None:
             log_writer.flush()
-        with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
-            f.write(json.dumps(log_stats) + "\n")
+        folder.flush_log()
     if wandb_logger is not None:
         wandb_logger.log_epoch_metrics(log_stats)
 
 
+def open_run_folder(args, resume):
+    """The RunFolder of a training run with --output_dir (None without one: nothing is saved).
+    Refuses a folder holding another run's files; every rank checks, so all stop together."""
+    if not args.output_dir:
+        logger.warning("warning: no --output_dir: this run saves no checkpoint and no log")
+        return None
+    folder = RunFolder(args.output_dir, resume, args.resume)
+    folder.check(args.start_epoch)
+    return folder
+
+
+def _resume_epoch(args, resume):
+    """The epoch a training run starts at: after the resumed checkpoint's, else --start_epoch."""
+    epoch = resume.get("epoch") if resume is not None else None
+    return epoch + 1 if isinstance(epoch, int) and "optimizer" in resume else args.start_epoch
+
+
 def main(args):
     """Train or evaluate as the flags say; returns the last evaluation stats (or None)."""
+    check_args(args)
+    resume, finetune = load_sources(args)
+    resolve_input_size(args, resume if resume is not None else finetune)
+    check_input_size(args, resume, finetune)
+    folder = None
+    if not args.eval:
+        args.start_epoch = _resume_epoch(args, resume)
+        if args.start_epoch >= args.epochs:
+            logger.info("The run is already complete: %s holds epoch %d of --epochs %d; raise "
+                        "--epochs to train longer", args.resume, args.start_epoch - 1, args.epochs)
+            return None
+        folder = open_run_folder(args, resume)
     device = setup(args)
     data = build_data(args, device)
-    run, best = build_run(args, data, device)
+    run, best = build_run(args, data, device, resume, finetune)
     if args.eval:
         return evaluate_only(args, data, run, device)
-    train(args, data, run, device, best)
+    train(args, data, run, device, best, folder)
     return None
 
 
-def _compile_failure(args, error):
-    return getattr(args, "compile", False) and (
-        isinstance(error, torch._dynamo.exc.TorchDynamoException)
-        or type(error).__module__.startswith("torch._inductor"))
+def _backend_failure(args, error):
+    """One line for a failure of torch.compile or of a collective (a stalled or dead rank)."""
+    if getattr(args, "compile", False) and (
+            isinstance(error, torch._dynamo.exc.TorchDynamoException)
+            or type(error).__module__.startswith("torch._inductor")):
+        return (f"torch.compile failed on this machine ({type(error).__name__}: "
+                f"{first_line(error)}); run with --compile false")
+    if utils.is_dist_avail_and_initialized() and isinstance(error, (RuntimeError, torch.distributed.DistError)):
+        return (f"rank {utils.get_rank()} of {utils.get_world_size()}: a collective failed, another "
+                f"rank stalled or died (no answer within --dist_timeout {args.dist_timeout:g} s): "
+                f"{first_line(error)}")
+    return None
 
 
 def cli(argv=None):
-    """Entry point: run main(); a UserError becomes `error: <message>` and exit status 2."""
+    """Entry point: run main(); one `error: ...` line and exit status 2 for bad input."""
     utils.setup_for_distributed(True)
-    args = None
+    state = {}
+
+    def run(argv):
+        state["args"] = parse_args(argv)
+        main(state["args"])
+
     try:
-        args = parse_args(argv)
-        main(args)
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if not _compile_failure(args, e):
-            raise
-        print(f"error: torch.compile failed on this machine ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200]}); run with --compile false", file=sys.stderr)
-        return 2
+        return run_cli(run, argv, lambda e: _backend_failure(state.get("args"), e))
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

@@ -14,7 +14,7 @@ import re
 
 from timm.optim import create_optimizer_v2, list_optimizers
 
-from utils import UserError
+from errors import UserError
 
 logger = logging.getLogger(__name__)
 

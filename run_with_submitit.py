@@ -14,12 +14,13 @@ import uuid
 from pathlib import Path
 
 import main as classification
-from utils import UserError
+import options
+from errors import UserError, run_cli
 
 
 def parse_args(argv=None):
-    parser = classification.ArgumentParser("Submitit for ConvNeXt",
-                                           parents=[classification.get_args_parser()])
+    parser = options.ArgumentParser("Submitit for ConvNeXt",
+                                    parents=[options.get_args_parser()])
     a = parser.add_argument
     a("--ngpus", default=8, type=int, help="Number of gpus to request on each node")
     a("--nodes", default=2, type=int, help="Number of nodes to request")
@@ -27,7 +28,7 @@ def parse_args(argv=None):
     a("--job_name", default="convnext", type=str, help="Job name")
     a("--job_dir", default="", type=str, help="Job directory; leave empty for the shared folder")
     a("--partition", default="learnlab", type=str, help="Partition where to submit")
-    a("--use_volta32", type=classification.str2bool, nargs="?", const=True, default=False,
+    a("--use_volta32", type=options.str2bool, nargs="?", const=True, default=False,
       help="Ask for 32 GB V100s (slurm constraint volta32gb); the official script always did")
     a("--constraint", default="", type=str, help="Any other SLURM constraint")
     a("--comment", default="", type=str, help="Comment to pass to scheduler, e.g. priority message")
@@ -114,12 +115,7 @@ def submit(args):
 
 
 def cli(argv=None):
-    try:
-        submit(parse_args(argv))
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda a: submit(parse_args(a)), argv)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,14 @@
-"""Shared helpers: user errors, distributed setup, logging, schedules, AMP and checkpoint I/O.
+"""Training helpers: flag parsing, logging, distributed setup, schedules and the AMP scaler.
 
 Mirrors the official ConvNeXt `utils.py` (MetricLogger, init_distributed_mode, cosine_scheduler,
-NativeScalerWithGradNormCount, save_model, auto_load_model) on today's PyTorch and timm.
+NativeScalerWithGradNormCount) on today's PyTorch and timm. Checkpoint files live in
+checkpoint.py and run_folder.py, user errors in errors.py.
 """
 import argparse
 import datetime
-import glob
 import logging
 import os
-import pickle
-import re
 import sys
-import tempfile
 import time
 from collections import defaultdict, deque
 
@@ -19,11 +16,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from checkpoint import args_to_dict
+from errors import UserError
+
 logger = logging.getLogger(__name__)
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
 
 
 def str2bool(v):
@@ -284,8 +280,10 @@ def init_distributed_mode(args):
     setup_for_distributed(args.rank == 0)
     logger.warning("| distributed init (rank %d of %d): %s, %s, local rank %d", args.rank,
                    args.world_size, args.dist_url, args.dist_backend, args.gpu)
+    # the timeout turns a stalled or dead rank into an error instead of an endless wait
     dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+                            world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
     dist.barrier()
 
 
@@ -357,199 +355,3 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
     i = np.arange(total - warmup)
     cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * i / max(len(i), 1)))
     return np.concatenate((warmup_values, cosine))
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-
-# Globals a released checkpoint may hold besides tensors; none can run code.
-_NP_CORE = getattr(np, "_core", None) or np.core
-SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NP_CORE.multiarray.scalar,
-                np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType]
-
-
-def save_checkpoint_file(obj, path):
-    """Write `obj` with torch.save atomically: a temp file in the same folder, then rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; torch.save honours the umask
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_checkpoint_file(path, map_location="cpu"):
-    """Load a checkpoint without running code from it (weights_only + an allow-list)."""
-    path = os.fspath(path)
-    if re.match(r"^[a-z][a-z0-9+.-]*://", path, re.I):
-        raise UserError(f"cannot fetch {path}: there is no network here; download the file "
-                        "and pass its local path")
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        hint = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), "")
-        raise UserError(f"refusing to load {path}: it needs code or classes outside the safe "
-                        f"allow-list ({hint or 'unsupported pickle content'})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: truncated or not a PyTorch file "
-                        f"({str(e).splitlines()[0][:120]})") from None
-
-
-def args_to_dict(args):
-    """Flags (a Namespace, or a dict as checkpoints hold them) as a plain dict of JSON-able
-    values, so weights_only loading accepts it; anything else is an empty dict."""
-    def plain(v):
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return str(v)  # e.g. a pathlib.Path set by run_with_submitit.py
-    items = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
-    return {k: plain(v) for k, v in items.items()}
-
-
-def list_epoch_checkpoints(output_dir):
-    """Sorted [(epoch, path)] of the checkpoint-N.pth files in `output_dir`."""
-    found = []
-    for path in glob.glob(os.path.join(glob.escape(os.fspath(output_dir)), "checkpoint-*.pth")):
-        m = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema=None,
-               max_accuracy=0.0, **extra):
-    """Write checkpoint-{epoch}.pth (main process only, atomically) and prune old ones.
-
-    Args:
-        epoch (int | str): the epoch just finished, or a tag such as "best" / "best-ema".
-        model_ema: a timm ModelEmaV2/V3 (or anything with `.module`), or None.
-        max_accuracy (float): best top-1 so far, restored by auto_load_model.
-        **extra: more JSON-able entries to store (e.g. max_accuracy_ema).
-    """
-    if not is_main_process():
-        return
-    ckpt = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args_to_dict(args),
-            "max_accuracy": max_accuracy, **extra}
-    if getattr(model_without_ddp, "arch", None) is not None:
-        ckpt["arch"] = model_without_ddp.arch
-    if model_ema is not None:
-        ckpt["model_ema"] = ema_module(model_ema).state_dict()
-    save_checkpoint_file(ckpt, os.path.join(os.fspath(args.output_dir), f"checkpoint-{epoch}.pth"))
-    if isinstance(epoch, int) and args.save_ckpt_num > 0:
-        for _, old in list_epoch_checkpoints(args.output_dir)[:-args.save_ckpt_num]:
-            os.remove(old)
-
-
-def ema_module(model_ema):
-    """The averaged module of timm's ModelEmaV2/V3 (`.module`) or the official ModelEma (`.ema`)."""
-    return model_ema.module if hasattr(model_ema, "module") else model_ema.ema
-
-
-def resolve_resume(args):
-    """With --auto_resume and no --resume, point args.resume at the newest checkpoint-N.pth."""
-    if args.auto_resume and not args.resume and args.output_dir:
-        found = list_epoch_checkpoints(args.output_dir)
-        if found:
-            args.resume = found[-1][1]
-            logger.info("Auto resume checkpoint: %s", args.resume)
-    return args.resume
-
-
-def auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema=None, checkpoint=None):
-    """Restore model, optimizer, scaler, EMA and epoch from --resume (or the newest checkpoint).
-
-    Args:
-        checkpoint (dict | None): the already loaded --resume file, to avoid reading it twice.
-    Returns:
-        dict with "max_accuracy" and "max_accuracy_ema" (0.0 when the checkpoint has none).
-    """
-    restored = {"max_accuracy": 0.0, "max_accuracy_ema": 0.0}
-    if checkpoint is None:
-        if not resolve_resume(args):
-            return restored
-        checkpoint = load_checkpoint_file(args.resume)
-    load_model_state(model_without_ddp, model_state(checkpoint, "model"), f"--resume {args.resume}")
-    logger.info("Resume checkpoint %s", args.resume)
-    for key in restored:
-        restored[key] = float(checkpoint.get(key, 0.0) or 0.0)
-    if model_ema is not None:
-        ema_state = checkpoint.get("model_ema", checkpoint["model"])
-        load_model_state(ema_module(model_ema), ema_state, f"model_ema of {args.resume}")
-    if args.eval or "optimizer" not in checkpoint or "epoch" not in checkpoint:
-        return restored
-    if not isinstance(checkpoint["epoch"], int):
-        raise UserError(f"{args.resume} is a '{checkpoint['epoch']}' checkpoint without a "
-                        "training position; resume from a checkpoint-N.pth or use --finetune")
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise UserError(f"the optimizer state in {args.resume} does not fit this run "
-                        f"(different --opt or --layer_decay?): {e}") from None
-    args.start_epoch = checkpoint["epoch"] + 1
-    loss_scaler.load_state_dict(checkpoint.get("scaler") or {})
-    logger.info("With optim & sched! Continuing at epoch %d", args.start_epoch)
-    return restored
-
-
-# ----------------------------------------------------------------------------- state dicts
-
-def model_state(checkpoint, model_key="model|module", model_prefix=""):
-    """The model weights in a checkpoint: the first of `model_key` ('a|b') present, else the
-    checkpoint itself; with `model_prefix`, only keys under it, with the prefix removed."""
-    if not isinstance(checkpoint, dict):
-        raise UserError("the checkpoint is not a dict of weights")
-    state = next((checkpoint[k] for k in model_key.split("|") if k in checkpoint), checkpoint)
-    if model_prefix:
-        state = {k[len(model_prefix):]: v for k, v in state.items() if k.startswith(model_prefix)}
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise UserError(f"the checkpoint holds no weights under {model_key!r}"
-                        + (f" with prefix {model_prefix!r}" if model_prefix else ""))
-    return tensors
-
-
-def head_prefix(model):
-    """Key prefix of the classifier: timm's get_classifier() where it exists, else `head.`."""
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-    return f"{name}." if name else "head."
-
-
-def load_model_state(model, state_dict, what, drop_head_on_mismatch=False):
-    """Load `state_dict` strictly into `model`; UserError naming each mismatching tensor.
-
-    Args:
-        what (str): where the weights come from, for messages ("--finetune x.pth").
-        drop_head_on_mismatch (bool): fine-tuning: a head of another class count is dropped
-            (the model keeps its fresh head) instead of being an error.
-    """
-    import models  # models imports this module: import lazily
-    own = model.state_dict()
-    state = dict(state_dict)
-    if drop_head_on_mismatch:
-        prefix = head_prefix(model)
-        for k in [k for k in own if k.startswith(prefix)]:
-            if k not in state or state[k].shape != own[k].shape:
-                logger.info("Removing key %s from pretrained checkpoint (%s -> %s)", k,
-                            list(state[k].shape) if k in state else "absent", list(own[k].shape))
-                state[k] = own[k]  # the model keeps its fresh head
-    models.check_arch_matches(model, state, what)
-    model.load_state_dict(state, strict=True)

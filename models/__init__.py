@@ -1,11 +1,13 @@
 """Model families. Importing this package registers every factory in timm's registry."""
-from utils import UserError
+from errors import UserError
 
 from . import convnext, convnext_isotropic  # noqa: F401  (registers the families)
+from .complexity import check_input_size
 from .groups import Group, Part, Producer
-from .registry import FAMILIES, OUR_MODELS, create_model, default_arch
+from .registry import FAMILIES, OUR_MODELS, check_model_name, create_model, default_arch
 
 __all__ = ["Group", "Part", "Producer", "FAMILIES", "OUR_MODELS", "create_model", "default_arch",
+           "check_model_name", "check_input_size",
            "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",
            "check_arch_matches"]
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils import UserError
+from errors import UserError
 
 
 def count_params(model):
@@ -35,6 +35,33 @@ def forward_cost(model, input_size, in_chans=None):
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2, out.shape[-1]
+
+
+def smallest_input_size(model, upto=512):
+    """The smallest square input side the model can run on (meta device: no real compute)."""
+    def runs(size):
+        try:
+            forward_cost(model, size)
+            return True
+        except UserError:
+            return False
+    if not runs(upto):
+        return None
+    lo, hi = 0, upto  # runs(hi) holds; sizes that work form a suffix for these networks
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if runs(mid) else (mid, hi)
+    return hi
+
+
+def check_input_size(model, size, name="the model"):
+    """UserError with the smallest workable size when the model cannot run at `size`."""
+    try:
+        forward_cost(model, size)
+    except UserError:
+        smallest = smallest_input_size(model)
+        need = f"the smallest it takes is {smallest}" if smallest else "it fails even at 512"
+        raise UserError(f"--input_size {size} is too small for {name}: {need}") from None
 
 
 def count_macs(model, input_size=224, in_chans=None):

@@ -6,7 +6,7 @@ import timm
 import torch
 from timm.models import register_model
 
-from utils import UserError
+from errors import UserError
 
 FAMILIES = {}  # arch["family"] -> model class
 OUR_MODELS = {}  # registered name -> (class, default kwargs)
@@ -41,12 +41,18 @@ def register_factory(name, cls, doc, **defaults):
     return factory
 
 
+def check_model_name(name):
+    """Refuse a name that is neither one of ours nor a timm model (e.g. a typo)."""
+    if name not in OUR_MODELS and not timm.is_model(name):
+        close = [n for n in OUR_MODELS if n.startswith(name.split("_")[0])][:4]
+        hint = f" (ours include {', '.join(close)})" if close else " (see the README's model zoo)"
+        raise UserError(f"unknown model {name!r}: not one of ours nor a timm model name{hint}")
+
+
 def create_model(name, **kwargs):
     """Build a registered model by name: ours, or any stock timm model."""
+    check_model_name(name)
     if name not in OUR_MODELS:
-        if not timm.is_model(name):
-            raise UserError(f"unknown model {name!r}: not one of ours (see README's model zoo) "
-                            "nor a timm model name")
         for key in OURS_ONLY_KWARGS:
             kwargs.pop(key, None)
     return timm.create_model(name, **kwargs)

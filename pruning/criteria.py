@@ -33,7 +33,7 @@ import math
 import numpy as np
 import torch
 
-from utils import UserError
+from errors import UserError
 
 # |u1[0]| below this (u1 is a unit vector) means filter 0 sits on the channel mean.
 ORIENT_TOL = 1e-9

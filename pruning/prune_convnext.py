@@ -2,18 +2,21 @@
 """Prune a ConvNeXt checkpoint into a smaller dense one (operator norm or a baseline criterion).
 
     python pruning/prune_convnext.py --checkpoint IN.pth --output OUT.pth --criterion opnorm \\
-        --dims 96 192 384 192 --mlp_ratio 4
+        --dims 96 192 384 192
 
-Keep rules compose: --dims fixes the residual width of every stage, --hidden_ratio (a share
-of the source width) or --mlp_ratio (a multiple of the new residual width) the MLP width of
-every block; --target_params / --target_macs / --ratio then rank all groups not fixed by
+Keep rules compose: --dims fixes the residual width of every stage, and each block's MLP
+keeps its source ratio to it (4x stays 4x) unless --hidden_ratio (a share of the source width;
+1 keeps every MLP whole) or --mlp_ratio (a multiple of the new residual width) says otherwise;
+--target_params / --target_macs / --ratio then rank all groups not fixed by
 those in one global ranking and drop the lowest-scored channels until every target is met.
 Every group keeps at least one channel (and one per multi-scale branch). Equal scores keep
 the lower channel index; kept indices stay in their original order. The output loads with
 `python main.py --eval true --resume OUT.pth` (no --model needed).
 
 Efficient ConvNeXt-T shapes: 21M --dims 96 192 384 576, 16M --dims 96 192 384 384,
-13M --dims 96 192 384 192, 3M --dims 32 64 128 256, each with --mlp_ratio 4.
+13M --dims 96 192 384 192, 3M --dims 32 64 128 256 (from a 4x-MLP source such as ConvNeXt-T).
+A URL (http/https) is downloaded once to the torch hub cache. MACs are counted at the
+checkpoint's training input size unless --input_size says otherwise.
 """
 import os
 import sys
@@ -31,14 +34,8 @@ from pruning.costs import CostModel, count_arch  # noqa: E402
 from pruning.criteria import CRITERIA, get_criterion  # noqa: E402
 from pruning.scoring import REDUCTIONS, Targets, plan_keep, score_groups  # noqa: E402
 from pruning.surgery import prune_checkpoint, read_source, sha256_file  # noqa: E402
-from utils import UserError, load_checkpoint_file, save_checkpoint_file  # noqa: E402
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors: one `error:` line and exit status 2."""
-
-    def error(self, message):
-        raise UserError(message)
+from checkpoint import is_url, load_checkpoint_file, local_copy, saved_args, save_checkpoint_file  # noqa: E402
+from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 
 def _count(text):
@@ -54,8 +51,7 @@ def _count(text):
 
 
 def get_args_parser():
-    p = ArgumentParser("prune_convnext", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("prune_convnext", description=__doc__)
     p.add_argument("--checkpoint", required=True,
                    help="source checkpoint (ours, official or Efficient ConvNeXt)")
     p.add_argument("--output", help="pruned checkpoint to write (optional with --dry_run)")
@@ -82,7 +78,8 @@ def get_args_parser():
                          help="score stored pwconv2 rows without folding in the layer scale gamma")
     scoring.add_argument("--use_ema", action="store_true", help="score the model_ema weights")
     scoring.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
-    p.add_argument("--input_size", type=int, default=224, help="image side for MACs")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="image side for MACs (default: the checkpoint's training size, else 224)")
     p.add_argument("--export_scores", default=None,
                    help="write per-group and per-producer scores to this JSON file")
     p.add_argument("--dry_run", action="store_true",
@@ -96,13 +93,22 @@ def check_args(args):
     get_criterion(args.criterion)
     if args.reduce not in REDUCTIONS:
         raise UserError(f"unknown --reduce {args.reduce!r}; choose one of {', '.join(REDUCTIONS)}")
-    if not os.path.isfile(args.checkpoint):
+    if not is_url(args.checkpoint) and not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint not found: {args.checkpoint}")
     if args.output is None and not args.dry_run:
         raise UserError("--output is required (or use --dry_run)")
+    if not (args.dims or args.hidden_ratio or args.mlp_ratio or args.target_params
+            or args.target_macs or args.ratio):
+        raise UserError("no keep rule: give --dims, --hidden_ratio, --mlp_ratio, --target_params, "
+                        "--target_macs or --ratio (without one the output equals the input)")
+    if (args.output and args.export_scores and not args.dry_run
+            and os.path.abspath(args.output) == os.path.abspath(args.export_scores)):
+        raise UserError("--output and --export_scores name the same file; give two names")
     for flag, path in (("--output", args.output), ("--export_scores", args.export_scores)):
         if path is None or (flag == "--output" and args.dry_run):
             continue
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder; give a file name")
         if os.path.abspath(path) == os.path.abspath(args.checkpoint) or (
                 os.path.exists(path) and os.path.samefile(path, args.checkpoint)):
             raise UserError(f"{flag} {path} is the input checkpoint; choose another file")
@@ -114,7 +120,7 @@ def check_args(args):
         raise UserError(f"--round_to must be >= 1, got {args.round_to}")
     if args.ratio is not None and not 0 <= args.ratio < 1:
         raise UserError(f"--ratio must be in [0, 1), got {args.ratio}")
-    if args.input_size < 1:
+    if args.input_size is not None and args.input_size < 1:
         raise UserError(f"--input_size must be >= 1, got {args.input_size}")
 
 
@@ -169,7 +175,11 @@ def export(path, groups, scores, keep, provenance):
 
 def run(args):
     check_args(args)
-    ckpt = load_checkpoint_file(args.checkpoint)
+    source = local_copy(args.checkpoint)
+    ckpt = load_checkpoint_file(source)
+    if args.input_size is None:
+        trained = saved_args(ckpt).get("input_size")
+        args.input_size = trained if isinstance(trained, int) and trained > 0 else 224
     sds, scored, arch = read_source(ckpt, args.model, args.use_ema)
     groups = models.channel_groups(arch)
     before = summary(arch, args.input_size)  # also refuses an input size the model cannot take
@@ -181,7 +191,7 @@ def run(args):
                      args.mlp_ratio)
     provenance = {"criterion": args.criterion, "options": options(args),
                   "source": os.path.basename(args.checkpoint),
-                  "source_sha256": sha256_file(args.checkpoint), "scored_weights": scored,
+                  "source_sha256": sha256_file(source), "scored_weights": scored,
                   "torch": str(torch.__version__)}
     pruned = prune_checkpoint(ckpt, sds, groups, keep, arch, provenance)
     print(f"{args.criterion} pruning of {args.checkpoint} ({models.describe_arch(arch)})")
@@ -211,14 +221,12 @@ def one_thread():
 
 
 def main(argv=None):
-    try:
+    """The command line: exit status 0, or 2 with one `error:` line."""
+    def work(argv):
         args = get_args_parser().parse_args(argv)
         with one_thread():
             run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(work, argv)
 
 
 if __name__ == "__main__":

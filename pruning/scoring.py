@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from utils import UserError
+from errors import UserError
 
 from .criteria import get_criterion
 
@@ -244,8 +244,11 @@ def _per_stage(values, n_stages, flag):
     return values
 
 
-def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=None):
+def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=None, follow_dims=True):
     """Widths set explicitly: --dims for residual groups, --hidden_ratio / --mlp_ratio for hidden.
+
+    With --dims alone (and follow_dims), each block's MLP keeps its source ratio to the residual
+    width (a 4x MLP stays 4x), so --dims alone gives the Efficient ConvNeXt shapes.
 
     Args:
         groups: channel groups, in models.channel_groups order.
@@ -254,6 +257,7 @@ def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=Non
         round_to: hidden widths round up to a multiple of this.
         mlp_ratio: one multiple, or one per stage, of the stage's (new) residual width that
             each block's hidden width becomes (4 gives the Efficient ConvNeXt shapes), or None.
+        follow_dims: with dims and no hidden rule, scale each MLP with its stage's residual.
     Returns:
         dict group name -> width, for the groups these rules fix.
     """
@@ -284,10 +288,15 @@ def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=Non
     for r in mults or ():
         if not r > 0:
             raise UserError(f"--mlp_ratio must be positive, got {r}")
+    follow = follow_dims and dims is not None and ratios is None and mults is None
     for g in groups:
-        if g.kind != "hidden" or (ratios is None and mults is None):
+        if g.kind != "hidden" or (ratios is None and mults is None and not follow):
             continue
         s = stage[g.name]
+        if follow:
+            res = residual[s]
+            widths[g.name] = round_width(round(g.width * widths[res.name] / res.width), g.width, round_to)
+            continue
         if ratios is not None:
             widths[g.name] = round_width(round(ratios[s] * g.width), g.width, round_to)
             continue
@@ -303,9 +312,9 @@ def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=Non
 def _need_scores(group, scores):
     if scores.get(group.name) is None:
         raise UserError(f"the criterion has nothing to score in {group.name}: it reads per-channel "
-                        f"scale factors and this {group.kind} group has none; leave such groups "
-                        "whole (no --hidden_ratio / --mlp_ratio with slimming) or choose another "
-                        "criterion")
+                        f"scale factors and this {group.kind} group has none; keep such groups "
+                        "whole (--hidden_ratio 1 keeps every MLP; --dims alone scales them) or "
+                        "choose another criterion")
     return scores[group.name].score
 
 
@@ -327,14 +336,19 @@ def plan_keep(groups, scores, dims=None, hidden_ratio=None, round_to=1, targets=
     Returns:
         dict group name -> sorted int64 tensor of kept indices (every group).
     """
-    fixed = fixed_widths(groups, dims, hidden_ratio, round_to, mlp_ratio)
+    # MLPs follow --dims unless a target ranks them globally or the criterion cannot score
+    # them (slimming: no per-channel scale in an MLP), in which case they stay whole
+    targeted = targets is not None and targets.any()
+    scorable = all(scores.get(g.name) is not None for g in groups if g.kind == "hidden")
+    fixed = fixed_widths(groups, dims, hidden_ratio, round_to, mlp_ratio,
+                         follow_dims=scorable and not targeted)
     keep = {}
     for g in groups:
         if fixed.get(g.name, g.width) < g.width:
             keep[g.name] = select(g, ranking(_need_scores(g, scores)), fixed[g.name])
         else:
             keep[g.name] = torch.arange(g.width)
-    if targets is not None and targets.any():
+    if targeted:
         free = [g for g in groups if g.name not in fixed]
         if not free:
             raise UserError("--dims and --hidden_ratio / --mlp_ratio already fix every group: "

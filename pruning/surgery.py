@@ -9,7 +9,8 @@ import hashlib
 import torch
 
 import models
-from utils import UserError, args_to_dict, model_state
+from checkpoint import args_to_dict, model_state
+from errors import UserError
 
 from .costs import meta_model
 from .scoring import part_stop

@@ -8,7 +8,6 @@ norm, loss checks (and EMA with --model_ema, which the bare loop then also updat
 
     python scripts/bench_engine.py --model convnext_tiny --batch_size 32 --input_size 224 --amp bf16
 """
-import argparse
 import logging
 import os
 import statistics
@@ -27,7 +26,7 @@ import optim_factory  # noqa: E402
 import utils  # noqa: E402
 from benchmark import AMP_DTYPES, Settings, build, check_settings  # noqa: E402
 from models.complexity import forward_cost, in_chans_of  # noqa: E402
-from utils import UserError  # noqa: E402
+from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("bench_engine")
 TARGET = 0.90
@@ -147,7 +146,7 @@ def run(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("engine vs bare loop", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser("engine vs bare loop", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="convnext_tiny",
                    help="registered name, timm_convnext:<name> or a checkpoint path")
     p.add_argument("--input_size", type=int, default=224)
@@ -164,24 +163,23 @@ def get_args_parser():
 
 
 def main(argv=None):
+    """Time both loops; returns the ratios and rates. Bad input: UserError."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for name in ("input_size", "batch_size", "steps", "rounds", "print_freq"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.threads < 0:
+        raise UserError("--threads cannot be negative")
     try:
-        for name in ("input_size", "batch_size", "steps", "rounds", "print_freq"):
-            if getattr(args, name) < 1:
-                raise UserError(f"--{name} must be at least 1")
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            raise UserError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)") from None
-        check_settings(Settings(args.device, args.input_size, args.batch_size, amp=args.amp))
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)") from None
+    check_settings(Settings(args.device, args.input_size, args.batch_size, amp=args.amp))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -15,7 +15,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -25,13 +24,13 @@ import models  # noqa: E402
 from pruning import criteria  # noqa: E402
 from pruning.scoring import plan_keep, score_groups  # noqa: E402
 from pruning.surgery import prune_state_dict  # noqa: E402
-from utils import UserError  # noqa: E402
+from errors import ArgumentParser, run_cli  # noqa: E402
 
 LOOP = "opnorm_loop"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("bench_pruning", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser("bench_pruning", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="convnext_tiny_unpruned_cifar10", help="registered model to prune")
     p.add_argument("--dims", type=int, nargs="+", default=[96, 192, 384, 192], help="target dims")
     p.add_argument("--loop_layers", type=int, default=None,
@@ -115,8 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

@@ -33,7 +33,8 @@ import torch.nn as nn  # noqa: E402
 import models  # noqa: E402
 from models.complexity import count_params, forward_cost, in_chans_of  # noqa: E402
 import utils  # noqa: E402
-from utils import UserError, load_checkpoint_file, model_state  # noqa: E402
+from checkpoint import load_checkpoint_file, model_state  # noqa: E402
+from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -379,8 +380,7 @@ def run_vs(args, settings):
 # --- command line -------------------------------------------------------------------------
 
 def get_args_parser():
-    p = argparse.ArgumentParser("ConvNeXt benchmark", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("ConvNeXt benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", help="registered names, timm_convnext:<name> or checkpoints")
     p.add_argument("--vs", nargs="+", metavar="MODEL",
                    help="A B: time two models alternately; one model needs --vs_settings")
@@ -431,9 +431,15 @@ def check_args(args):
             raise UserError(f"--{name} must be at least 1")
     if args.warmup < 0 or args.min_time < 0 or args.threads < 0:
         raise UserError("--warmup, --min_time and --threads cannot be negative")
-    for path in filter(None, (args.json, args.plot)):
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder; give a file name")
         if os.path.exists(path) and not args.overwrite:
-            raise UserError(f"{path} exists; pass --overwrite to replace it")
+            raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{flag} {path}: its folder does not exist")
     try:
         torch.device(args.device)
     except RuntimeError:
@@ -441,21 +447,22 @@ def check_args(args):
 
 
 def main(argv=None):
+    """Run the benchmark; returns the rows (or the --vs summary). Bad input: UserError."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        check_args(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        settings = check_settings(Settings(args.device, args.input_size, args.batch_size,
-                                           args.channels_last, args.amp, args.compile, args.threads))
-        if settings.device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest
-        return run_vs(args, settings) if args.vs else run_list(args, settings)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = check_settings(Settings(args.device, args.input_size, args.batch_size,
+                                       args.channels_last, args.amp, args.compile, args.threads))
+    if settings.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest
+    return run_vs(args, settings) if args.vs else run_list(args, settings)
+
+
+def cli(argv=None):
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

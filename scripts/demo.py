@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pruning.costs import count_arch  # noqa: E402
-from utils import load_checkpoint_file  # noqa: E402
+from checkpoint import load_checkpoint_file  # noqa: E402
 
 # Efficient ConvNeXt shapes: residual widths per stage, MLP width 4x.
 SHAPES = {"13M": [96, 192, 384, 192], "3M": [32, 64, 128, 256]}

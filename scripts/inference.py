@@ -9,7 +9,6 @@ The model is `--model` when given (the weights must fit it), else the checkpoint
 the shape of its weights. Class names come from `--class_names` (one per line), from `--data_set` /
 `--data_path`, else from the data set recorded in the checkpoint's args, else class indices.
 """
-import argparse
 import logging
 import os
 import sys
@@ -21,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402  (after the repo root is on the path)
 import models  # noqa: E402
-from utils import UserError, args_to_dict, load_checkpoint_file, model_state  # noqa: E402
+from checkpoint import args_to_dict, load_checkpoint_file, model_state  # noqa: E402
+from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("inference")
 TOP_K = 5
@@ -29,7 +29,7 @@ HEAD_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight") 
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("ConvNeXt single-image inference", add_help=True)
+    parser = ArgumentParser("ConvNeXt single-image inference", description=__doc__)
     parser.add_argument("--image", required=True, help="image file to classify")
     parser.add_argument("--checkpoint", required=True, help="checkpoint (.pth) of a trained model")
     parser.add_argument("--model", default=None,
@@ -134,14 +134,18 @@ def run(args):
         raise UserError("--data_path needs --data_set (which layout to read class names from)")
     if not os.path.isfile(args.image):
         raise UserError(f"image not found: {args.image}")
+    if args.input_size is not None and args.input_size < 1:
+        raise UserError(f"--input_size must be >= 1, got {args.input_size}")
     state_dict, arch, train_args = checkpoint_parts(load_checkpoint_file(args.checkpoint))
     model, name = build_model(arch, state_dict, args.model)
+    input_size = args.input_size or train_args.get("input_size") or 224
+    models.check_input_size(model, input_size, f"`{name}`")
     print(f"Build `{name}` model successfully.")
     device = pick_device(args.device)
     model = load_weights(model, state_dict, name).to(device)
     print(f"Load `{name}` model weights `{os.path.abspath(args.checkpoint)}` successfully.")
     data_args = datasets.default_data_args(
-        input_size=args.input_size or train_args.get("input_size", 224),
+        input_size=input_size,
         crop_pct=train_args.get("crop_pct"),
         imagenet_default_mean_and_std=train_args.get("imagenet_default_mean_and_std", True))
     batch = load_image(args.image, datasets.build_transform(False, data_args)).to(device)
@@ -153,14 +157,10 @@ def run(args):
 
 
 def main(argv=None):
+    """The command line: exit status 0, or 2 with one `error:` line."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_cli(lambda a: run(get_args_parser().parse_args(a)), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,7 +12,8 @@ import torch.nn as nn
 
 import models
 from models.complexity import count_macs, count_params, forward_cost
-from utils import UserError, save_checkpoint_file
+from checkpoint import save_checkpoint_file
+from errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
@@ -115,9 +116,7 @@ def test_skip_leaves_fields_empty_and_refuses_to_overwrite(tmp_path, tiny_ckpt, 
     bench.main(["--models", tiny_ckpt, *FAST, "--skip", "train,latency", "--json", str(out_json)])
     row = json.loads(out_json.read_text())
     assert row["eval_img_s"] > 0 and row["train_img_s"] is None and row["latency_ms_median"] is None
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--models", tiny_ckpt, *FAST, "--json", str(out_json)])
-    assert exit_info.value.code == 2
+    assert bench.cli(["--models", tiny_ckpt, *FAST, "--json", str(out_json)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
@@ -144,12 +143,13 @@ def test_vs_two_models(tiny_ckpt, capsys):
     (["--models", "resnet18", "--amp", "fp16"], "needs a CUDA device"),
     (["--models", "resnet18", "--skip", "eval,colour"], "--skip: unknown colour"),
     (["--models", "timm_convnext:resnet18"], "only mirrors our standard ConvNeXt"),
+    (["--models", "resnet18", "--json", "/missing/dir/x.json"], "its folder does not exist"),
+    (["--models", "resnet18", "--input_size", "-5"], "--input_size must be at least 1"),
 ])
 def test_bad_input_is_one_error_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv + FAST)
+    assert bench.cli(FAST + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and err[-1].startswith("error: ") and message in err[-1]
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
 def test_bad_model_name_cli_exit_2():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pruning.criteria import CRITERIA, fpgm, get_criterion, l1, l2, opnorm, opnorm_loop, random, slimming
-from utils import UserError
+from errors import UserError
 
 BOTH = [opnorm, opnorm_loop]
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import datasets
-from utils import UserError
+from errors import UserError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]
@@ -215,6 +215,37 @@ def test_imnet_and_image_folder(tmp_path):
                      eval_data_path=str(tmp_path / "val"), nb_classes=3)
     assert datasets.build_dataset(False, args)[1] == 3
     assert datasets.class_names(args) == ["cat", "dog", "eel"]
+
+
+def test_imnet_val_class_that_train_lacks_is_refused(tmp_path):
+    make_class_folders(tmp_path / "train", ["cat", "dog"], 1)
+    make_class_folders(tmp_path / "val", ["cat", "dog", "eel"], 1)
+    args = data_args(data_set="IMNET", data_path=str(tmp_path), input_size=32)
+    with pytest.raises(UserError, match="class folders the training split lacks: eel"):
+        datasets.build_dataset(False, args)
+
+
+def test_corrupt_image_names_the_file_also_from_a_loader_worker(tmp_path):
+    make_class_folders(tmp_path / "train", ["cat", "dog"], 2)
+    bad = sorted((tmp_path / "train" / "dog").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:40])       # a cut-off JPEG
+    args = data_args(data_set="image_folder", data_path=str(tmp_path / "train"), nb_classes=2)
+    train, _ = datasets.build_dataset(True, args)
+    loader = torch.utils.data.DataLoader(train, batch_size=4, num_workers=1)
+    with pytest.raises(UserError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith(f"cannot read image {bad}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["fewer labels", "label out of range"])
+def test_cifar_labels_must_match_the_images(cifar10_pickles, damage):
+    path = cifar10_pickles / "cifar-10-batches-py" / "data_batch_2"
+    batch = pickle.loads(path.read_bytes(), encoding="bytes")
+    batch[b"labels"] = batch[b"labels"][:-1] if damage == "fewer labels" else [10] + batch[b"labels"][1:]
+    dump(batch, path)
+    expected = "holds 4 images but 3 labels" if damage == "fewer labels" else "label 10 is outside 0..9"
+    with pytest.raises(UserError, match=expected):
+        datasets.build_dataset(True, data_args(data_set="CIFAR10", data_path=str(cifar10_pickles)))
 
 
 def test_image_folder_errors(tmp_path):

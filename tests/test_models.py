@@ -7,7 +7,8 @@ import torch
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 
 import models
-from utils import UserError, load_checkpoint_file, save_checkpoint_file
+from checkpoint import load_checkpoint_file, save_checkpoint_file
+from errors import UserError
 
 EFFICIENT_PARAMS = {
     "convnext_tiny_unpruned_cifar10": 27_827_818, "convnext_tiny_21M_pruned_cifar10": 21_303_850,

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from optim_factory import (LayerDecayValueAssigner, convnext_layer_ids, create_optimizer,  # noqa: E402
                            get_parameter_groups)
-from utils import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 
 
 def meta_model(name, **kwargs):

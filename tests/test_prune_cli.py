@@ -11,7 +11,7 @@ import torch
 
 import models
 from pruning.prune_convnext import main
-from utils import load_checkpoint_file, save_checkpoint_file
+from checkpoint import load_checkpoint_file, save_checkpoint_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = {"family": "convnext", "depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32], "num_classes": 10}
@@ -114,13 +114,16 @@ def test_targets_and_dry_run(ckpt, tmp_path, capsys):
     (["--criterion", "taylor"], "unknown criterion"),
     (["--target_params", "10"], "cannot be met"),
     (["--hidden_ratio", "1.5"], "(0, 1]"),
-    (["--use_ema", "--model", "resnet18"], "pruning needs"),
+    (["--use_ema", "--model", "resnet18", "--ratio", "0.5"], "pruning needs"),
+    ([], "no keep rule"),
+    (["--ratio", "0.5", "--export_scores", "{out}"], "--output and --export_scores name the same file"),
     (["--dims", "4", "x"], "invalid int value"),
     (["--target_macs", "lots"], "not a count"),
-    (["--input_size", "8"], "cannot run this model at --input_size 8"),
+    (["--input_size", "8", "--ratio", "0.5"], "cannot run this model at --input_size 8"),
 ])
 def test_bad_input(ckpt, tmp_path, capsys, argv, message):
     out = tmp_path / "out.pth"
+    argv = [a.format(out=out) for a in argv]
     assert main(["--checkpoint", str(ckpt), "--output", str(out), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
@@ -131,6 +134,7 @@ def test_bad_paths(ckpt, tmp_path, capsys):
     existing = tmp_path / "existing.pth"
     existing.write_bytes(b"keep me")
     cases = [([str(ckpt), str(ckpt)], "is the input checkpoint"),
+             ([str(ckpt), str(tmp_path)], "is a folder; give a file name"),
              ([str(ckpt), str(existing)], "pass --overwrite"),
              ([str(tmp_path / "missing.pth"), str(tmp_path / "o.pth")], "checkpoint not found")]
     for (src, dst), message in cases:
@@ -138,6 +142,9 @@ def test_bad_paths(ckpt, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err
     assert existing.read_bytes() == b"keep me"
+    assert main(["--checkpoint", str(ckpt), "--output", str(tmp_path), "--dims", "4", "8", "8", "8",
+                 "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err
     assert main(["--checkpoint", str(ckpt), "--output", str(existing), "--dims", "4", "8", "8", "8",
                  "--overwrite"]) == 0
     assert load_checkpoint_file(existing)["arch"]["dims"] == [4, 8, 8, 8]

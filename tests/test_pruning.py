@@ -9,7 +9,7 @@ from pruning.criteria import l1, opnorm
 from pruning.scoring import (Targets, fixed_widths, min_width, plan_keep, ranking, score_group,
                              score_groups, select)
 from pruning.surgery import new_arch, prune_checkpoint, prune_state_dict, read_source
-from utils import UserError
+from errors import UserError
 
 SMALL = {"family": "convnext", "depths": [1, 2, 2, 1], "dims": [8, 16, 24, 32], "num_classes": 5}
 MULTISCALE = {**SMALL, "dims": [12, 16, 24, 32], "dw": "multiscale",
@@ -220,14 +220,21 @@ def tiny_cifar():
     ("convnext_tiny_13M_pruned_cifar10", [96, 192, 384, 192], 13_564_330),
     ("convnext_tiny_3M_pruned_cifar10", [32, 64, 128, 256], 3_181_098),
 ])
-def test_efficient_convnext_variants(tiny_cifar, variant, dims, params):
+@pytest.mark.parametrize("mlp_rule", [{}, {"mlp_ratio": [4]}], ids=["dims alone", "mlp_ratio 4"])
+def test_efficient_convnext_variants(tiny_cifar, variant, dims, params, mlp_rule):
     sd, groups, scores = tiny_cifar
-    keep = plan_keep(groups, scores, dims=dims, mlp_ratio=[4])
+    keep = plan_keep(groups, scores, dims=dims, **mlp_rule)  # --dims alone: MLPs stay 4x
     out = prune_state_dict(sd, groups, keep)
     assert sum(v.numel() for v in out.values()) == params
     model = timm.create_model(variant)
     model.load_state_dict(out, strict=True)
     assert models.registered_name(models.infer_arch(out)) == variant
+
+
+def test_hidden_ratio_1_keeps_every_mlp_whole(tiny_cifar):
+    sd, groups, scores = tiny_cifar
+    keep = plan_keep(groups, scores, dims=[32, 64, 128, 256], hidden_ratio=[1])
+    assert all(len(keep[g.name]) == g.width for g in groups if g.kind == "hidden")
 
 
 def test_hidden_ratio_per_stage_gives_13m(tiny_cifar):

@@ -1,0 +1,243 @@
+"""Checkpoint files: safe reading (local paths and URLs), atomic writing, the weights inside.
+
+Reading never runs code from the file (weights_only + an allow-list of plain classes). Writing
+goes through a temp file in the same folder and a rename, so a kill leaves either the old file
+or the new one. The files of a training run in --output_dir are managed by `run_folder.py`.
+"""
+import argparse
+import logging
+import os
+import pathlib
+import pickle
+import re
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+
+import numpy as np
+import torch
+
+import models
+from errors import UserError, first_line
+
+logger = logging.getLogger(__name__)
+
+# Globals a released checkpoint may hold besides tensors; none can run code. Official
+# checkpoints written under SLURM hold pathlib paths in their args.
+_NP_CORE = getattr(np, "_core", None) or np.core
+SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NP_CORE.multiarray.scalar,
+                np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType,
+                pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                pathlib.PureWindowsPath]
+TEMP_PREFIX = ".tmp-"  # temp files of save_checkpoint_file: .tmp-<target name>-<random>
+
+
+def is_url(path):
+    return bool(re.match(r"^https?://", os.fspath(path), re.I))
+
+
+def local_copy(path):
+    """`path` itself, or for an http(s) URL its copy in the torch hub cache (downloaded once,
+    with a progress bar; a `-<hex>.` hash prefix in the file name is checked)."""
+    path = os.fspath(path)
+    if not is_url(path):
+        if re.match(r"^[a-z][a-z0-9+.-]*://", path, re.I):
+            raise UserError(f"cannot read {path}: only local paths and http(s) URLs are supported")
+        return path
+    name = os.path.basename(urllib.parse.urlparse(path).path) or "checkpoint.pth"
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    dst = os.path.join(folder, name)
+    if os.path.isfile(dst):
+        logger.info("Using the cached download %s", dst)
+        return dst
+    match = torch.hub.HASH_REGEX.search(name)
+    os.makedirs(folder, exist_ok=True)
+    logger.warning("Downloading %s to %s", path, dst)
+    try:  # torch writes a temp file and renames it when complete (and the hash matches)
+        torch.hub.download_url_to_file(path, dst, hash_prefix=match.group(1) if match else None,
+                                       progress=True)
+    except urllib.error.HTTPError as e:
+        raise UserError(f"cannot download {path}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"cannot download {path}: {getattr(e, 'reason', None) or first_line(e)}") from None
+    except RuntimeError as e:  # torch's hash check
+        raise UserError(f"download of {path} is corrupt: {first_line(e)}") from None
+    return dst
+
+
+def save_checkpoint_file(obj, path):
+    """Write `obj` with torch.save atomically: a temp file in the same folder, then rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}-", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; torch.save honours the umask
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint_file(path, map_location="cpu", mmap=False):
+    """Load a checkpoint (a local path or an http(s) URL) without running code from it.
+    With mmap, tensors are mapped from the file, not read (a cheap look at its entries)."""
+    shown = os.fspath(path)
+    path = local_copy(path)
+    if os.path.isdir(path):
+        raise UserError(f"{shown} is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {shown}")
+    _check_format(path, shown)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        lines = str(e).strip().splitlines()
+        hint = next((line.strip() for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
+        raise UserError(f"refusing to load {shown}: it needs code or classes outside the safe "
+                        f"allow-list ({hint or 'unsupported pickle content'})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {shown}: truncated or damaged PyTorch file "
+                        f"({first_line(e, 160)})") from None
+
+
+def _check_format(path, shown):
+    """Refuse files that are not PyTorch checkpoints at all, with what they are."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise UserError(f"{shown} is empty (0 bytes): not a checkpoint")
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip, or a plain pickle
+        return
+    if tarfile.is_tarfile(path):
+        raise UserError(f"{shown} is in the legacy tar format of PyTorch before 0.4, which cannot "
+                        "be read safely: load it with that PyTorch and save it again")
+    raise UserError(f"{shown} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle)")
+
+
+def args_to_dict(args):
+    """Flags (a Namespace, or a dict as checkpoints hold them) as a plain dict of JSON-able
+    values, so weights_only loading accepts it; anything else is an empty dict."""
+    def plain(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return str(v)  # e.g. a pathlib.Path set by run_with_submitit.py
+    items = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    return {k: plain(v) for k, v in items.items()}
+
+
+def saved_args(ckpt):
+    """The flags a checkpoint was trained with, as a plain dict ({} when it has none)."""
+    return args_to_dict(ckpt.get("args")) if isinstance(ckpt, dict) else {}
+
+
+def ema_module(model_ema):
+    """The averaged module of timm's ModelEmaV2/V3 (`.module`) or the official ModelEma (`.ema`)."""
+    return model_ema.module if hasattr(model_ema, "module") else model_ema.ema
+
+
+# ----------------------------------------------------------------------------- the weights inside
+
+def model_state(checkpoint, model_key="model|module", model_prefix=""):
+    """The model weights in a checkpoint: the first of `model_key` ('a|b') present, else the
+    checkpoint itself; with `model_prefix`, only keys under it, with the prefix removed.
+    Refuses weights that hold NaN or infinite values (a diverged run)."""
+    if not isinstance(checkpoint, dict):
+        raise UserError("the checkpoint is not a dict of weights")
+    state = next((checkpoint[k] for k in model_key.split("|") if k in checkpoint), checkpoint)
+    if not isinstance(state, dict):
+        raise UserError(f"the checkpoint's {model_key!r} entry is not a dict of weights")
+    if model_prefix:
+        state = {k[len(model_prefix):]: v for k, v in state.items() if k.startswith(model_prefix)}
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"the checkpoint holds no weights under {model_key!r}"
+                        + (f" with prefix {model_prefix!r}" if model_prefix else ""))
+    bad = [k for k, v in tensors.items()
+           if v.is_floating_point() and v.device.type != "meta" and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"the checkpoint's weights hold NaN or infinite values ({len(bad)} tensors, "
+                        f"e.g. {bad[0]}): it comes from a diverged run and gives no meaningful result")
+    return tensors
+
+
+def head_prefix(model):
+    """Key prefix of the classifier: timm's get_classifier() where it exists, else `head.`."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    return f"{name}." if name else "head."
+
+
+def load_model_state(model, state_dict, what, drop_head_on_mismatch=False):
+    """Load `state_dict` strictly into `model`; UserError naming each mismatching tensor.
+
+    Args:
+        what (str): where the weights come from, for messages ("--finetune x.pth").
+        drop_head_on_mismatch (bool): fine-tuning: a head of another class count is dropped
+            (the model keeps its fresh head) instead of being an error.
+    """
+    own = model.state_dict()
+    state = dict(state_dict)
+    if drop_head_on_mismatch:
+        prefix = head_prefix(model)
+        for k in [k for k in own if k.startswith(prefix)]:
+            if k not in state or state[k].shape != own[k].shape:
+                logger.info("Removing key %s from pretrained checkpoint (%s -> %s)", k,
+                            list(state[k].shape) if k in state else "absent", list(own[k].shape))
+                state[k] = own[k]  # the model keeps its fresh head
+    models.check_arch_matches(model, state, what)
+    model.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------- training state
+
+def training_checkpoint(args, model, optimizer, loss_scaler, model_ema=None, epoch=None, **extra):
+    """The official checkpoint dict (model, optimizer, epoch, scaler, args, EMA) plus our
+    `arch` and any JSON-able extras (max_accuracy, ...)."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "scaler": loss_scaler.state_dict(), "args": args_to_dict(args), **extra}
+    if getattr(model, "arch", None) is not None:
+        ckpt["arch"] = model.arch
+    if model_ema is not None:
+        ckpt["model_ema"] = ema_module(model_ema).state_dict()
+    return ckpt
+
+
+def restore_training(args, checkpoint, label, model_ema=None, optimizer=None, loss_scaler=None):
+    """After the model weights are loaded: EMA, optimizer, scaler and the epoch to start at.
+
+    Args:
+        label (str): how messages name the checkpoint.
+    Returns:
+        dict with "max_accuracy" and "max_accuracy_ema" (0.0 when the checkpoint has none).
+    """
+    restored = {k: float(checkpoint.get(k, 0.0) or 0.0) for k in ("max_accuracy", "max_accuracy_ema")}
+    if model_ema is not None:
+        ema_state = checkpoint.get("model_ema", checkpoint["model"])
+        load_model_state(ema_module(model_ema), ema_state, f"model_ema of {label}")
+    if optimizer is None or "optimizer" not in checkpoint or "epoch" not in checkpoint:
+        return restored
+    if not isinstance(checkpoint["epoch"], int):
+        raise UserError(f"{label} is a '{checkpoint['epoch']}' checkpoint without a training "
+                        "position; resume from a checkpoint-N.pth or use --finetune")
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"the optimizer state in {label} does not fit this run "
+                        f"(different --opt or --layer_decay?): {e}") from None
+    args.start_epoch = checkpoint["epoch"] + 1
+    loss_scaler.load_state_dict(checkpoint.get("scaler") or {})
+    logger.info("With optim & sched! Continuing at epoch %d", args.start_epoch)
+    return restored

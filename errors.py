@@ -1,0 +1,72 @@
+"""User errors and the one way every command-line entry point reports them.
+
+A UserError is a problem with the user's input: it is printed as one `error: ...` line and the
+process exits with status 2, never with a traceback. `run_cli` wraps every entry point.
+"""
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+    def __init__(self, message=""):
+        super().__init__(_unwrap_worker_message(str(message)))
+
+
+def _unwrap_worker_message(message):
+    """A DataLoader worker re-raises our error with its whole traceback in the message: keep
+    only the original message (the last line, after `ClassName: `)."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    head, sep, tail = last.partition(": ")
+    return tail if sep and "Error" in head else last
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that shows defaults in --help and turns its errors into UserErrors."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UserError(message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows every default (a None default is
+    explained by the flag's own help)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def first_line(error, limit=200):
+    """The first non-empty line of an exception's text (its type name when it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(error).__name__
+
+
+def run_cli(main, argv=None, extra_errors=None):
+    """Call `main(argv)`; return the exit status the process should end with.
+
+    A UserError prints `error: <message>` (status 2); Ctrl-C prints one line (status 130).
+    `extra_errors(exc)` may turn another exception into a message (or return None).
+    """
+    try:
+        status = main(argv)
+        return status if isinstance(status, int) and not isinstance(status, bool) else 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped; files already written are complete", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = extra_errors(e) if extra_errors is not None else None
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
