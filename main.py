@@ -116,8 +116,6 @@ def build_data(args, device):
     sampler = torch.utils.data.DistributedSampler(data.train, world, rank, shuffle=True, seed=args.seed)
     data.loader_train = _loader(data.train, sampler, args.batch_size, args, device, True)
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        if args.batch_size % 2:
-            raise UserError("mixup / cutmix need an even --batch_size (or --mixup 0 --cutmix 0)")
         logger.info("Mixup is activated!")
         data.mixup_fn = Mixup(
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,

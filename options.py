@@ -201,6 +201,9 @@ def check_combinations(args):
     if not args.eval and args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} leaves nothing to train with --epochs "
                         f"{args.epochs}")
+    mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if not args.eval and mixing and args.batch_size % 2:
+        raise UserError("mixup / cutmix need an even --batch_size (or --mixup 0 --cutmix 0)")
     if args.resplit:
         raise UserError("--resplit true needs augmentation splits, which this repo does not have")
     if args.eval and args.disable_eval:

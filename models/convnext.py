@@ -102,7 +102,7 @@ class ConvNeXt(PooledHead):
 
     @staticmethod
     def channel_groups(arch):
-        """A residual group per stage, a hidden group per block (DESIGN section 4)."""
+        """A residual group per stage, a hidden group per block (docs/design.md section 5)."""
         groups = []
         for s, (depth, dim) in enumerate(zip(arch["depths"], arch["dims"])):
             entry = "downsample_layers.0.0" if s == 0 else f"downsample_layers.{s}.1"

@@ -5,14 +5,14 @@ K = 1) or, for `slimming`, a 1-D tensor of per-channel scale factors, and return
 scores on the CPU. Register a new criterion by adding one function to `CRITERIA`; a scorer
 that needs randomness declares a `seed` keyword and the group scorer passes one.
 
-Operator norm (Singh & Plumbley), DESIGN section 5. For each input channel c, with
+Operator norm (Singh & Plumbley), docs/design.md section 7. For each input channel c, with
 A_c = W[:, c, :] (F x K) and mu_c its mean over the filters, let u1, v1 be the first singular
 vectors of A_c - mu_c and d_c = sign(u1[0]) * v1, i.e. v1 oriented so that filter 0 projects
 non-negatively onto it (the authors normalise row 0 of u1 v1^T). Then
 t_f = sum_c <W[f, c] - mu_c, d_c> and score_f = t_f^2 / max_g t_g^2.
 
 When filter 0 sits on the channel mean (|u1[0]| < ORIENT_TOL, u1 being a unit vector) its
-sign says nothing. DESIGN asks for +1 there, but +1 times v1 keeps whatever sign the SVD
+sign says nothing. Taking +1 there (as the first design notes did) keeps whatever sign the SVD
 library happened to return, so two correct implementations (numpy and torch, or the closed
 form for K = 1) could disagree. We orient by the first filter that is off the mean instead:
 d_c = sign(u1[j]) * v1 with j the first filter with |u1[j]| >= ORIENT_TOL. It equals the
@@ -22,7 +22,7 @@ whose filters are all equal contributes nothing either way.
 Properties worth knowing:
 - the orientation of every channel's direction is fixed by filter 0, so the scores depend on
   which filter comes first: reordering the filters can change them (W0, W1, W2 -> [1, 1, 0],
-  but W2, W0, W1 -> [1, 0, 1] in the DESIGN worked example);
+  but W2, W0, W1 -> [1, 0, 1] in the worked example of docs/design.md section 7);
 - invariant to scaling all weights (by any non-zero factor), to adding one offset to every
   filter, and to permuting the input channels;
 - never NaN: when every t_f is (numerically) zero, every score is 0; the keep rules then fall

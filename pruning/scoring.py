@@ -1,4 +1,4 @@
-"""Group scoring: one score per channel of a channel group (DESIGN section 4).
+"""Group scoring: one score per channel of a channel group (docs/design.md section 6).
 
 Each producer of a group is scored with the criterion (a multi-part producer part by part,
 the pieces concatenated in channel order), divided by its maximum, and the producers are

@@ -1,4 +1,4 @@
-"""Criteria: DESIGN section 5 worked examples, invariances, degenerate inputs, loop parity."""
+"""Criteria: the worked examples of docs/design.md section 7, invariances, degenerate inputs, loop parity."""
 import math
 
 import pytest
@@ -11,7 +11,7 @@ BOTH = [opnorm, opnorm_loop]
 
 
 def filters(*rows):
-    """Filters as [F, C, K]: row i of each filter is channel i (DESIGN's notation)."""
+    """Filters as [F, C, K]: row i of each filter is channel i (the notation of docs/design.md)."""
     return torch.tensor(rows, dtype=torch.float64)
 
 

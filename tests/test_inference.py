@@ -99,14 +99,23 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_checkpoint, image):
     assert proc.stderr.strip() == f"error: image not found: {tmp_path / 'missing.png'}"
 
 
-@pytest.mark.parametrize("case", ["checkpoint", "names", "image", "data_set"])
+@pytest.mark.parametrize("case", ["checkpoint", "names", "image", "data_set", "nan", "size", "small"])
 def test_bad_inputs(tmp_path, tiny_checkpoint, image, capsys, case):
     args = ["--image", str(image), "--checkpoint", str(tiny_checkpoint)]
     expected = {"checkpoint": "checkpoint not found",
                 "names": "3 class names given but the model has 10",
-                "image": "cannot read image", "data_set": "CIFAR10: no data set under"}[case]
+                "image": "cannot read image", "data_set": "CIFAR10: no data set under",
+                "nan": "NaN or infinite values", "size": "--input_size must be >= 1, got -5",
+                "small": "--input_size 16 is too small"}[case]
     if case == "checkpoint":
         args[3] = str(tmp_path / "none.pth")
+    elif case == "nan":
+        ckpt = torch.load(tiny_checkpoint, weights_only=True)
+        ckpt["model"]["head.bias"][0] = float("nan")
+        save_checkpoint_file(ckpt, tmp_path / "nan.pth")
+        args[3] = str(tmp_path / "nan.pth")
+    elif case in ("size", "small"):
+        args += ["--input_size", "-5" if case == "size" else "16"]
     elif case == "names":
         (tmp_path / "n.txt").write_text("a\nb\nc\n")
         args += ["--class_names", str(tmp_path / "n.txt")]
