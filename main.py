@@ -419,7 +419,7 @@ def open_run_folder(args, resume):
     if not args.output_dir:
         logger.warning("warning: no --output_dir: this run saves no checkpoint and no log")
         return None
-    folder = RunFolder(args.output_dir, resume, args.resume)
+    folder = RunFolder(args.output_dir, resume, args.resume, restart=args.auto_resume)
     folder.check(args.start_epoch)
     return folder
 

@@ -69,10 +69,13 @@ class RunFolder:
         output_dir (str): the run's folder (created if absent).
         resumed (dict | None): the loaded --resume checkpoint.
         resume_path (str | None): its path.
+        restart (bool): a fresh start may take over the best checkpoint of a run of ours that
+            was killed before it completed any epoch (auto-resume: there is nothing to resume,
+            so the run starts again).
     """
 
-    def __init__(self, output_dir, resumed=None, resume_path=None):
-        self.dir = output_dir
+    def __init__(self, output_dir, resumed=None, resume_path=None, restart=False):
+        self.dir, self.restart = output_dir, restart and resumed is None
         run = resumed.get("run") if isinstance(resumed, dict) else None
         run = run if isinstance(run, dict) else {}
         self.id = run.get("id") or uuid.uuid4().hex
@@ -100,7 +103,7 @@ class RunFolder:
             m = _EPOCH.fullmatch(name)
             if name in self.owned or (m and int(m.group(1)) < start_epoch):
                 continue  # ours, or an older foreign checkpoint this run never touches
-            if not m and name != LOG and self._carries_run(name):
+            if not m and name != LOG and self._ours(name):
                 self.owned.add(name)  # a best checkpoint written just before a kill
                 continue
             conflicts.append(name)
@@ -112,13 +115,17 @@ class RunFolder:
                             "(--auto_resume true, or --resume its newest checkpoint)")
         self.owned.add(LOG)
 
-    def _carries_run(self, name):
+    def _ours(self, name):
+        """A best checkpoint of this run, or of a run of ours killed in its first epoch that
+        this fresh start restarts (no epoch checkpoint in the folder)."""
         try:
             ckpt = load_checkpoint_file(os.path.join(self.dir, name), mmap=True)
         except UserError:
             return False
         run = ckpt.get("run") if isinstance(ckpt, dict) else None
-        return isinstance(run, dict) and run.get("id") == self.id
+        if not isinstance(run, dict):
+            return False
+        return run.get("id") == self.id or (self.restart and not list_epoch_checkpoints(self.dir))
 
     def prepare(self):
         """Create the folder, remove our orphan temp files, restore log.txt (main process only)."""

@@ -1,7 +1,7 @@
 """Model families. Importing this package registers every factory in timm's registry."""
 from errors import UserError
 
-from . import convnext, convnext_isotropic  # noqa: F401  (registers the families)
+from . import convnext, convnext_isotropic, resnet_cifar, vgg_cifar  # noqa: F401  (registers the families)
 from .complexity import check_input_size
 from .groups import Group, Part, Producer
 from .registry import FAMILIES, OUR_MODELS, check_model_name, create_model, default_arch
@@ -50,24 +50,15 @@ def registered_name(arch):
 
 def describe_arch(arch):
     """A one-line summary of a shape, naming the registered model that has it."""
-    if not isinstance(arch, dict):
+    family = FAMILIES.get(arch.get("family")) if isinstance(arch, dict) else None
+    if family is None:
         return repr(arch)
-    if arch.get("family") == "convnext":
-        text = (f"ConvNeXt depths {arch.get('depths')} dims {arch.get('dims')}"
-                + (" multi-scale" if arch.get("dw") == "multiscale" else ""))
-    else:
-        text = f"{arch.get('family')} depth {arch.get('depth')} dim {arch.get('dim')}"
-    if arch.get("hidden") and _is_pruned_mlp(arch):
-        text += " with pruned MLP widths"
-    text += f", {arch.get('num_classes')} classes"
-    name = registered_name(arch) if arch.get("family") in FAMILIES else None
-    return text + (f" (= {name})" if name else "")
-
-
-def _is_pruned_mlp(arch):
-    if arch.get("family") == "convnext":
-        return any(h != 4 * d for stage, d in zip(arch["hidden"], arch["dims"]) for h in stage)
-    return any(h != 4 * arch.get("dim", 0) for h in arch["hidden"])
+    try:
+        text = family.describe(arch)
+    except (KeyError, TypeError, ValueError, IndexError):
+        text = f"a malformed {arch.get('family')} arch"
+    name = registered_name(arch)
+    return f"{text}, {arch.get('num_classes')} classes" + (f" (= {name})" if name else "")
 
 
 def check_arch_matches(model, state_dict, what="the checkpoint", model_name="the model"):

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
 from .layers import (MS_BRANCHES, Block, LayerNorm2d, block_hidden_widths, default_branch_widths,
-                     PooledHead, drop_path_rates, layer_scale_value)
+                     PooledHead, drop_path_rates, layer_scale_value, spans)
 from .registry import register_factory, register_family
 
 
@@ -79,6 +79,20 @@ class ConvNeXt(PooledHead):
         keys = ("depths", "dims", "hidden", "dw", "dw_branches", "num_classes", "in_chans")
         kwargs["layer_scale_init_value"] = layer_scale_value(arch.get("layer_scale", True), kwargs)
         return cls(**{k: arch[k] for k in keys if k in arch}, **kwargs)
+
+    @staticmethod
+    def describe(arch):
+        text = (f"ConvNeXt depths {arch['depths']} dims {arch['dims']}"
+                + (" multi-scale" if arch.get("dw") == "multiscale" else ""))
+        pruned = arch.get("hidden") and any(h != 4 * d for stage, d in zip(arch["hidden"], arch["dims"])
+                                            for h in stage)
+        return text + (" with pruned MLP widths" if pruned else "")
+
+    @staticmethod
+    def widths(arch):
+        """(label, text) rows of the widths that pruning changes."""
+        return [("dims per stage", ",".join(map(str, arch["dims"]))),
+                ("MLP width per stage", spans(arch["hidden"]))]
 
     @staticmethod
     def infer_arch(sd):

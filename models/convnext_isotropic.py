@@ -2,7 +2,7 @@
 import torch.nn as nn
 
 from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
-from .layers import Block, PooledHead, drop_path_rates, layer_scale_value
+from .layers import Block, PooledHead, drop_path_rates, layer_scale_value, spans
 from .registry import register_factory, register_family
 
 
@@ -43,6 +43,16 @@ class ConvNeXtIsotropic(PooledHead):
         kwargs["layer_scale_init_value"] = layer_scale_value(arch.get("layer_scale", False), kwargs)
         keys = ("depth", "dim", "hidden", "num_classes", "in_chans")
         return cls(**{k: arch[k] for k in keys if k in arch}, **kwargs)
+
+    @staticmethod
+    def describe(arch):
+        pruned = arch.get("hidden") and any(h != 4 * arch["dim"] for h in arch["hidden"])
+        return (f"isotropic ConvNeXt depth {arch['depth']} dim {arch['dim']}"
+                + (" with pruned MLP widths" if pruned else ""))
+
+    @staticmethod
+    def widths(arch):
+        return [("dim", str(arch["dim"])), ("MLP width", spans([arch["hidden"]]))]
 
     @staticmethod
     def infer_arch(sd):

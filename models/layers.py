@@ -141,3 +141,8 @@ def layer_scale_value(present, kwargs):
 def drop_path_rates(rate, n):
     """Stochastic depth rising linearly from 0 to `rate` over `n` blocks (plain floats)."""
     return [rate * i / (n - 1) if n > 1 else 0. for i in range(n)]
+
+
+def spans(lists):
+    """Per-stage width lists as text: "384,768" or "128-384,768" where a stage's widths vary."""
+    return ",".join(str(min(h)) if min(h) == max(h) else f"{min(h)}-{max(h)}" for h in lists)

@@ -7,7 +7,9 @@ the producer that carries it (gamma * pwconv2, the weight that actually writes i
 residual stream) unless raw weights are asked for. Criteria that read scale factors
 (`slimming`) score the group's `scales` tensors the same way instead of its producers.
 """
+import fnmatch
 import inspect
+import math
 import zlib
 from dataclasses import dataclass, field
 
@@ -16,6 +18,22 @@ import torch
 from errors import UserError
 
 from .criteria import get_criterion
+
+def _divide_by(stat):
+    def normalise(scores):
+        peak = stat(scores)
+        return scores / peak if peak > 0 else torch.zeros_like(scores)
+    return normalise
+
+
+# How one producer's (or scale tensor's) scores are made comparable before the reduction and
+# the global ranking: divided by their max (default), by their mean, or left raw (`none`:
+# e.g. network slimming's one global threshold on raw |scale factors|).
+NORMALIZATIONS = {
+    "max": _divide_by(lambda s: s.max()),
+    "mean": _divide_by(lambda s: s.mean()),
+    "none": lambda s: s,
+}
 
 REDUCTIONS = {
     "mean": lambda s: s.mean(dim=0),
@@ -69,8 +87,8 @@ def _rows(sd, part, width):
     return t.movedim(part.axis, 0)
 
 
-def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_key=""):
-    """Score one producer's rows, part by part, and divide by the maximum.
+def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_key="", normalize="max"):
+    """Score one producer's rows, part by part, and normalise them (NORMALIZATIONS).
 
     Args:
         sd: state dict.
@@ -80,8 +98,9 @@ def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_
         raw_weights: ignore the producer's scale (score the stored weights as they are).
         seed: base seed for seeded criteria.
         seed_key: name the seeds derive from (the group's name).
+        normalize: a key of NORMALIZATIONS.
     Returns:
-        [width] float64 scores with maximum 1 (all zeros if every score is 0).
+        [width] float64 scores (with "max": maximum 1, all zeros if every score is 0).
     """
     scale = None
     if producer.scale is not None and not raw_weights:
@@ -93,19 +112,14 @@ def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_
             s = scale[part.start:part_stop(part, width)]
             rows = rows * s.reshape(-1, *([1] * (rows.dim() - 1)))
         pieces.append(_call(scorer, rows, seed, part.key, f"{seed_key}#{i}"))
-    return _max_normalise(torch.cat(pieces))
-
-
-def _max_normalise(scores):
-    peak = scores.max()
-    return scores / peak if peak > 0 else torch.zeros_like(scores)
+    return NORMALIZATIONS[normalize](torch.cat(pieces))
 
 
 def _label(producer):
     return "+".join(p.key for p in producer.parts)
 
 
-def score_group(sd, group, criterion, reduce="mean", raw_weights=False, seed=0):
+def score_group(sd, group, criterion, reduce="mean", raw_weights=False, seed=0, normalize="max"):
     """Score every channel of a group.
 
     Args:
@@ -115,6 +129,7 @@ def score_group(sd, group, criterion, reduce="mean", raw_weights=False, seed=0):
         reduce: how producers are combined: mean, sum, max or first.
         raw_weights: score stored weights without folding in layer scale.
         seed: base seed for seeded criteria (random).
+        normalize: how each producer's scores are scaled (NORMALIZATIONS).
     Returns:
         GroupScores, or None when the criterion has nothing to score in this group
         (slimming on a group without scale factors).
@@ -122,16 +137,18 @@ def score_group(sd, group, criterion, reduce="mean", raw_weights=False, seed=0):
     scorer = get_criterion(criterion)
     if reduce not in REDUCTIONS:
         raise UserError(f"unknown reduction {reduce!r}; choose one of {', '.join(REDUCTIONS)}")
+    if normalize not in NORMALIZATIONS:
+        raise UserError(f"unknown normalisation {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
     per = {}
     if getattr(scorer, "uses_scales", False):
         for key in group.scales:
             if key not in sd:
                 raise UserError(f"the checkpoint lacks {key}, which its channel groups name")
-            per[key] = _max_normalise(_call(scorer, sd[key], seed, key, f"{group.name}#0"))
+            per[key] = NORMALIZATIONS[normalize](_call(scorer, sd[key], seed, key, f"{group.name}#0"))
     else:
         for producer in group.producers:
             per[_label(producer)] = score_producer(sd, producer, group.width, scorer, raw_weights,
-                                                   seed, group.name)
+                                                   seed, group.name, normalize)
     if not per:
         return None
     for label, s in per.items():
@@ -142,9 +159,9 @@ def score_group(sd, group, criterion, reduce="mean", raw_weights=False, seed=0):
     return GroupScores(score=score, producers=per)
 
 
-def score_groups(sd, groups, criterion, reduce="mean", raw_weights=False, seed=0):
+def score_groups(sd, groups, criterion, reduce="mean", raw_weights=False, seed=0, normalize="max"):
     """score_group for every group: dict group name -> GroupScores (or None)."""
-    return {g.name: score_group(sd, g, criterion, reduce, raw_weights, seed) for g in groups}
+    return {g.name: score_group(sd, g, criterion, reduce, raw_weights, seed, normalize) for g in groups}
 
 
 # --- keep rules ----------------------------------------------------------------------------
@@ -244,7 +261,8 @@ def _per_stage(values, n_stages, flag):
     return values
 
 
-def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=None, follow_dims=True):
+def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=None, follow_dims=True,
+                 group_ratio=None):
     """Widths set explicitly: --dims for residual groups, --hidden_ratio / --mlp_ratio for hidden.
 
     With --dims alone (and follow_dims), each block's MLP keeps its source ratio to the residual
@@ -258,11 +276,17 @@ def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=Non
         mlp_ratio: one multiple, or one per stage, of the stage's (new) residual width that
             each block's hidden width becomes (4 gives the Efficient ConvNeXt shapes), or None.
         follow_dims: with dims and no hidden rule, scale each MLP with its stage's residual.
+        group_ratio: [(glob pattern, share)]: prune that share of every group whose name
+            matches (kept = floor((1 - share) x width), as Li et al.'s scripts; 0 leaves the
+            group whole); later patterns win, and they override the rules above.
     Returns:
         dict group name -> width, for the groups these rules fix.
     """
     residual = [g for g in groups if g.kind == "residual"]
     widths = {}
+    if (dims is not None or mlp_ratio is not None) and not residual:
+        raise UserError("--dims / --mlp_ratio: this model has no residual channel groups (its "
+                        "streams stay whole); use --group_ratio, --hidden_ratio or a global target")
     if dims is not None:
         dims = list(dims)
         if len(dims) != len(residual):
@@ -280,7 +304,7 @@ def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=Non
     if hidden_ratio is not None and mlp_ratio is not None:
         raise UserError("give --hidden_ratio or --mlp_ratio, not both")
     stage = _stage_of(groups)
-    ratios = _per_stage(hidden_ratio, len(residual), "--hidden_ratio")
+    ratios = _per_stage(hidden_ratio, max(len(residual), 1), "--hidden_ratio")
     for r in ratios or ():
         if not 0 < r <= 1:
             raise UserError(f"--hidden_ratio must be in (0, 1], got {r}")
@@ -306,6 +330,22 @@ def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=Non
             raise UserError(f"--mlp_ratio {mults[s]:g}: {g.name} has only {g.width} channels, "
                             f"cannot keep {want}")
         widths[g.name] = want
+    widths.update(_group_ratio_widths(groups, group_ratio or (), round_to))
+    return widths
+
+
+def _group_ratio_widths(groups, group_ratio, round_to):
+    widths = {}
+    for pattern, share in group_ratio:
+        if not 0 <= share < 1:
+            raise UserError(f"--group_ratio {pattern}={share:g}: the share must be in [0, 1)")
+        matched = [g for g in groups if fnmatch.fnmatchcase(g.name, pattern)]
+        if not matched:
+            raise UserError(f"--group_ratio {pattern}={share:g} matches no group "
+                            "(--list_groups prints their names)")
+        for g in matched:
+            keep = math.floor((1 - share) * g.width + 1e-9)
+            widths[g.name] = max(round_width(keep, g.width, round_to), min_width(g))
     return widths
 
 
@@ -319,7 +359,7 @@ def _need_scores(group, scores):
 
 
 def plan_keep(groups, scores, dims=None, hidden_ratio=None, round_to=1, targets=None, cost_model=None,
-              mlp_ratio=None):
+              mlp_ratio=None, group_ratio=None):
     """Kept channel indices per group from the composable keep rules.
 
     Groups fixed by --dims / --hidden_ratio / --mlp_ratio keep their best channels; if targets
@@ -330,7 +370,7 @@ def plan_keep(groups, scores, dims=None, hidden_ratio=None, round_to=1, targets=
     Args:
         groups: channel groups.
         scores: dict group name -> GroupScores or None (from score_groups).
-        dims, hidden_ratio, round_to, mlp_ratio: see fixed_widths.
+        dims, hidden_ratio, round_to, mlp_ratio, group_ratio: see fixed_widths.
         targets: Targets or None.
         cost_model: CostModel, needed for params / MACs targets.
     Returns:
@@ -341,7 +381,7 @@ def plan_keep(groups, scores, dims=None, hidden_ratio=None, round_to=1, targets=
     targeted = targets is not None and targets.any()
     scorable = all(scores.get(g.name) is not None for g in groups if g.kind == "hidden")
     fixed = fixed_widths(groups, dims, hidden_ratio, round_to, mlp_ratio,
-                         follow_dims=scorable and not targeted)
+                         follow_dims=scorable and not targeted, group_ratio=group_ratio)
     keep = {}
     for g in groups:
         if fixed.get(g.name, g.width) < g.width:

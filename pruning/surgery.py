@@ -2,7 +2,7 @@
 
 `prune_state_dict` is a pure function on state dicts; `read_source` and `prune_checkpoint`
 deal with the checkpoint around it (our format with `arch`, or a released official /
-Efficient ConvNeXt file with a `model` state dict and no `arch`).
+Efficient ConvNeXt / seed file with a `model` state dict and no `arch`).
 """
 import hashlib
 
@@ -100,11 +100,13 @@ def read_source(ckpt, model_name=None, use_ema=False):
 def _resolve_arch(sd, ckpt, model_name):
     if model_name is not None:
         if model_name not in models.OUR_MODELS:
-            raise UserError(f"--model {model_name}: pruning needs one of this toolkit's ConvNeXt "
+            raise UserError(f"--model {model_name}: pruning needs one of this toolkit's "
                             "models (see the README's model zoo), whose channel groups it knows")
         arch = dict(models.default_arch(model_name))
-        if "head.weight" in sd:
-            arch["num_classes"] = int(sd["head.weight"].shape[0])
+        try:  # the class count the weights hold, whatever the family's head is called
+            arch["num_classes"] = models.infer_arch(sd)["num_classes"]
+        except UserError:
+            pass  # an unknown layout: check_arch_matches names the mismatch
         return arch
     arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     return dict(arch) if isinstance(arch, dict) else models.infer_arch(sd)

@@ -11,25 +11,25 @@ import models  # noqa: E402
 from models.complexity import count_macs, count_params  # noqa: E402
 
 
-def shape_of(arch):
-    if arch["family"] == "convnext_isotropic":
-        return f"isotropic, depth {arch['depth']}, dim {arch['dim']}"
-    kind = ", multi-scale dw" if arch["dw"] == "multiscale" else ""
-    return f"depths {'-'.join(map(str, arch['depths']))}, dims {'-'.join(map(str, arch['dims']))}{kind}"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--input_size", type=int, default=224)
+    parser.add_argument("--input_sizes", type=int, nargs="+", default=[224, 32],
+                        help="image sides to count MACs at (CIFAR networks are meant for 32 px)")
     args = parser.parse_args()
-    print(f"| model | shape | classes | params | MACs @ {args.input_size} px |")
-    print("|---|---|---:|---:|---:|")
+    sizes = " | ".join(f"MACs @ {s} px" for s in args.input_sizes)
+    print(f"| model | shape | classes | params | {sizes} |")
+    print("|---|---|---:|---:|" + "---:|" * len(args.input_sizes))
     for name in models.OUR_MODELS:
         with torch.device("meta"):  # shapes only: no memory, no time
             model = models.create_model(name)
         arch = model.arch
-        print(f"| `{name}` | {shape_of(arch)} | {arch['num_classes']} | "
-              f"{count_params(model):,} | {count_macs(model, args.input_size) / 1e9:.2f} G |")
+        macs = " | ".join(_giga(count_macs(model, s)) for s in args.input_sizes)
+        print(f"| `{name}` | {models.FAMILIES[arch['family']].describe(arch)} | {arch['num_classes']} | "
+              f"{count_params(model):,} | {macs} |")
+
+
+def _giga(macs):
+    return f"{macs / 1e9:.2f} G" if macs >= 1e9 else f"{macs / 1e6:.1f} M"
 
 
 if __name__ == "__main__":

@@ -93,6 +93,18 @@ def test_best_written_just_before_a_kill_is_recognised_as_ours(tmp_path):
     RunFolder(str(tmp_path), load_checkpoint_file(path), path).check(start_epoch=1)
 
 
+def test_a_run_killed_in_its_first_epoch_is_restarted_with_auto_resume(tmp_path):
+    run = RunFolder(str(tmp_path))
+    run.check(0)
+    run.save(ckpt(0), "checkpoint-best.pth")   # killed before checkpoint-0.pth
+    RunFolder(str(tmp_path), restart=True).check(start_epoch=0)
+    with pytest.raises(UserError, match="already holds checkpoint-best.pth"):
+        RunFolder(str(tmp_path), restart=False).check(start_epoch=0)   # --auto_resume false
+    foreign(tmp_path, "checkpoint-best-ema.pth")                       # not ours: no run record
+    with pytest.raises(UserError, match="already holds checkpoint-best-ema.pth"):
+        RunFolder(str(tmp_path), restart=True).check(start_epoch=0)
+
+
 def test_legacy_checkpoint_in_its_folder_owns_its_files(tmp_path):
     foreign(tmp_path, "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-best.pth")
     (tmp_path / "log.txt").write_text("{}\n")

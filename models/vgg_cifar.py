@@ -1,0 +1,127 @@
+"""VGG with BatchNorm for CIFAR (the Network Slimming and Pruning Filters seeds' network).
+
+The `arch` is the layer list of the slimming seed's pruned-architecture table: a width per
+3x3 conv (no bias, then BatchNorm and ReLU) and "M" for a 2x2 max-pool; then global average
+pooling and one linear layer. Keys follow that seed (`feature.N`, `classifier`), so its
+state dicts load unchanged.
+"""
+import torch.nn as nn
+
+from .groups import Group, Part, Producer
+from .registry import register_factory, register_family
+
+CONFIGS = {
+    "vgg11_bn_cifar": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    "vgg13_bn_cifar": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    "vgg16_bn_cifar": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    "vgg19_bn_cifar": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+                       512, 512, 512, 512],
+}
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+class VGGCifar(nn.Module):
+    """conv-BN-ReLU layers and max-pools as `cfg` says, global average pool, one linear layer.
+
+    Args:
+        cfg (list[int | str]): conv widths and "M" (max-pool), in order.
+        num_classes (int): classifier outputs.
+        in_chans (int): input image channels.
+        drop_path_rate, layer_scale_init_value, head_init_scale: main.py passes these to every
+            model; VGG has no drop path (only 0 is accepted) and no layer scale (ignored).
+    """
+
+    def __init__(self, cfg=None, num_classes=10, in_chans=3, drop_path_rate=0.,
+                 layer_scale_init_value=None, head_init_scale=1.):
+        super().__init__()
+        if drop_path_rate:
+            raise ValueError("VGG has no drop path: use --drop_path 0")
+        cfg = [v if v == "M" else int(v) for v in (cfg or CONFIGS["vgg19_bn_cifar"])]
+        layers, c = [], in_chans
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            c = v
+        self.feature = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)  # = the seed's AvgPool2d(2) at 32 px
+        self.classifier = nn.Linear(c, num_classes)
+        self._init(head_init_scale)
+        self.arch = {"family": "vgg_cifar", "cfg": cfg, "num_classes": num_classes, "in_chans": in_chans}
+
+    def _init(self, head_init_scale):
+        """The slimming seed's initialisation: BN scales start at 0.5."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 0.5)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.weight, std=0.01 * head_init_scale)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.feature(x)).flatten(1))
+
+    def get_classifier(self):
+        return self.classifier
+
+    # --- arch <-> state dict <-> channel groups -------------------------------------------
+    @classmethod
+    def from_arch(cls, arch, **kwargs):
+        return cls(cfg=arch["cfg"], num_classes=arch["num_classes"], in_chans=arch.get("in_chans", 3),
+                   **kwargs)
+
+    @staticmethod
+    def describe(arch):
+        return f"VGG-BN layers {arch['cfg']}"
+
+    @staticmethod
+    def widths(arch):
+        return [("conv widths", ",".join(str(v) for v in arch["cfg"] if v != "M"))]
+
+    @staticmethod
+    def infer_arch(sd):
+        """The arch of a state dict in this layout, or None when it is not one."""
+        if "feature.0.weight" not in sd or "classifier.weight" not in sd:
+            return None
+        cfg, i = [], 0
+        while f"feature.{i}.weight" in sd or f"feature.{i + 1}.weight" in sd:
+            if f"feature.{i}.weight" in sd:  # conv at i, BN at i + 1, ReLU at i + 2
+                cfg.append(sd[f"feature.{i}.weight"].shape[0])
+                i += 3
+            else:
+                cfg.append("M")
+                i += 1
+        return {"family": "vgg_cifar", "cfg": cfg, "num_classes": sd["classifier.weight"].shape[0],
+                "in_chans": sd["feature.0.weight"].shape[1]}
+
+    @staticmethod
+    def channel_groups(arch):
+        """One group per conv: its output channels, named conv<block>_<n> (conv1_1, ...; a
+        block ends at each max-pool). Cut: the conv's rows, its BatchNorm, the next conv's
+        input columns (or the classifier's). The BN weights are the scale factors."""
+        convs, block, n, index = [], 1, 0, 0
+        for v in arch["cfg"]:
+            if v == "M":
+                block, n, index = block + 1, 0, index + 1
+                continue
+            n += 1
+            convs.append((f"conv{block}_{n}", index, v))
+            index += 3
+        groups = []
+        for k, (name, i, width) in enumerate(convs):
+            consumer = f"feature.{convs[k + 1][1]}.weight" if k + 1 < len(convs) else "classifier.weight"
+            slices = ((Part(f"feature.{i}.weight", 0),)
+                      + tuple(Part(f"feature.{i + 1}.{t}", 0) for t in BN_TENSORS)
+                      + (Part(consumer, 1),))
+            groups.append(Group(name, "conv", width, (Producer((Part(f"feature.{i}.weight", 0),)),),
+                                slices, (f"feature.{i + 1}.weight",)))
+        return groups
+
+
+register_family("vgg_cifar", VGGCifar)
+for _name, _cfg in CONFIGS.items():
+    register_factory(_name, VGGCifar, f"VGG-{_name[3:5]} with BatchNorm for 32 px images.",
+                     cfg=_cfg, num_classes=10)
