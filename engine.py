@@ -26,6 +26,21 @@ class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite: training stops."""
 
 
+def l1_subgradient(params, strength):
+    """Network slimming's sparsity term: strength * sign(w) added to each scale factor's
+    gradient (the subgradient of strength * |w|), once per optimizer step."""
+    def add():
+        for p in params:
+            if p.grad is not None:
+                p.grad.add_(torch.sign(p.detach()), alpha=strength)
+    return add
+
+
+def mean_abs(params):
+    """Mean |w| over a list of tensors (the scale factors sparsity training shrinks)."""
+    return float(torch.cat([p.detach().abs().flatten().float().cpu() for p in params]).mean())
+
+
 def set_schedules(optimizer, lr_schedule_values, wd_schedule_values, it):
     """Set the learning rate (times each group's lr_scale) and weight decay of step `it`."""
     for group in optimizer.param_groups:
@@ -98,7 +113,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
                     max_norm=None, model_ema=None, mixup_fn=None, log_writer=None,
                     wandb_logger=None, start_steps=0, lr_schedule_values=None,
                     wd_schedule_values=None, num_training_steps_per_epoch=None, update_freq=1,
-                    use_amp=False, amp_dtype=torch.float16, channels_last=False, print_freq=10):
+                    use_amp=False, amp_dtype=torch.float16, channels_last=False, print_freq=10,
+                    sparsity=0.0, scale_params=()):
     """Train for one epoch; returns the epoch averages (loss, lr, class_acc, ...).
 
     Args:
@@ -120,6 +136,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         use_amp (bool), amp_dtype (torch.dtype): autocast settings.
         channels_last (bool): feed inputs in channels-last memory format.
         print_freq (int): iterations between log lines (and host syncs).
+        sparsity (float), scale_params: network slimming: add sparsity * sign(w) to the
+            gradient of every scale factor in scale_params before each optimizer step.
     """
     model.train(True)
     update_freq = max(update_freq or 1, 1)
@@ -132,6 +150,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     second_order = getattr(optimizer, "is_second_order", False)
     ema_source = unwrap_model(model)
+    before_step = l1_subgradient(scale_params, sparsity) if sparsity > 0 else None
     batches = itertools.islice(data_loader, n_iters)
 
     optimizer.zero_grad(set_to_none=True)
@@ -153,7 +172,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
                 loss = criterion(output, targets)
             grad_norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm,
                                     parameters=model.parameters(), create_graph=second_order,
-                                    update_grad=last_micro, need_norm=True)
+                                    update_grad=last_micro, need_norm=True, before_step=before_step)
         if last_micro:
             optimizer.zero_grad(set_to_none=True)
             if model_ema is not None:
@@ -167,7 +186,11 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     pending.flush()
     metric_logger.synchronize_between_processes()
     logger.info("Averaged stats: %s", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    if scale_params:
+        stats["mean_abs_scale"] = mean_abs(scale_params)
+        logger.info("Mean |scale factor| after epoch %d: %.6f", epoch, stats["mean_abs_scale"])
+    return stats
 
 
 @torch.inference_mode()

@@ -199,6 +199,9 @@ def check_input_size(args, resume, finetune):
     with torch.device("meta"):
         probe = models.build_model(arch) if arch is not None else models.create_model(name)
     models.check_input_size(probe, args.input_size, name or models.describe_arch(arch))
+    if args.sparsity and getattr(probe, "arch", None) is None:
+        raise UserError(f"--sparsity needs one of this toolkit's model families (their channel "
+                        f"groups declare the scale factors); {name} is a stock timm model")
 
 
 def _model_from_arch(args, arch, finetuning, kwargs):
@@ -249,6 +252,7 @@ class Run:
     wd_schedule: Any = None
     steps_per_epoch: int = 0
     n_parameters: int = 0
+    scale_params: Any = ()  # the scale factors (logged; penalised with --sparsity)
 
 
 def build_optimization(args, run, data, device):
@@ -293,6 +297,9 @@ def build_run(args, data, device, resume, finetune):
     run = Run(model=model, model_without_ddp=model, eval_model=model,
               n_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
     logger.info("number of params: %d", run.n_parameters)
+    if getattr(model, "arch", None) is not None:
+        params = dict(model.named_parameters())
+        run.scale_params = [params[k] for k in models.scale_factor_names(model.arch) if k in params]
     if args.model_ema:
         # created before the DDP wrapper, as in the official repo; restored below on resume
         run.model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
@@ -386,7 +393,8 @@ def train(args, data, run, device, best, folder):
             run.loss_scaler, args.clip_grad, run.model_ema, data.mixup_fn, log_writer=log_writer,
             wandb_logger=wandb_logger, start_steps=epoch * run.steps_per_epoch,
             lr_schedule_values=run.lr_schedule, wd_schedule_values=run.wd_schedule,
-            num_training_steps_per_epoch=run.steps_per_epoch, update_freq=args.update_freq, **_amp(args))
+            num_training_steps_per_epoch=run.steps_per_epoch, update_freq=args.update_freq,
+            sparsity=args.sparsity, scale_params=run.scale_params, **_amp(args))
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                      "n_parameters": run.n_parameters}
         new_best = []

@@ -139,6 +139,10 @@ def get_args_parser():
     a("--channels_last", type=str2bool, default=False, help="channels-last memory format")
     a("--compile", type=str2bool, default=False, help="torch.compile the model")
     a("--print_freq", default=10, type=int, help="iterations between log lines")
+    # Network slimming (not in the official repo)
+    a("--sparsity", default=0.0, type=float,
+      help="L1 penalty on the scale factors (BatchNorm weights; ConvNeXt: LayerNorm weights and "
+           "layer scale): adds S * sign(w) to their gradients, as network slimming trains")
     return p
 
 
@@ -176,6 +180,7 @@ RANGES = {
     "nb_classes": _in(1, None), "seed": _in(0, 2 ** 31 - 1), "save_ckpt_freq": _in(1, None),
     "save_ckpt_num": _in(0, None), "start_epoch": _in(0, None), "num_workers": _in(0, None),
     "world_size": _in(1, None), "dist_timeout": _in(0, None, lo_open=True),
+    "sparsity": _in(0, None),
 }
 
 

@@ -315,15 +315,21 @@ class NativeScalerWithGradNormCount:
         self._scaler = torch.amp.GradScaler(device, enabled=enabled)
 
     def __call__(self, loss, optimizer, clip_grad=None, parameters=None, create_graph=False,
-                 update_grad=True, need_norm=False):
-        """Returns the gradient norm (a tensor, no host sync) when clipping or asked, else None."""
+                 update_grad=True, need_norm=False, before_step=None):
+        """Returns the gradient norm (a tensor, no host sync) when clipping or asked, else None.
+
+        `before_step()` may change the (unscaled) gradients before clipping and the step.
+        """
         self._scaler.scale(loss).backward(create_graph=create_graph)
         if not update_grad:
             return None
         norm = None
+        if clip_grad or need_norm or before_step is not None:
+            self._scaler.unscale_(optimizer)  # the true gradients, not the scaled ones
+        if before_step is not None:
+            before_step()
         if clip_grad or need_norm:
             params = [p for p in parameters if p.grad is not None]
-            self._scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             norm = (torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad
                     else torch.nn.utils.get_total_norm([p.grad for p in params]))
         self._scaler.step(optimizer)

@@ -9,7 +9,7 @@ from .registry import FAMILIES, OUR_MODELS, check_model_name, create_model, defa
 __all__ = ["Group", "Part", "Producer", "FAMILIES", "OUR_MODELS", "create_model", "default_arch",
            "check_model_name", "check_input_size",
            "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",
-           "check_arch_matches"]
+           "check_arch_matches", "scale_factor_names"]
 
 
 def build_model(arch, **kwargs):
@@ -41,6 +41,12 @@ def infer_arch(state_dict):
 def channel_groups(arch):
     """The family's channel groups (models/groups.py) for pruning."""
     return FAMILIES[arch["family"]].channel_groups(arch)
+
+
+def scale_factor_names(arch):
+    """Keys of the per-channel scale factors the family's groups declare (BatchNorm weights;
+    in ConvNeXt its LayerNorm weights and layer scale): what network slimming penalises."""
+    return sorted({key for g in channel_groups(arch) for key in g.scales})
 
 
 def registered_name(arch):

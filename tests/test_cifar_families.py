@@ -206,3 +206,48 @@ def test_cli_end_to_end_vgg_slimming(tmp_path, capsys):
     assert sum(v for v in arch["cfg"] if v != "M") <= 30 and "MACs @32px" in capsys.readouterr().out
     assert prune_main(["--checkpoint", str(src), "--output", str(out), "--dims", "4", "--overwrite"]) == 2
     assert "no residual channel groups" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sparsity training
+
+def test_l1_subgradient_is_added_once_per_step_to_unscaled_gradients():
+    import engine
+    import utils
+    w = torch.nn.Parameter(torch.tensor([0.5, -2.0, 0.0]))
+    opt = torch.optim.SGD([w], lr=1.0)
+    scaler = utils.NativeScalerWithGradNormCount(enabled=False, device="cpu")
+    add = engine.l1_subgradient([w], 0.1)
+    assert scaler((w * 0).sum(), opt, update_grad=False, before_step=add) is None   # accumulation
+    scaler((w * 0).sum(), opt, update_grad=True, before_step=add)
+    assert torch.allclose(w.detach(), torch.tensor([0.4, -1.9, 0.0]))
+
+
+def _train_resnet(out, *extra, launcher=()):
+    cmd = [sys.executable, *launcher, str(ROOT / "main.py"), "--model", "resnet20", "--data_set", "DIGITS",
+           "--input_size", "32", "--epochs", "1", "--batch_size", "64", "--opt", "sgd", "--lr", "0.05",
+           "--weight_decay", "0", "--warmup_epochs", "0", "--mixup", "0", "--cutmix", "0", "--reprob", "0",
+           "--aa", "none", "--smoothing", "0", "--num_workers", "0", "--device", "cpu",
+           "--disable_eval", "true", "--output_dir", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return __import__("json").loads((out / "log.txt").read_text().splitlines()[-1])
+
+
+def test_sparsity_makes_the_scale_factors_shrink_faster(tmp_path):
+    plain = _train_resnet(tmp_path / "plain")
+    sparse = _train_resnet(tmp_path / "sparse", "--sparsity", "0.05")
+    assert sparse["train_mean_abs_scale"] < plain["train_mean_abs_scale"] - 0.01, (plain, sparse)
+
+
+def test_sparsity_under_two_gloo_processes(tmp_path):
+    log = _train_resnet(tmp_path / "dist", "--sparsity", "0.01",
+                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    assert 0 < log["train_mean_abs_scale"] < 1
+
+
+def test_sparsity_needs_one_of_our_families(capsys):
+    import main
+    assert main.cli(["--model", "resnet18", "--sparsity", "1e-4", "--data_set", "DIGITS",
+                     "--device", "cpu"]) == 2
+    assert "--sparsity needs one of this toolkit's model families" in capsys.readouterr().err
