@@ -1,15 +1,17 @@
 """Model families. Importing this package registers every factory in timm's registry."""
+import torch
+
 from errors import UserError
 
 from . import convnext, convnext_isotropic, resnet_cifar, vgg_cifar  # noqa: F401  (registers the families)
-from .complexity import check_input_size
+from .complexity import check_input_size, count_macs, count_params
 from .groups import Group, Part, Producer
 from .registry import FAMILIES, OUR_MODELS, check_model_name, create_model, default_arch
 
 __all__ = ["Group", "Part", "Producer", "FAMILIES", "OUR_MODELS", "create_model", "default_arch",
            "check_model_name", "check_input_size",
            "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",
-           "check_arch_matches", "scale_factor_names"]
+           "check_arch_matches", "scale_factor_names", "meta_model", "count_arch"]
 
 
 def build_model(arch, **kwargs):
@@ -22,6 +24,19 @@ def build_model(arch, **kwargs):
         return family.from_arch(arch, **kwargs)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"malformed arch {describe_arch(arch)}: {e}") from None
+
+
+def meta_model(arch):
+    """The model an arch describes, on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return build_model(arch)
+
+
+def count_arch(arch, input_size):
+    """(params, MACs) of the shape an arch describes (FlopCounterMode on the meta device: the
+    figures every table of the project uses; MACs = FLOPs / 2)."""
+    model = meta_model(arch).eval()
+    return count_params(model), count_macs(model, input_size)
 
 
 def infer_arch(state_dict):

@@ -32,6 +32,11 @@ class Group:
     scales: tuple[str, ...] = ()  # per-channel scale factors (slimming criterion)
 
 
+def part_stop(part, width):
+    """End of a part's channel range (None means the group width)."""
+    return width if part.stop is None else part.stop
+
+
 def linear_parts(prefix, axis_in):
     """Parts of a Linear/Conv at `prefix` whose input (axis 1) or output (axis 0) is the group."""
     if axis_in:

@@ -1,8 +1,12 @@
-"""Operator-norm passive filter pruning (and baselines) of ConvNeXt checkpoints.
+"""Pruning of checkpoints of every model family, one stage per module:
 
+    checkpoint -> arch -> groups -> scores -> plan -> surgery -> checkpoint
+
+models.infer_arch / the checkpoint's `arch`, then models.channel_groups (each family's own file)
 criteria.py  scorers over one producer weight (registry CRITERIA)
-scoring.py   group scores (per-producer normalisation, reduction) and keep rules
-costs.py     params / MACs of a shape and of candidate prunings
+scoring.py   group scores (per-producer normalisation, reduction)
+plan.py      keep rules: which channels of every group survive
+costs.py     fast params / MACs of candidate plans (exact counts: models.count_arch)
 surgery.py   cut state dicts and rewrite checkpoints
-prune_convnext.py  the command-line tool
+prune.py     the command-line tool (prune_convnext.py: the same tool under its first name)
 """

@@ -1,7 +1,4 @@
-"""Parameter and MAC counts of a shape, and a fast cost model for candidate prunings.
-
-`count_arch` builds the model on the meta device (no memory, no weights) and counts MACs with
-torch's FlopCounterMode (MACs = FLOPs / 2), the figures every table of the project uses.
+"""A fast cost model for candidate prunings (the exact counts are models.count_arch).
 
 `CostModel` answers "what would params and MACs be if these channels were kept?" many times
 during a global ranking without rebuilding a model each time. Every counted op of these
@@ -14,24 +11,8 @@ unpruned shape and refuses to run if they disagree.
 import torch
 import torch.nn as nn
 
-import models
+from models import meta_model
 from models.complexity import count_macs, count_params
-
-
-def meta_model(arch):
-    """The model an arch describes, on the meta device (shapes only, no memory)."""
-    with torch.device("meta"):
-        return models.build_model(arch)
-
-
-def count_model(model, input_size):
-    """(params, MACs) of a model at a square input size (meta device is fine)."""
-    return count_params(model), count_macs(model, input_size)
-
-
-def count_arch(arch, input_size):
-    """(params, MACs) of the shape an arch describes, counted on the meta device."""
-    return count_model(meta_model(arch).eval(), input_size)
 
 
 class CostModel:
@@ -54,7 +35,7 @@ class CostModel:
                 if part.key in self.cuts:
                     stop = g.width if part.stop is None else part.stop
                     self.cuts[part.key].append((part.axis, g.name, part.start, stop))
-        self.full = count_model(model, input_size)
+        self.full = count_params(model), count_macs(model, input_size)
         mine = self({})
         if mine != self.full:
             raise RuntimeError(f"cost model disagrees with FlopCounterMode on {arch.get('family')}: "

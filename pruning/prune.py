@@ -38,9 +38,10 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from pruning.costs import CostModel, count_arch  # noqa: E402
+from pruning.costs import CostModel  # noqa: E402
+from pruning.plan import Targets, plan_keep  # noqa: E402
 from pruning.criteria import CRITERIA, get_criterion  # noqa: E402
-from pruning.scoring import NORMALIZATIONS, REDUCTIONS, Targets, plan_keep, score_groups  # noqa: E402
+from pruning.scoring import NORMALIZATIONS, REDUCTIONS, score_groups  # noqa: E402
 from pruning.surgery import prune_checkpoint, read_source, sha256_file  # noqa: E402
 from checkpoint import is_url, load_checkpoint_file, local_copy, saved_args, save_checkpoint_file  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
@@ -178,7 +179,7 @@ def table(before, after, input_size):
 
 
 def summary(arch, input_size):
-    params, macs = count_arch(arch, input_size)
+    params, macs = models.count_arch(arch, input_size)
     return params, macs, models.FAMILIES[arch["family"]].widths(arch)
 
 

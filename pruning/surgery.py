@@ -12,8 +12,7 @@ import models
 from checkpoint import args_to_dict, model_state
 from errors import UserError
 
-from .costs import meta_model
-from .scoring import part_stop
+from models.groups import part_stop
 
 
 def _check_keep(group, idx):
@@ -87,7 +86,7 @@ def read_source(ckpt, model_name=None, use_ema=False):
         raise UserError("--use_ema: the checkpoint has no model_ema weights")
     arch = _resolve_arch(sds["model"], ckpt, model_name)
     what = f"--model {model_name}" if model_name else "the checkpoint's own `arch` entry"
-    meta = meta_model(arch)
+    meta = models.meta_model(arch)
     models.check_arch_matches(meta, sds["model"], model_name=what)
     arch = {**arch, **meta.arch}  # complete a partial stored arch (channel groups need all fields)
     if "model_ema" in sds:

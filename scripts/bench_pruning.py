@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from pruning import criteria  # noqa: E402
-from pruning.scoring import plan_keep, score_groups  # noqa: E402
+from pruning.plan import plan_keep  # noqa: E402
+from pruning.scoring import score_groups  # noqa: E402
 from pruning.surgery import prune_state_dict  # noqa: E402
 from errors import ArgumentParser, run_cli  # noqa: E402
 

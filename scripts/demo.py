@@ -15,7 +15,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pruning.costs import count_arch  # noqa: E402
+import models  # noqa: E402
 from checkpoint import load_checkpoint_file  # noqa: E402
 
 # Efficient ConvNeXt shapes: residual widths per stage, MLP width 4x.
@@ -68,7 +68,7 @@ def prune(source, out, criterion, dims):
 
 
 def row(checkpoint, label, criterion, before, after):
-    params, macs = count_arch(load_checkpoint_file(checkpoint)["arch"], INPUT_SIZE)
+    params, macs = models.count_arch(load_checkpoint_file(checkpoint)["arch"], INPUT_SIZE)
     after = f"{after:.2f}" if after is not None else "-"
     return f"| {label} | {criterion} | {params / 1e6:.2f}M | {macs / 1e6:.1f}M | {before:.2f} | {after} |"
 

@@ -14,7 +14,8 @@ import models  # noqa: E402
 from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
 from errors import UserError  # noqa: E402
 from pruning.prune import main as prune_main  # noqa: E402
-from pruning.scoring import Targets, plan_keep, score_groups  # noqa: E402
+from pruning.plan import Targets, plan_keep  # noqa: E402
+from pruning.scoring import score_groups  # noqa: E402
 from pruning.surgery import prune_state_dict  # noqa: E402
 
 # the slimming seed's pruned VGG-19 at ratio 0.5 (its README's architecture table)

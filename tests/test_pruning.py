@@ -4,10 +4,11 @@ import timm
 import torch
 
 import models
-from pruning.costs import CostModel, count_arch
+from models import count_arch
+from pruning.costs import CostModel
 from pruning.criteria import l1, opnorm
-from pruning.scoring import (Targets, fixed_widths, min_width, plan_keep, ranking, score_group,
-                             score_groups, select)
+from pruning.plan import Targets, fixed_widths, min_width, plan_keep, ranking, select
+from pruning.scoring import score_group, score_groups
 from pruning.surgery import new_arch, prune_checkpoint, prune_state_dict, read_source
 from errors import UserError
 
