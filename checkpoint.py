@@ -172,6 +172,25 @@ def model_state(checkpoint, model_key="model|module", model_prefix=""):
     return tensors
 
 
+def held_model(ckpt, state, model_name=None):
+    """Which model a checkpoint holds, the one answer every tool uses: (arch, None) for a shape
+    of ours, or (None, name) for a registered model name. In order: `model_name` when given
+    (the weights must then fit it), the checkpoint's `arch`, the shape read off its weights,
+    the --model saved in its args (e.g. a stock timm model)."""
+    if model_name:
+        return None, model_name
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("arch"), dict):
+        return ckpt["arch"], None
+    try:
+        return models.infer_arch(state), None
+    except UserError as e:
+        name = saved_args(ckpt).get("model")
+        if not isinstance(name, str):
+            raise UserError(f"{e}; give --model NAME") from None
+        logger.info("Model: --model %s, as saved in the checkpoint's args", name)
+        return None, name
+
+
 def head_prefix(model):
     """Key prefix of the classifier: timm's get_classifier() where it exists, else `head.`."""
     get = getattr(model, "get_classifier", None)

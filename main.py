@@ -162,34 +162,11 @@ def _weights(args, resume, finetune):
     return checkpoint.model_state(finetune, args.model_key, args.model_prefix) if finetune is not None else None
 
 
-def _checkpoint_arch(ckpt, state):
-    """The shape a checkpoint holds: its `arch`, else read off the weights; None if neither
-    works but the checkpoint's saved args name a model (e.g. a stock timm one)."""
-    if ckpt.get("arch"):
-        return ckpt["arch"]
-    try:
-        return models.infer_arch(state)
-    except UserError:
-        if _saved_model_name(ckpt) is None:
-            raise
-        return None
-
-
-def _saved_model_name(ckpt):
-    """--model of the run that wrote the checkpoint (args as a dict or an argparse.Namespace)."""
-    name = checkpoint.saved_args(ckpt).get("model")
-    return name if isinstance(name, str) else None
-
-
 def choose_model(args, resume, finetune):
     """What this run builds: (arch, None) for the shape a checkpoint holds, else (None, name)."""
     ckpt = resume if resume is not None else finetune
-    if args.model is None and ckpt is not None:
-        arch = _checkpoint_arch(ckpt, _weights(args, resume, finetune))
-        if arch is not None:
-            return arch, None
-        logger.info("Model: --model %s, as saved in the checkpoint's args", _saved_model_name(ckpt))
-        return None, _saved_model_name(ckpt)
+    if ckpt is not None:
+        return checkpoint.held_model(ckpt, _weights(args, resume, finetune), args.model)
     return None, args.model or DEFAULT_MODEL
 
 

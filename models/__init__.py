@@ -49,8 +49,8 @@ def infer_arch(state_dict):
                             f"({type(e).__name__}: {e})") from None
         if arch is not None:
             return arch
-    raise UserError("the checkpoint's weights are not a ConvNeXt layout this toolkit knows "
-                    "(expected keys like downsample_layers.0.0.weight or stem.weight)")
+    raise UserError("the checkpoint's weights are not a layout this toolkit knows (ConvNeXt, "
+                    "isotropic ConvNeXt, CIFAR ResNet or CIFAR VGG keys)")
 
 
 def channel_groups(arch):

@@ -9,7 +9,7 @@ import hashlib
 import torch
 
 import models
-from checkpoint import args_to_dict, model_state
+from checkpoint import args_to_dict, held_model, model_state
 from errors import UserError
 
 from models.groups import part_stop
@@ -97,18 +97,18 @@ def read_source(ckpt, model_name=None, use_ema=False):
 
 
 def _resolve_arch(sd, ckpt, model_name):
-    if model_name is not None:
-        if model_name not in models.OUR_MODELS:
-            raise UserError(f"--model {model_name}: pruning needs one of this toolkit's "
-                            "models (see the README's model zoo), whose channel groups it knows")
-        arch = dict(models.default_arch(model_name))
-        try:  # the class count the weights hold, whatever the family's head is called
-            arch["num_classes"] = models.infer_arch(sd)["num_classes"]
-        except UserError:
-            pass  # an unknown layout: check_arch_matches names the mismatch
-        return arch
-    arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
-    return dict(arch) if isinstance(arch, dict) else models.infer_arch(sd)
+    arch, name = held_model(ckpt, sd, model_name)
+    if arch is not None:
+        return dict(arch)
+    if name not in models.OUR_MODELS:
+        raise UserError(f"--model {name}: pruning needs one of this toolkit's models (see the "
+                        "README's model zoo), whose channel groups it knows")
+    arch = dict(models.default_arch(name))
+    try:  # the class count the weights hold, whatever the family's head is called
+        arch["num_classes"] = models.infer_arch(sd)["num_classes"]
+    except UserError:
+        pass  # an unknown layout: check_arch_matches names the mismatch
+    return arch
 
 
 def new_arch(source_arch, state_dict):

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402  (after the repo root is on the path)
 import models  # noqa: E402
-from checkpoint import args_to_dict, load_checkpoint_file, model_state  # noqa: E402
+from checkpoint import held_model, load_checkpoint_file, model_state, saved_args  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("inference")
@@ -45,26 +45,14 @@ def get_args_parser():
     return parser
 
 
-def checkpoint_parts(ckpt):
-    """(state dict, arch or None, training args dict) of a loaded checkpoint."""
-    state_dict = model_state(ckpt, "model|state_dict")
-    train_args = args_to_dict(ckpt.get("args"))
-    return state_dict, ckpt.get("arch"), train_args
-
-
-def build_model(arch, state_dict, model_name):
-    """(model, display name): `model_name` when given, else `arch`, else the weights' shape."""
-    if model_name:  # explicit wins; load_weights then checks that the weights fit it
-        head = next((state_dict[k] for k in HEAD_KEYS if k in state_dict), None)
-        kwargs = {"num_classes": head.shape[0]} if head is not None else {}
-        return models.create_model(model_name, **kwargs), model_name
-    if arch is None:
-        try:
-            arch = models.infer_arch(state_dict)
-        except UserError:
-            raise UserError("the checkpoint has no arch and an unknown layout: "
-                            "give --model NAME") from None
-    return models.build_model(arch), models.registered_name(arch) or models.describe_arch(arch)
+def build_model(ckpt, state_dict, model_name):
+    """(model, display name) of what the checkpoint holds (checkpoint.held_model)."""
+    arch, name = held_model(ckpt, state_dict, model_name)
+    if arch is not None:
+        return models.build_model(arch), models.registered_name(arch) or models.describe_arch(arch)
+    head = next((state_dict[k] for k in HEAD_KEYS if k in state_dict), None)
+    kwargs = {"num_classes": head.shape[0]} if head is not None else {}
+    return models.create_model(name, **kwargs), name
 
 
 def load_weights(model, state_dict, name):
@@ -136,8 +124,9 @@ def run(args):
         raise UserError(f"image not found: {args.image}")
     if args.input_size is not None and args.input_size < 1:
         raise UserError(f"--input_size must be >= 1, got {args.input_size}")
-    state_dict, arch, train_args = checkpoint_parts(load_checkpoint_file(args.checkpoint))
-    model, name = build_model(arch, state_dict, args.model)
+    ckpt = load_checkpoint_file(args.checkpoint)
+    state_dict, train_args = model_state(ckpt, "model|state_dict"), saved_args(ckpt)
+    model, name = build_model(ckpt, state_dict, args.model)
     input_size = args.input_size or train_args.get("input_size") or 224
     models.check_input_size(model, input_size, f"`{name}`")
     print(f"Build `{name}` model successfully.")

@@ -128,7 +128,7 @@ def test_released_checkpoint_is_recognised(tmp_path):
     assert models.registered_name(arch) == "convnext_tiny_13M_pruned_cifar10"
     with pytest.raises(UserError, match=r"dims \[96, 192, 384, 192\].*convnext_tiny_13M_pruned_cifar10"):
         models.check_arch_matches(timm.create_model("convnext_tiny_unpruned_cifar10"), sd)
-    with pytest.raises(UserError, match="not a ConvNeXt layout"):
+    with pytest.raises(UserError, match="not a layout this toolkit knows"):
         models.infer_arch({"fc.weight": torch.zeros(2, 2)})
     partial = {k: v for k, v in sd.items() if not k.startswith("stages.1.2.pwconv1")}
     with pytest.raises(UserError, match="weights are incomplete"):
