@@ -148,3 +148,19 @@ def test_bad_paths(ckpt, tmp_path, capsys):
     assert main(["--checkpoint", str(ckpt), "--output", str(existing), "--dims", "4", "8", "8", "8",
                  "--overwrite"]) == 0
     assert load_checkpoint_file(existing)["arch"]["dims"] == [4, 8, 8, 8]
+
+
+@pytest.mark.parametrize("arch, rule, expect", [
+    ({"family": "convnext_isotropic", "depth": 2, "dim": 16, "num_classes": 10}, ["--dims", "8"],
+     {"dim": 8, "hidden": [32, 32]}),
+    ({"family": "convnext", "depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "dw": "multiscale",
+      "num_classes": 10}, ["--dims", "4", "8", "12", "16"], {"dims": [4, 8, 12, 16]}),
+])
+def test_other_convnext_families_end_to_end(tmp_path, arch, rule, expect):
+    model = models.build_model(arch)
+    src, out = tmp_path / "src.pth", tmp_path / "out.pth"
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch}, src)
+    assert main(["--checkpoint", str(src), "--output", str(out), "--input_size", "32", *rule]) == 0
+    pruned = load_checkpoint_file(out)
+    assert {k: pruned["arch"][k] for k in expect} == expect
+    models.build_model(pruned["arch"]).load_state_dict(pruned["model"], strict=True)
