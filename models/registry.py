@@ -29,7 +29,10 @@ def register_factory(name, cls, doc, **defaults):
         if pretrained:
             raise UserError(f"{name}: weights cannot be downloaded here; "
                             "load a local checkpoint with --finetune or --resume")
-        return cls(**{**defaults, **kwargs})
+        try:
+            return cls(**{**defaults, **kwargs})
+        except ValueError as e:  # an option the family does not have (e.g. drop path in VGG)
+            raise UserError(f"{name}: {e}") from None
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc
