@@ -4,11 +4,13 @@
     python scripts/inference.py --image digit.png --checkpoint output/checkpoint-best.pth
     python scripts/inference.py --image cat.jpg --checkpoint convnext_tiny_1k_224_ema.pth \\
         --model convnext_tiny --class_names imagenet_classes.txt
+    python scripts/inference.py --image digit.png --checkpoint model.onnx   # from scripts/export.py
 
 The model is `--model` when given (the weights must fit it), else the checkpoint's `arch`, else
 the shape of its weights. Class names come from `--class_names` (one per line), from `--data_set` /
 `--data_path`, else from the data set recorded in the checkpoint's args, else class indices.
 """
+import json
 import logging
 import os
 import sys
@@ -21,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402  (after the repo root is on the path)
 import models  # noqa: E402
 from checkpoint import held_model, load_checkpoint_file, model_state, saved_args  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 
 logger = logging.getLogger("inference")
 TOP_K = 5
@@ -117,6 +119,50 @@ def class_probabilities(model, batch):
     return model(batch).float().softmax(dim=-1)[0].cpu()
 
 
+def _transform(args, train_args):
+    data_args = datasets.default_data_args(
+        input_size=args.input_size or train_args.get("input_size") or 224,
+        crop_pct=train_args.get("crop_pct"),
+        imagenet_default_mean_and_std=train_args.get("imagenet_default_mean_and_std", True))
+    return datasets.build_transform(False, data_args)
+
+
+def torch_probabilities(args):
+    """(class probabilities, training args) with a PyTorch checkpoint."""
+    ckpt = load_checkpoint_file(args.checkpoint)
+    state_dict, train_args = model_state(ckpt, "model|state_dict"), saved_args(ckpt)
+    model, name = build_model(ckpt, state_dict, args.model)
+    models.check_input_size(model, args.input_size or train_args.get("input_size") or 224, f"`{name}`")
+    print(f"Build `{name}` model successfully.")
+    device = pick_device(args.device)
+    model = load_weights(model, state_dict, name).to(device)
+    print(f"Load `{name}` model weights `{os.path.abspath(args.checkpoint)}` successfully.")
+    batch = load_image(args.image, _transform(args, train_args)).to(device)
+    return class_probabilities(model, batch), train_args
+
+
+def onnx_probabilities(args):
+    """(class probabilities, the export's metadata) with an ONNX file from scripts/export.py."""
+    if args.model:
+        raise UserError("--model does not apply to an .onnx file: the graph holds the model")
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise UserError(f"an .onnx file needs onnx and onnxruntime ({e})") from None
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    try:
+        meta = {p.key: json.loads(p.value) for p in onnx.load(args.checkpoint, load_external_data=False).metadata_props}
+        session = onnxruntime.InferenceSession(args.checkpoint, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnx / onnxruntime raise their own types for damaged files
+        raise UserError(f"cannot read ONNX file {args.checkpoint}: {first_line(e)}") from None
+    batch = load_image(args.image, _transform(args, meta))
+    logits = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    print(f"Load ONNX model `{os.path.abspath(args.checkpoint)}` ({meta.get('model', 'unnamed')}) successfully.")
+    return torch.from_numpy(logits).float().softmax(dim=-1)[0], meta
+
+
 def run(args):
     if args.data_path and not args.data_set:
         raise UserError("--data_path needs --data_set (which layout to read class names from)")
@@ -124,21 +170,10 @@ def run(args):
         raise UserError(f"image not found: {args.image}")
     if args.input_size is not None and args.input_size < 1:
         raise UserError(f"--input_size must be >= 1, got {args.input_size}")
-    ckpt = load_checkpoint_file(args.checkpoint)
-    state_dict, train_args = model_state(ckpt, "model|state_dict"), saved_args(ckpt)
-    model, name = build_model(ckpt, state_dict, args.model)
-    input_size = args.input_size or train_args.get("input_size") or 224
-    models.check_input_size(model, input_size, f"`{name}`")
-    print(f"Build `{name}` model successfully.")
-    device = pick_device(args.device)
-    model = load_weights(model, state_dict, name).to(device)
-    print(f"Load `{name}` model weights `{os.path.abspath(args.checkpoint)}` successfully.")
-    data_args = datasets.default_data_args(
-        input_size=input_size,
-        crop_pct=train_args.get("crop_pct"),
-        imagenet_default_mean_and_std=train_args.get("imagenet_default_mean_and_std", True))
-    batch = load_image(args.image, datasets.build_transform(False, data_args)).to(device)
-    probs = class_probabilities(model, batch)
+    if args.checkpoint.endswith(".onnx"):
+        probs, train_args = onnx_probabilities(args)
+    else:
+        probs, train_args = torch_probabilities(args)
     names = read_class_names(args, train_args, probs.numel())
     top = probs.topk(min(TOP_K, probs.numel()))
     for p, i in zip(top.values.tolist(), top.indices.tolist()):

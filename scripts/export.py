@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Export a checkpoint of any family (any pruned shape) to ONNX, checked in ONNX Runtime.
+
+    python scripts/export.py --checkpoint pruned_13M.pth --output pruned_13M.onnx --data_set DIGITS
+
+The shape comes from the checkpoint (`arch`, else its weights, else its saved --model) and the
+input size from the size it was trained at (or --input_size). The batch axis is dynamic
+(--dynamic_size makes height and width dynamic too). torch's exporter writes opset 18, where
+LayerNorm is one operator; onnx.checker runs its full check; then the same images go through
+PyTorch and ONNX Runtime: real ones from --data_set (its evaluation split) or random ones, and
+the max |logit difference| and top-1 agreement are printed. Above --tolerance (times the
+largest |logit| when that exceeds 1) the export fails (exit status 2) and no file is written
+under --output. The file carries
+the checkpoint's input size, normalisation and arch as metadata (scripts/inference.py reads
+them).
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import datasets  # noqa: E402
+import models  # noqa: E402
+from checkpoint import held_model, load_checkpoint_file, load_model_state, model_state, saved_args  # noqa: E402
+from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
+
+OPSET = 18
+
+
+def get_args_parser():
+    p = ArgumentParser("export", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or http(s) URL")
+    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument("--model", default=None, help="registered model name, when the checkpoint does not say")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="image side (default: the checkpoint's training size, else 224)")
+    p.add_argument("--dynamic_size", action="store_true", help="dynamic height and width too")
+    p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+                   help="real images for the parity check (default: random images)")
+    p.add_argument("--data_path", default=None, help="data set folder for --data_set")
+    p.add_argument("--eval_data_path", default=None, help="evaluation folder for --data_set")
+    p.add_argument("--parity_images", type=int, default=64, help="images in the parity check")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest accepted |logit difference|, times the largest |logit| when that "
+                        "is above 1 (fp32 rounding grows with the magnitude)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    return p
+
+
+def check_args(args):
+    if not args.output.endswith(".onnx"):
+        raise UserError(f"--output {args.output}: give a file name ending in .onnx")
+    if os.path.isdir(args.output):
+        raise UserError(f"--output {args.output} is a folder; give a file name")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UserError(f"--output {args.output} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"--output {args.output}: its folder does not exist or is not writable")
+    if args.input_size is not None and args.input_size < 1:
+        raise UserError(f"--input_size must be >= 1, got {args.input_size}")
+    if args.parity_images < 1 or not args.tolerance > 0:
+        raise UserError("--parity_images must be >= 1 and --tolerance > 0")
+    if args.data_path and not args.data_set:
+        raise UserError("--data_path needs --data_set")
+
+
+def runtime():
+    """onnx and onnxruntime, imported only here (one clear line when missing)."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise UserError(f"export needs the onnx and onnxruntime packages ({e}); "
+                        "pip install -r requirements.txt") from None
+    return onnx, onnxruntime
+
+
+def load_model(args):
+    """(model in eval mode, display name, the checkpoint's training args)."""
+    ckpt = load_checkpoint_file(args.checkpoint)
+    state = model_state(ckpt)
+    arch, name = held_model(ckpt, state, args.model)
+    model = models.build_model(arch) if arch is not None else models.create_model(name)
+    load_model_state(model, state, args.checkpoint)
+    return model.eval(), name or models.registered_name(arch) or models.describe_arch(arch), saved_args(ckpt)
+
+
+def parity_images(args, data_args, n):
+    """n images as the evaluation transform gives them: from --data_set, else random."""
+    if args.data_set is None:
+        torch.manual_seed(0)
+        return torch.randn(n, 3, data_args.input_size, data_args.input_size), "random images"
+    dataset, _ = datasets.build_dataset(is_train=False, args=data_args)
+    n = min(n, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(n)]), f"{args.data_set} evaluation images"
+
+
+def export(model, example, path, dynamic_size):
+    """torch's exporter (torch.export based) to `path`."""
+    batch = torch.export.Dim("batch", min=1)
+    shape = {0: batch}
+    if dynamic_size:
+        shape.update({2: torch.export.Dim("height", min=8), 3: torch.export.Dim("width", min=8)})
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
+                                    input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes=(shape,), verbose=False)
+        program.save(path)
+    except Exception as e:  # the exporter's own errors come from many modules
+        raise UserError(f"ONNX export failed ({type(e).__name__}: {first_line(e)})") from None
+
+
+def add_metadata(onnx, path, meta):
+    m = onnx.load(path)
+    for key, value in meta.items():
+        m.metadata_props.add(key=key, value=json.dumps(value))
+    onnx.save(m, path)
+    onnx.checker.check_model(path, full_check=True)
+
+
+def parity(ort, path, model, images):
+    """(max |logit difference|, largest |logit|, top-1 agreement): ONNX Runtime vs PyTorch."""
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    onnx_out = np.concatenate([session.run(None, {"images": images[i:i + 16].numpy()})[0]
+                               for i in range(0, len(images), 16)])
+    with torch.no_grad():
+        torch_out = model(images).numpy()
+    diff = float(np.abs(onnx_out - torch_out).max())
+    agree = float((onnx_out.argmax(1) == torch_out.argmax(1)).mean())
+    return diff, float(np.abs(torch_out).max()), agree
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    onnx, ort = runtime()
+    model, name, trained = load_model(args)
+    size = args.input_size or (trained.get("input_size") if isinstance(trained.get("input_size"), int) else 224)
+    models.check_input_size(model, size, name)
+    data_args = datasets.default_data_args(
+        input_size=size, crop_pct=trained.get("crop_pct"), data_set=args.data_set or "DIGITS",
+        imagenet_default_mean_and_std=trained.get("imagenet_default_mean_and_std", True),
+        data_path=args.data_path, eval_data_path=args.eval_data_path)
+    images, source = parity_images(args, data_args, args.parity_images)
+    tmp = f"{args.output}.tmp-{os.getpid()}.onnx"
+    try:
+        export(model, images[:2], tmp, args.dynamic_size)
+        add_metadata(onnx, tmp, {"input_size": size, "crop_pct": data_args.crop_pct,
+                                 "imagenet_default_mean_and_std": data_args.imagenet_default_mean_and_std,
+                                 "arch": getattr(model, "arch", None), "model": name,
+                                 "data_set": trained.get("data_set")})
+        diff, scale, agree = parity(ort, tmp, model, images)
+        allowed = args.tolerance * max(1.0, scale)
+        print(f"parity on {len(images)} {source}: max |logit difference| {diff:.3g} (largest |logit| "
+              f"{scale:.3g}, allowed {allowed:.3g}), top-1 agreement {agree:.2%}")
+        if diff > allowed:
+            raise UserError(f"ONNX Runtime disagrees with PyTorch (max |logit difference| {diff:.3g}, "
+                            f"top-1 agreement {agree:.2%}): {args.output} not written")
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"{name} exported to {args.output} (opset {OPSET}, {size} px, dynamic batch"
+          f"{', height and width' if args.dynamic_size else ''})")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

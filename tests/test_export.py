@@ -1,0 +1,110 @@
+"""scripts/export.py: every family and a pruned shape to ONNX, parity in ONNX Runtime, dynamic
+batch and size, inference from the .onnx file, clear errors."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+import export  # noqa: E402
+import inference  # noqa: E402
+import models  # noqa: E402
+from checkpoint import save_checkpoint_file  # noqa: E402
+from pruning.prune import main as prune_main  # noqa: E402
+
+ARCHS = {
+    "convnext": {"family": "convnext", "depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "num_classes": 10},
+    "convnext_isotropic": {"family": "convnext_isotropic", "depth": 2, "dim": 16, "num_classes": 10},
+    "resnet_cifar": {"family": "resnet_cifar", "depths": [1, 1, 1], "inner": None, "num_classes": 10},
+    "vgg_cifar": {"family": "vgg_cifar", "cfg": [8, "M", 16, "M", 16], "num_classes": 10},
+}
+
+
+def checkpoint_of(tmp_path, arch, name="src.pth"):
+    torch.manual_seed(0)
+    model = models.build_model(arch).eval()
+    path = tmp_path / name
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
+                          "args": {"input_size": 32, "data_set": "DIGITS"}}, path)
+    return path, model
+
+
+def run_onnx(path, images):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images.numpy()})[0]
+
+
+@pytest.mark.parametrize("family", list(ARCHS))
+def test_every_family_exports_with_parity_and_a_dynamic_batch(tmp_path, family, capsys):
+    src, model = checkpoint_of(tmp_path, ARCHS[family])
+    out = tmp_path / "m.onnx"
+    assert export.main(["--checkpoint", str(src), "--output", str(out), "--parity_images", "8"]) is None
+    assert "top-1 agreement 100.00%" in capsys.readouterr().out
+    onnx.checker.check_model(str(out), full_check=True)
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            expected = model(images).numpy()
+        assert np.abs(run_onnx(out, images) - expected).max() <= 1e-4
+
+
+def test_pruned_checkpoint_and_dynamic_size(tmp_path):
+    src, _ = checkpoint_of(tmp_path, ARCHS["convnext"])
+    pruned = tmp_path / "pruned.pth"
+    assert prune_main(["--checkpoint", str(src), "--output", str(pruned), "--dims", "4", "8", "12", "16"]) == 0
+    out = tmp_path / "pruned.onnx"
+    export.main(["--checkpoint", str(pruned), "--output", str(out), "--dynamic_size",
+                 "--data_set", "DIGITS", "--parity_images", "8"])
+    model = models.build_model(models.infer_arch(torch.load(pruned, weights_only=True)["model"])).eval()
+    model.load_state_dict(torch.load(pruned, weights_only=True)["model"])
+    for size in (32, 64):
+        images = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            assert np.abs(run_onnx(out, images) - model(images).numpy()).max() <= 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["input_size"] == "32" and '"dims": [4, 8, 12, 16]' in meta["arch"]
+
+
+def test_inference_reads_the_onnx_file_like_the_checkpoint(tmp_path, capsys):
+    src, _ = checkpoint_of(tmp_path, ARCHS["resnet_cifar"])
+    out = tmp_path / "r.onnx"
+    export.main(["--checkpoint", str(src), "--output", str(out), "--parity_images", "4"])
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    assert inference.main(["--image", str(image), "--checkpoint", str(src)]) == 0
+    from_torch = capsys.readouterr().out.splitlines()[-5:]
+    assert inference.main(["--image", str(image), "--checkpoint", str(out)]) == 0
+    from_onnx = capsys.readouterr().out.splitlines()[-5:]
+    assert from_torch == from_onnx
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    from errors import run_cli
+    src, _ = checkpoint_of(tmp_path, ARCHS["vgg_cifar"])
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    existing = tmp_path / "there.onnx"
+    existing.write_bytes(b"keep")
+    cases = [
+        (["--checkpoint", str(junk), "--output", str(tmp_path / "a.onnx")], "not a PyTorch checkpoint"),
+        (["--checkpoint", str(src), "--output", str(tmp_path / "no" / "a.onnx")], "folder does not exist"),
+        (["--checkpoint", str(src), "--output", str(existing)], "pass --overwrite"),
+        (["--checkpoint", str(src), "--output", str(tmp_path / "a.pth")], "ending in .onnx"),
+        (["--checkpoint", str(src), "--output", str(tmp_path / "a.onnx"), "--input_size", "1"],
+         "too small"),
+    ]
+    for argv, message in cases:
+        assert run_cli(export.main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert existing.read_bytes() == b"keep" and not (tmp_path / "a.onnx").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
