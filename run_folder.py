@@ -39,7 +39,7 @@ def resolve_resume(args):
     """With --auto_resume and no --resume, point args.resume at the newest checkpoint-N.pth
     (args.resume_auto records that the user did not name it)."""
     args.resume_auto = False
-    if args.auto_resume and not args.resume and args.output_dir and not args.eval:
+    if args.auto_resume and not args.resume and args.output_dir:
         found = list_epoch_checkpoints(args.output_dir)
         if found:
             args.resume, args.resume_auto = found[-1][1], True

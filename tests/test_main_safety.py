@@ -135,6 +135,14 @@ def test_eval_takes_the_input_size_the_checkpoint_was_trained_at(trained, capsys
     assert acc == pytest.approx(log["test_acc1"], abs=1e-3)
 
 
+def test_eval_with_auto_resume_takes_the_newest_checkpoint(trained, capsys):
+    [log] = read_log(trained)
+    assert main.cli(["--eval", "true", "--output_dir", str(trained), *DATA]) == 0
+    out = capsys.readouterr().out
+    assert "Auto resume checkpoint" in out
+    assert float(re.findall(r"^\* Acc@1 ([\d.]+)", out, re.M)[-1]) == pytest.approx(log["test_acc1"], abs=1e-3)
+
+
 def test_eval_at_another_size_warns(trained, capsys):
     assert main.cli(["--eval", "true", "--resume", str(trained / "checkpoint-0.pth"), *DATA,
                      "--input_size", "64"]) == 0
