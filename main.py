@@ -268,7 +268,13 @@ def build_optimization(args, run, data, device):
 
 def build_run(args, data, device, resume, finetune):
     """Model, EMA, DDP / compile wrappers, optimization; then restore --resume."""
-    model = build_model(args, resume, finetune).to(device)
+    model = build_model(args, resume, finetune)
+    if args.fold:
+        if not hasattr(model, "fold"):
+            raise UserError(f"--fold true needs one of this toolkit's model families, not {args.model}")
+        model = model.fold()
+        logger.info("Evaluating the folded (inference) form of the model")
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     run = Run(model=model, model_without_ddp=model, eval_model=model,

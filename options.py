@@ -139,6 +139,9 @@ def get_args_parser():
     a("--channels_last", type=str2bool, default=False, help="channels-last memory format")
     a("--compile", type=str2bool, default=False, help="torch.compile the model")
     a("--print_freq", default=10, type=int, help="iterations between log lines")
+    a("--fold", type=str2bool, default=False,
+      help="with --eval true: evaluate the inference form (norm affines folded into the "
+           "neighbouring layer; same logits up to rounding, see docs/design.md)")
     # Network slimming (not in the official repo)
     a("--sparsity", default=0.0, type=float,
       help="L1 penalty on the scale factors (BatchNorm weights; ConvNeXt: LayerNorm weights and "
@@ -211,6 +214,8 @@ def check_combinations(args):
         raise UserError("mixup / cutmix need an even --batch_size (or --mixup 0 --cutmix 0)")
     if args.resplit:
         raise UserError("--resplit true needs augmentation splits, which this repo does not have")
+    if args.fold and not args.eval:
+        raise UserError("--fold true applies to --eval true (a folded model is not trained)")
     if args.eval and args.disable_eval:
         raise UserError("--eval true needs the evaluation set: drop --disable_eval true")
     if args.eval and not (args.resume or args.finetune or (args.auto_resume and args.output_dir)):

@@ -5,6 +5,7 @@ split: a pruned checkpoint of any shape rebuilds from its `arch`.
 """
 import torch.nn as nn
 
+from .fold import norm_into_conv, norm_into_linear
 from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
 from .layers import (MS_BRANCHES, Block, LayerNorm2d, block_hidden_widths, default_branch_widths,
                      PooledHead, drop_path_rates, layer_scale_value, spans)
@@ -71,6 +72,17 @@ class ConvNeXt(PooledHead):
         for downsample, stage in zip(self.downsample_layers, self.stages):
             x = stage(downsample(x))
         return self.pool_norm(x)
+
+    def fold(self):
+        """Inference form (models/fold.py): each LayerNorm's affine goes into the layer after it
+        (block norm -> pwconv1, downsampling norm -> its conv, final norm -> head); the stem's
+        norm feeds the residual stream and stays. Returns self."""
+        for block in (b for stage in self.stages for b in stage):
+            block.norm = norm_into_linear(block.norm, block.pwconv1)
+        for layer in list(self.downsample_layers)[1:]:
+            layer[0] = norm_into_conv(layer[0], layer[1])
+        self.norm = norm_into_linear(self.norm, self.head)
+        return self
 
     # --- arch <-> state dict <-> channel groups -------------------------------------------
 

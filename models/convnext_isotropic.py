@@ -1,6 +1,7 @@
 """Isotropic ConvNeXt (no downsampling stages), official key layout: stem, blocks, norm, head."""
 import torch.nn as nn
 
+from .fold import norm_into_linear
 from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
 from .layers import Block, PooledHead, drop_path_rates, layer_scale_value, spans
 from .registry import register_factory, register_family
@@ -37,6 +38,13 @@ class ConvNeXtIsotropic(PooledHead):
 
     def forward_features(self, x):
         return self.pool_norm(self.blocks(self.stem(x)))
+
+    def fold(self):
+        """Inference form: block norm -> pwconv1, final norm -> head (models/fold.py)."""
+        for block in self.blocks:
+            block.norm = norm_into_linear(block.norm, block.pwconv1)
+        self.norm = norm_into_linear(self.norm, self.head)
+        return self
 
     @classmethod
     def from_arch(cls, arch, **kwargs):

@@ -15,6 +15,7 @@ whole, and so do we. Only the inner channels of each block are groups.
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fold import bn_into_conv
 from .groups import Group, Part, Producer
 from .layers import spans
 from .registry import register_factory, register_family
@@ -87,6 +88,14 @@ class ResNetCifar(nn.Module):
 
     def get_classifier(self):
         return self.fc
+
+    def fold(self):
+        """Inference form: every BatchNorm folded into the conv before it (models/fold.py)."""
+        self.conv1, self.bn1 = bn_into_conv(self.conv1, self.bn1), nn.Identity()
+        for block in (b for s in (self.layer1, self.layer2, self.layer3) for b in s):
+            block.conv1, block.bn1 = bn_into_conv(block.conv1, block.bn1), nn.Identity()
+            block.conv2, block.bn2 = bn_into_conv(block.conv2, block.bn2), nn.Identity()
+        return self
 
     # --- arch <-> state dict <-> channel groups -------------------------------------------
     @classmethod

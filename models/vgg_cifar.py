@@ -7,6 +7,7 @@ state dicts load unchanged.
 """
 import torch.nn as nn
 
+from .fold import bn_into_conv
 from .groups import Group, Part, Producer
 from .registry import register_factory, register_family
 
@@ -66,6 +67,15 @@ class VGGCifar(nn.Module):
 
     def get_classifier(self):
         return self.classifier
+
+    def fold(self):
+        """Inference form: every BatchNorm folded into the conv before it (models/fold.py)."""
+        layers = list(self.feature)
+        for i, m in enumerate(layers):
+            if isinstance(m, nn.BatchNorm2d):
+                layers[i - 1], layers[i] = bn_into_conv(layers[i - 1], m), nn.Identity()
+        self.feature = nn.Sequential(*layers)
+        return self
 
     # --- arch <-> state dict <-> channel groups -------------------------------------------
     @classmethod

@@ -44,6 +44,8 @@ def get_args_parser():
                        help="take the class names from this data set (with --data_path)")
     parser.add_argument("--data_path", default=None, help="data set folder for --data_set")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--fold", action="store_true",
+                        help="run the inference form (norm affines folded into the next layer)")
     return parser
 
 
@@ -135,7 +137,12 @@ def torch_probabilities(args):
     models.check_input_size(model, args.input_size or train_args.get("input_size") or 224, f"`{name}`")
     print(f"Build `{name}` model successfully.")
     device = pick_device(args.device)
-    model = load_weights(model, state_dict, name).to(device)
+    model = load_weights(model, state_dict, name)
+    if args.fold:
+        if not hasattr(model, "fold"):
+            raise UserError("--fold needs one of this toolkit's model families")
+        model = model.fold()
+    model = model.to(device)
     print(f"Load `{name}` model weights `{os.path.abspath(args.checkpoint)}` successfully.")
     batch = load_image(args.image, _transform(args, train_args)).to(device)
     return class_probabilities(model, batch), train_args
@@ -143,8 +150,8 @@ def torch_probabilities(args):
 
 def onnx_probabilities(args):
     """(class probabilities, the export's metadata) with an ONNX file from scripts/export.py."""
-    if args.model:
-        raise UserError("--model does not apply to an .onnx file: the graph holds the model")
+    if args.model or args.fold:
+        raise UserError("--model and --fold do not apply to an .onnx file: the graph is fixed")
     try:
         import onnx
         import onnxruntime

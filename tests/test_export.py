@@ -108,3 +108,35 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert existing.read_bytes() == b"keep" and not (tmp_path / "a.onnx").exists()
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+@pytest.mark.parametrize("arch", [*ARCHS.values(), {**ARCHS["convnext"], "dw": "multiscale"}],
+                         ids=[*ARCHS, "convnext_multiscale"])
+def test_folding_keeps_the_logits_to_1e5(arch):
+    import copy
+    torch.manual_seed(0)
+    model = models.build_model(arch).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))            # affines that are not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+        images = torch.randn(4, 3, 32, 32)
+        ref = model(images)
+        folded = copy.deepcopy(model).fold()
+        out = folded(images)
+    assert (out - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+    norms = [m for m in folded.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))]
+    kept = [m for m in norms if isinstance(m, torch.nn.BatchNorm2d) or m.elementwise_affine]
+    assert len(kept) == (1 if arch["family"] == "convnext" else 0)   # only ConvNeXt's stem norm
+
+
+def test_export_of_the_folded_form(tmp_path, capsys):
+    src, _ = checkpoint_of(tmp_path, ARCHS["resnet_cifar"])
+    out = tmp_path / "folded.onnx"
+    export.main(["--checkpoint", str(src), "--output", str(out), "--fold", "--parity_images", "8"])
+    text = capsys.readouterr().out
+    assert "folded model: max |logit difference|" in text and "top-1 agreement 100.00%" in text
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}

@@ -78,6 +78,7 @@ BAD_FLAGS = {
     "--output_dir is a file": (["--output_dir", "{file}"], "is a file, not a folder"),
     "--log_dir is a file": (["--log_dir", "{file}"], "is a file, not a folder"),
     "--resume missing": (["--resume", "{missing}"], "no such file"),
+    "--fold without --eval": (["--fold", "true"], "--fold true applies to --eval true"),
 }
 
 
@@ -140,6 +141,15 @@ def test_eval_with_auto_resume_takes_the_newest_checkpoint(trained, capsys):
     assert main.cli(["--eval", "true", "--output_dir", str(trained), *DATA]) == 0
     out = capsys.readouterr().out
     assert "Auto resume checkpoint" in out
+    assert float(re.findall(r"^\* Acc@1 ([\d.]+)", out, re.M)[-1]) == pytest.approx(log["test_acc1"], abs=1e-3)
+
+
+def test_eval_of_the_folded_form_gives_the_same_accuracy(trained, capsys):
+    [log] = read_log(trained)
+    assert main.cli(["--eval", "true", "--fold", "true", "--resume", str(trained / "checkpoint-0.pth"),
+                     *DATA]) == 0
+    out = capsys.readouterr().out
+    assert "folded (inference) form" in out
     assert float(re.findall(r"^\* Acc@1 ([\d.]+)", out, re.M)[-1]) == pytest.approx(log["test_acc1"], abs=1e-3)
 
 
