@@ -22,10 +22,12 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # scripts/export.py
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -39,9 +41,10 @@ from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 logger = logging.getLogger("benchmark")
 
 MODES = ("eval", "latency", "train")
+BACKENDS = ("eager", "compile", "onnxruntime")  # onnxruntime: eval and latency only
 DEFAULT_THREADS = torch.get_num_threads()
 AMP_DTYPES = {"none": None, **utils.AMP_DTYPES}
-JSON_FIELDS = ("model", "params", "macs", "input_size", "batch_size", "device", "amp",
+JSON_FIELDS = ("model", "backend", "params", "macs", "input_size", "batch_size", "device", "amp",
                "channels_last", "compile", "threads", "eval_img_s", "eval_ms_median",
                "latency_ms_median", "latency_ms_p90", "train_img_s", "train_ms_median",
                "torch", "timm")
@@ -57,9 +60,11 @@ class Settings:
     amp: str = "none"
     compile: bool = False
     threads: int = 0  # 0: torch's default
+    backend: str = "eager"
 
     def describe(self):
-        return (f"amp={self.amp},channels_last={int(self.channels_last)},compile={int(self.compile)},"
+        return (f"backend={self.backend},amp={self.amp},channels_last={int(self.channels_last)},"
+                f"compile={int(self.compile)},"
                 f"batch_size={self.batch_size}" + (f",threads={self.threads}" if self.threads else ""))
 
 
@@ -76,8 +81,14 @@ def _parse_positive(text):
     return value
 
 
+def _parse_backend(text):
+    if text not in BACKENDS:
+        raise ValueError(f"expected one of {', '.join(BACKENDS)}")
+    return text
+
+
 SETTING_PARSERS = {"channels_last": utils.str2bool, "amp": _parse_amp, "compile": utils.str2bool,
-                   "batch_size": _parse_positive, "threads": _parse_positive}
+                   "batch_size": _parse_positive, "threads": _parse_positive, "backend": _parse_backend}
 
 
 def parse_settings(text, base):
@@ -101,6 +112,10 @@ def check_settings(s):
         raise UserError(f"--device {s.device}: CUDA is not available on this machine")
     if s.amp == "fp16" and not s.device.startswith("cuda"):
         raise UserError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
+    if s.backend == "onnxruntime" and (s.amp != "none" or s.channels_last or s.compile
+                                       or s.device != "cpu"):
+        raise UserError("the onnxruntime backend runs the fp32 graph on the CPU: no --amp, "
+                        "--channels_last, --compile or CUDA device with it")
     return s
 
 
@@ -154,7 +169,7 @@ class Runner:
         self.device = torch.device(s.device)
         fmt = torch.channels_last if s.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=fmt)
-        if s.compile:
+        if s.compile or s.backend == "compile":
             try:
                 self.model = torch.compile(self.model, dynamic=False)
             except Exception as e:  # e.g. a Python version this torch cannot compile for
@@ -210,11 +225,12 @@ class Runner:
     def warmup(self, mode, steps):
         """Untimed steps; the first one compiles under --compile, so its failure is explained."""
         self.enter(mode)
-        for i in range(max(steps, 1 if self.settings.compile else 0)):
+        compiled = self.settings.compile or self.settings.backend == "compile"
+        for i in range(max(steps, 1 if compiled else 0)):
             try:
                 self.step(mode)
             except Exception as e:
-                if not self.settings.compile or i:
+                if not compiled or i:
                     raise
                 raise UserError(f"torch.compile failed ({type(e).__name__}: {_first_line(e)}); "
                                 f"run without --compile") from None
@@ -232,6 +248,33 @@ class Runner:
         return times
 
 
+class OrtRunner(Runner):
+    """The same steps in ONNX Runtime: the model exported by scripts/export.py's exporter
+    (dynamic batch) and run by the CPU execution provider with the torch thread count."""
+
+    def __init__(self, model, settings, num_classes):
+        super().__init__(model, settings, num_classes)
+        try:
+            import onnxruntime
+            from export import export as export_onnx
+        except ImportError as e:
+            raise UserError(f"--backend onnxruntime needs onnx, onnxruntime and onnxscript ({e})") from None
+        self._folder = tempfile.TemporaryDirectory()
+        path = os.path.join(self._folder.name, "model.onnx")
+        export_onnx(self.model.eval(), self.inputs["eval"][:2], path, dynamic_size=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = settings.threads or DEFAULT_THREADS
+        self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.arrays = {k: v.numpy() for k, v in self.inputs.items()}
+
+    def enter(self, mode):
+        if mode == "train":
+            raise UserError("the onnxruntime backend has no training step")
+
+    def step(self, mode):
+        self.session.run(None, {"images": self.arrays[mode]})
+
+
 def _first_line(e):
     return (str(e).strip().splitlines() or [""])[0][:200]
 
@@ -243,19 +286,25 @@ def percentile(values, q):
     return ordered[min(len(ordered), max(rank, 1)) - 1]
 
 
+def make_runner(model, settings, num_classes):
+    cls = OrtRunner if settings.backend == "onnxruntime" else Runner
+    return cls(model, settings, num_classes)
+
+
 def benchmark_model(spec, settings, args):
     """Every measurement of one model, as one JSON-able dict with all JSON_FIELDS."""
     import timm
     model = build(spec)
     macs, num_classes = forward_cost(model, settings.input_size)
     row = dict.fromkeys(JSON_FIELDS)
-    row.update(model=spec, params=count_params(model), macs=macs,
+    row.update(model=spec, backend=settings.backend, params=count_params(model), macs=macs,
                input_size=settings.input_size, batch_size=settings.batch_size,
                device=settings.device, amp=settings.amp, channels_last=settings.channels_last,
                compile=settings.compile, threads=settings.threads or torch.get_num_threads(),
                torch=torch.__version__, timm=timm.__version__)
-    runner = Runner(model, settings, num_classes)
-    for mode in (m for m in MODES if m not in args.skip):
+    runner = make_runner(model, settings, num_classes)
+    skip = set(args.skip) | ({"train"} if settings.backend == "onnxruntime" else set())
+    for mode in (m for m in MODES if m not in skip):
         logger.info("%s: %s", spec, mode)
         runner.warmup(mode, args.warmup)
         ms = [t * 1e3 for t in runner.time(mode, args.iters, args.min_time)]
@@ -275,19 +324,21 @@ def _fmt(value, spec, suffix=""):
 
 
 def markdown_table(rows):
-    """The results as a Markdown table; speed-up and MACs ratio are relative to the first row."""
-    head = ("| model | params (M) | MACs (G) | eval img/s | latency ms median/p90 | train img/s "
-            "| speed-up | MACs ratio | speed-up / MACs ratio |")
+    """The results as a Markdown table; speed-up and MACs ratio are relative to the first row
+    of the same backend."""
+    head = ("| model | backend | params (M) | MACs (G) | eval img/s | latency ms median/p90 "
+            "| train img/s | speed-up | MACs ratio | speed-up / MACs ratio |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    base = rows[0]
+    bases = {}
     for r in rows:
+        base = bases.setdefault(r["backend"], r)
         speedup = (r["eval_img_s"] / base["eval_img_s"]
                    if r["eval_img_s"] and base["eval_img_s"] else None)
         macs_ratio = base["macs"] / r["macs"] if r["macs"] else None
         share = speedup / macs_ratio if speedup and macs_ratio else None
         latency = ("-" if r["latency_ms_median"] is None else
                    f"{r['latency_ms_median']:.2f} / {r['latency_ms_p90']:.2f}")
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} "
+        lines.append(f"| {r['model']} | {r['backend']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} "
                      f"| {_fmt(r['eval_img_s'], '.1f')} | {latency} | {_fmt(r['train_img_s'], '.1f')} "
                      f"| {_fmt(speedup, '.2f', 'x')} | {_fmt(macs_ratio, '.2f', 'x')} "
                      f"| {_fmt(share, '.2f')} |")
@@ -302,7 +353,9 @@ def write_plot(rows, path):
     key = "eval_img_s" if rows[0]["eval_img_s"] is not None else "train_img_s"
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in rows:  # a legend, not labels: pruned variants sit close together
-        ax.scatter([r["macs"] / 1e9], [r[key]], label=r["model"])
+        several = len({x["backend"] for x in rows}) > 1
+        ax.scatter([r["macs"] / 1e9], [r[key]],
+                   label=f"{r['model']} ({r['backend']})" if several else r["model"])
     ax.legend(fontsize=8, loc="upper right")
     ax.set_xlabel(f"GMACs per image ({rows[0]['input_size']} px)")
     ax.set_ylabel(f"{key.split('_')[0]} throughput (img/s, batch {rows[0]['batch_size']})")
@@ -327,9 +380,10 @@ def write_json(records, path):
 
 def run_list(args, settings):
     rows = []
-    for spec in args.models:
-        rows.append(benchmark_model(spec, settings, args))
-        logger.info("%s", json.dumps(rows[-1]))
+    for backend in args.backend:
+        for spec in args.models:
+            rows.append(benchmark_model(spec, check_settings(replace(settings, backend=backend)), args))
+            logger.info("%s", json.dumps(rows[-1]))
     print(markdown_table(rows))
     if args.json:
         write_json(rows, args.json)
@@ -347,7 +401,9 @@ def run_vs(args, settings):
         s = parse_settings(text, settings)
         model = build(spec)
         macs, num_classes = forward_cost(model, s.input_size)
-        sides.append((f"{spec} [{s.describe()}]", Runner(model, s, num_classes), macs))
+        if s.backend == "onnxruntime" and args.vs_mode == "train":
+            raise UserError("the onnxruntime backend has no training step: --vs_mode eval or latency")
+        sides.append((f"{spec} [{s.describe()}]", make_runner(model, s, num_classes), macs))
     mode = args.vs_mode
     for _, runner, _ in sides:
         runner.warmup(mode, args.warmup)
@@ -395,7 +451,10 @@ def get_args_parser():
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (= --backend compile)")
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
+                   help="runtimes to time, each model in each (default: eager); onnxruntime "
+                        "exports the model first and has no train step")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--iters", type=int, default=10, help="timed steps (at least)")
@@ -417,6 +476,11 @@ def check_args(args):
         raise UserError("--vs with one model needs --vs_settings SETTINGS_A SETTINGS_B")
     if args.vs_settings and not args.vs:
         raise UserError("--vs_settings only applies to --vs")
+    if args.backend and args.compile:
+        raise UserError("give --backend compile, not --compile with --backend")
+    if args.backend and args.vs:
+        raise UserError("--backend applies to --models; with --vs use --vs_settings backend=...")
+    args.backend = args.backend or ["eager"]
     if args.vs and args.skip:
         raise UserError("--skip applies to --models; --vs times one mode, chosen by --vs_mode")
     if args.vs and args.plot:

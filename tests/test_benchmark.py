@@ -131,6 +131,20 @@ def test_vs_two_settings_prints_ratios(tiny_ckpt, capsys):
     assert "channels_last=1" in summary["b"] and summary["ratio_min"] <= summary["ratio_median"]
 
 
+def test_backends_each_model_in_each_runtime(tmp_path, tiny_ckpt, capsys):
+    rows = bench.main(["--models", tiny_ckpt, "resnet20", *FAST, "--backend", "eager", "onnxruntime",
+                       "--skip", "latency"])
+    assert [(r["model"], r["backend"]) for r in rows] == [
+        (tiny_ckpt, "eager"), ("resnet20", "eager"), (tiny_ckpt, "onnxruntime"), ("resnet20", "onnxruntime")]
+    ort = rows[2]
+    assert ort["eval_img_s"] > 0 and ort["train_img_s"] is None       # no train step in ORT
+    table = capsys.readouterr().out
+    assert re.search(r"\| resnet20 \| onnxruntime \| .* \| [\d.]+x \| [\d.]+x \|", table)
+    summary = bench.main(["--vs", tiny_ckpt, "--vs_settings", "backend=eager", "backend=onnxruntime",
+                          *FAST, "--rounds", "2"])
+    assert "backend=onnxruntime" in summary["b"] and len(summary["ratios"]) == 2
+
+
 def test_vs_two_models(tiny_ckpt, capsys):
     summary = bench.main(["--vs", tiny_ckpt, "resnet18", *FAST, "--rounds", "2"])
     assert len(summary["ratios"]) == 2 and summary["mode"] == "eval"
@@ -145,6 +159,10 @@ def test_vs_two_models(tiny_ckpt, capsys):
     (["--models", "timm_convnext:resnet18"], "only mirrors our standard ConvNeXt"),
     (["--models", "resnet18", "--json", "/missing/dir/x.json"], "its folder does not exist"),
     (["--models", "resnet18", "--input_size", "-5"], "--input_size must be at least 1"),
+    (["--models", "resnet18", "--backend", "compile", "--compile"], "give --backend compile"),
+    (["--models", "resnet18", "--backend", "onnxruntime", "--amp", "bf16"], "fp32 graph on the CPU"),
+    (["--vs", "resnet18", "--vs_settings", "backend=onnxruntime", "", "--vs_mode", "train"],
+     "no training step"),
 ])
 def test_bad_input_is_one_error_line(argv, message, capsys):
     assert bench.cli(FAST + argv) == 2
