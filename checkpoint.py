@@ -191,6 +191,19 @@ def held_model(ckpt, state, model_name=None):
         return None, name
 
 
+HEAD_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight")  # our / timm heads
+
+
+def build_held_model(ckpt, state, model_name=None):
+    """(model, display name): the model `held_model` names, built with the class count of the
+    weights (a stock timm model's too); the caller loads the weights."""
+    arch, name = held_model(ckpt, state, model_name)
+    if arch is not None:
+        return models.build_model(arch), models.registered_name(arch) or models.describe_arch(arch)
+    head = next((state[k] for k in HEAD_KEYS if k in state), None)
+    return models.create_model(name, **({"num_classes": head.shape[0]} if head is not None else {})), name
+
+
 def head_prefix(model):
     """Key prefix of the classifier: timm's get_classifier() where it exists, else `head.`."""
     get = getattr(model, "get_classifier", None)

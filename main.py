@@ -126,8 +126,23 @@ def build_data(args, device):
 
 # ----------------------------------------------------------------------------- model
 
+@dataclass
+class Sources:
+    """The checkpoints a run starts from, read once: the files, the weights to load, and the
+    model to build (`arch` of a shape of ours, else a registered `name`)."""
+    resume: Any = None
+    finetune: Any = None
+    state: Any = None
+    arch: Any = None
+    name: Any = None
+
+    @property
+    def ckpt(self):
+        return self.resume if self.resume is not None else self.finetune
+
+
 def load_sources(args):
-    """(resume checkpoint, finetune checkpoint); --resume (or auto-resume) wins over --finetune."""
+    """Sources; --resume (or auto-resume) wins over --finetune."""
     resume = checkpoint.load_checkpoint_file(args.resume) if resolve_resume(args) else None
     finetune = None
     if args.finetune and resume is not None:
@@ -138,7 +153,16 @@ def load_sources(args):
     if args.eval and resume is None and finetune is None:
         raise UserError(f"--eval true needs trained weights: --output_dir {args.output_dir} holds "
                         "no checkpoint-N.pth; give --resume CHECKPOINT")
-    return resume, finetune
+    src = Sources(resume, finetune)
+    if resume is not None:
+        src.state = checkpoint.model_state(resume)
+    elif finetune is not None:
+        src.state = checkpoint.model_state(finetune, args.model_key, args.model_prefix)
+    if src.ckpt is not None:
+        src.arch, src.name = checkpoint.held_model(src.ckpt, src.state, args.model)
+    else:
+        src.name = args.model or DEFAULT_MODEL
+    return src
 
 
 def resolve_input_size(args, ckpt):
@@ -156,23 +180,9 @@ def resolve_input_size(args, ckpt):
                        ": its accuracy at this size may be far lower" if args.eval else "")
 
 
-def _weights(args, resume, finetune):
-    if resume is not None:
-        return checkpoint.model_state(resume)
-    return checkpoint.model_state(finetune, args.model_key, args.model_prefix) if finetune is not None else None
-
-
-def choose_model(args, resume, finetune):
-    """What this run builds: (arch, None) for the shape a checkpoint holds, else (None, name)."""
-    ckpt = resume if resume is not None else finetune
-    if ckpt is not None:
-        return checkpoint.held_model(ckpt, _weights(args, resume, finetune), args.model)
-    return None, args.model or DEFAULT_MODEL
-
-
-def check_input_size(args, resume, finetune):
+def check_input_size(args, src):
     """Refuse an --input_size the model cannot take, on a weightless (meta) copy."""
-    arch, name = choose_model(args, resume, finetune)
+    arch, name = src.arch, src.name
     with torch.device("meta"):
         probe = models.build_model(arch) if arch is not None else models.create_model(name)
     models.check_input_size(probe, args.input_size, name or models.describe_arch(arch))
@@ -193,24 +203,22 @@ def _model_from_arch(args, arch, finetuning, kwargs):
     return models.build_model(arch, **kwargs)
 
 
-def build_model(args, resume, finetune):
+def build_model(args, src):
     """Create the model (by --model, or from the checkpoint's shape) and load its weights."""
     kwargs = dict(drop_path_rate=args.drop_path, layer_scale_init_value=args.layer_scale_init_value,
                   head_init_scale=args.head_init_scale)
-    state = _weights(args, resume, finetune)
-    arch, name = choose_model(args, resume, finetune)
-    if arch is not None:
-        model = _model_from_arch(args, arch, resume is None, kwargs)
-        source = args.resume if resume is not None else args.finetune
+    if src.arch is not None:
+        model = _model_from_arch(args, src.arch, src.resume is None, kwargs)
+        source = args.resume if src.resume is not None else args.finetune
         args.model = models.registered_name(model.arch) or f"the arch stored in {source}"
     else:
-        args.model = name
-        model = models.create_model(name, pretrained=False, num_classes=args.nb_classes, **kwargs)
-    if resume is not None:
-        checkpoint.load_model_state(model, state, resume_label(args))
+        args.model = src.name
+        model = models.create_model(src.name, pretrained=False, num_classes=args.nb_classes, **kwargs)
+    if src.resume is not None:
+        checkpoint.load_model_state(model, src.state, resume_label(args))
         logger.info("Resume checkpoint %s", args.resume)
-    elif finetune is not None:  # evaluating needs the trained head: it is never dropped then
-        checkpoint.load_model_state(model, state, f"--finetune {args.finetune}",
+    elif src.finetune is not None:  # evaluating needs the trained head: it is never dropped then
+        checkpoint.load_model_state(model, src.state, f"--finetune {args.finetune}",
                                     drop_head_on_mismatch=not args.eval)
     return model
 
@@ -266,9 +274,9 @@ def build_optimization(args, run, data, device):
                 len(data.train), run.steps_per_epoch, run.criterion)
 
 
-def build_run(args, data, device, resume, finetune):
+def build_run(args, data, device, src):
     """Model, EMA, DDP / compile wrappers, optimization; then restore --resume."""
-    model = build_model(args, resume, finetune)
+    model = build_model(args, src)
     if args.fold:
         if not hasattr(model, "fold"):
             raise UserError(f"--fold true needs one of this toolkit's model families, not {args.model}")
@@ -296,8 +304,8 @@ def build_run(args, data, device, resume, finetune):
     if not args.eval:
         build_optimization(args, run, data, device)
     restored = {"max_accuracy": 0.0, "max_accuracy_ema": 0.0}
-    if resume is not None:
-        restored = checkpoint.restore_training(args, resume, resume_label(args), run.model_ema,
+    if src.resume is not None:
+        restored = checkpoint.restore_training(args, src.resume, resume_label(args), run.model_ema,
                                                run.optimizer, run.loss_scaler)
     return run, restored
 
@@ -424,20 +432,20 @@ def _resume_epoch(args, resume):
 def main(args):
     """Train or evaluate as the flags say; returns the last evaluation stats (or None)."""
     check_args(args)
-    resume, finetune = load_sources(args)
-    resolve_input_size(args, resume if resume is not None else finetune)
-    check_input_size(args, resume, finetune)
+    src = load_sources(args)
+    resolve_input_size(args, src.ckpt)
+    check_input_size(args, src)
     folder = None
     if not args.eval:
-        args.start_epoch = _resume_epoch(args, resume)
+        args.start_epoch = _resume_epoch(args, src.resume)
         if args.start_epoch >= args.epochs:
             logger.info("The run is already complete: %s holds epoch %d of --epochs %d; raise "
                         "--epochs to train longer", args.resume, args.start_epoch - 1, args.epochs)
             return None
-        folder = open_run_folder(args, resume)
+        folder = open_run_folder(args, src.resume)
     device = setup(args)
     data = build_data(args, device)
-    run, best = build_run(args, data, device, resume, finetune)
+    run, best = build_run(args, data, device, src)
     if args.eval:
         return evaluate_only(args, data, run, device)
     train(args, data, run, device, best, folder)

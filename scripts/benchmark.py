@@ -35,7 +35,7 @@ import torch.nn as nn  # noqa: E402
 import models  # noqa: E402
 from models.complexity import count_params, forward_cost, in_chans_of  # noqa: E402
 import utils  # noqa: E402
-from checkpoint import held_model, load_checkpoint_file, model_state  # noqa: E402
+from checkpoint import build_held_model, load_checkpoint_file, load_model_state, model_state  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -152,10 +152,8 @@ def from_checkpoint(path):
     """Rebuild a checkpoint's exact shape from its `arch` (or its tensors) and load its weights."""
     ckpt = load_checkpoint_file(path)
     state = model_state(ckpt)
-    arch, name = held_model(ckpt, state)
-    model = models.build_model(arch) if arch is not None else models.create_model(name)
-    models.check_arch_matches(model, state, path, "its arch" if arch is not None else name)
-    model.load_state_dict(state)
+    model, _ = build_held_model(ckpt, state)
+    load_model_state(model, state, path)
     return model
 
 

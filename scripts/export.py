@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 import models  # noqa: E402
-from checkpoint import held_model, load_checkpoint_file, load_model_state, model_state, saved_args  # noqa: E402
+from checkpoint import build_held_model, load_checkpoint_file, load_model_state, model_state, saved_args  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 
 OPSET = 18
@@ -89,10 +89,9 @@ def load_model(args):
     """(model in eval mode, display name, the checkpoint's training args)."""
     ckpt = load_checkpoint_file(args.checkpoint)
     state = model_state(ckpt)
-    arch, name = held_model(ckpt, state, args.model)
-    model = models.build_model(arch) if arch is not None else models.create_model(name)
+    model, name = build_held_model(ckpt, state, args.model)
     load_model_state(model, state, args.checkpoint)
-    return model.eval(), name or models.registered_name(arch) or models.describe_arch(arch), saved_args(ckpt)
+    return model.eval(), name, saved_args(ckpt)
 
 
 def parity_images(args, data_args, n):

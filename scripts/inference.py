@@ -22,12 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402  (after the repo root is on the path)
 import models  # noqa: E402
-from checkpoint import held_model, load_checkpoint_file, model_state, saved_args  # noqa: E402
+from checkpoint import build_held_model, load_checkpoint_file, load_model_state, model_state, saved_args  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 
 logger = logging.getLogger("inference")
 TOP_K = 5
-HEAD_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight")  # our / timm heads
 
 
 def get_args_parser():
@@ -47,22 +46,6 @@ def get_args_parser():
     parser.add_argument("--fold", action="store_true",
                         help="run the inference form (norm affines folded into the next layer)")
     return parser
-
-
-def build_model(ckpt, state_dict, model_name):
-    """(model, display name) of what the checkpoint holds (checkpoint.held_model)."""
-    arch, name = held_model(ckpt, state_dict, model_name)
-    if arch is not None:
-        return models.build_model(arch), models.registered_name(arch) or models.describe_arch(arch)
-    head = next((state_dict[k] for k in HEAD_KEYS if k in state_dict), None)
-    kwargs = {"num_classes": head.shape[0]} if head is not None else {}
-    return models.create_model(name, **kwargs), name
-
-
-def load_weights(model, state_dict, name):
-    models.check_arch_matches(model, state_dict, model_name=f"`{name}`")
-    model.load_state_dict(state_dict)
-    return model.eval()
 
 
 def read_class_names(args, train_args, num_classes):
@@ -133,11 +116,12 @@ def torch_probabilities(args):
     """(class probabilities, training args) with a PyTorch checkpoint."""
     ckpt = load_checkpoint_file(args.checkpoint)
     state_dict, train_args = model_state(ckpt, "model|state_dict"), saved_args(ckpt)
-    model, name = build_model(ckpt, state_dict, args.model)
+    model, name = build_held_model(ckpt, state_dict, args.model)
     models.check_input_size(model, args.input_size or train_args.get("input_size") or 224, f"`{name}`")
     print(f"Build `{name}` model successfully.")
     device = pick_device(args.device)
-    model = load_weights(model, state_dict, name)
+    load_model_state(model, state_dict, args.checkpoint)
+    model.eval()
     if args.fold:
         if not hasattr(model, "fold"):
             raise UserError("--fold needs one of this toolkit's model families")
