@@ -186,9 +186,10 @@ def check_input_size(args, src):
     with torch.device("meta"):
         probe = models.build_model(arch) if arch is not None else models.create_model(name)
     models.check_input_size(probe, args.input_size, name or models.describe_arch(arch))
-    if args.sparsity and getattr(probe, "arch", None) is None:
-        raise UserError(f"--sparsity needs one of this toolkit's model families (their channel "
-                        f"groups declare the scale factors); {name} is a stock timm model")
+    if (args.sparsity or args.fold) and getattr(probe, "arch", None) is None:
+        flag = "--sparsity" if args.sparsity else "--fold true"
+        raise UserError(f"{flag} needs one of this toolkit's model families (their own files "
+                        f"declare scale factors and folding); {name} is a stock timm model")
 
 
 def _model_from_arch(args, arch, finetuning, kwargs):
@@ -278,9 +279,7 @@ def build_run(args, data, device, src):
     """Model, EMA, DDP / compile wrappers, optimization; then restore --resume."""
     model = build_model(args, src)
     if args.fold:
-        if not hasattr(model, "fold"):
-            raise UserError(f"--fold true needs one of this toolkit's model families, not {args.model}")
-        model = model.fold()
+        model = models.fold(model)
         logger.info("Evaluating the folded (inference) form of the model")
     model = model.to(device)
     if args.channels_last:

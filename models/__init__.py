@@ -11,7 +11,7 @@ from .registry import FAMILIES, OUR_MODELS, check_model_name, create_model, defa
 __all__ = ["Group", "Part", "Producer", "FAMILIES", "OUR_MODELS", "create_model", "default_arch",
            "check_model_name", "check_input_size",
            "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",
-           "check_arch_matches", "scale_factor_names", "meta_model", "count_arch"]
+           "check_arch_matches", "scale_factor_names", "meta_model", "count_arch", "fold"]
 
 
 def build_model(arch, **kwargs):
@@ -56,6 +56,13 @@ def infer_arch(state_dict):
 def channel_groups(arch):
     """The family's channel groups (models/groups.py) for pruning."""
     return FAMILIES[arch["family"]].channel_groups(arch)
+
+
+def fold(model):
+    """The model's inference form (its family's `fold`, models/fold.py), in place."""
+    if not hasattr(model, "fold"):
+        raise UserError("folding needs one of this toolkit's model families, not a stock timm model")
+    return model.fold()
 
 
 def scale_factor_names(arch):

@@ -106,9 +106,7 @@ def parity_images(args, data_args, n):
 
 def fold(model, images):
     """The model's inference form, refused unless it matches the model to 1e-5 (relative)."""
-    if not hasattr(model, "fold"):
-        raise UserError("--fold needs one of this toolkit's model families")
-    folded = copy.deepcopy(model).fold().eval()
+    folded = models.fold(copy.deepcopy(model)).eval()
     with torch.no_grad():
         ref, out = model(images), folded(images)
     diff, scale = float((out - ref).abs().max()), float(ref.abs().max())

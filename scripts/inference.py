@@ -123,9 +123,7 @@ def torch_probabilities(args):
     load_model_state(model, state_dict, args.checkpoint)
     model.eval()
     if args.fold:
-        if not hasattr(model, "fold"):
-            raise UserError("--fold needs one of this toolkit's model families")
-        model = model.fold()
+        model = models.fold(model)
     model = model.to(device)
     print(f"Load `{name}` model weights `{os.path.abspath(args.checkpoint)}` successfully.")
     batch = load_image(args.image, _transform(args, train_args)).to(device)
