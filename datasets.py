@@ -439,15 +439,17 @@ def class_names(args):
     return _source(args)[0](args)
 
 
-def build_dataset(is_train, args):
+def build_dataset(is_train, args, augment=None):
     """Build the train or eval split of `args.data_set`; returns (dataset, nb_classes).
 
     Args:
-        is_train: True for the training split (training transform), False for evaluation.
+        is_train: True for the training split, False for evaluation.
         args: namespace with the official data flags (see `default_data_args`).
+        augment: use the training transform (default: is_train); False gives the training
+            images through the deterministic evaluation transform (pruning calibration).
     """
     loader = _source(args)[1]
-    dataset = loader(is_train, args, build_transform(is_train, args))
+    dataset = loader(is_train, args, build_transform(is_train if augment is None else augment, args))
     if len(dataset) == 0:
         raise UserError(f"{args.data_set}: the {'train' if is_train else 'eval'} split has no images")
     nb_classes = len(dataset.classes)

@@ -1,5 +1,7 @@
 """Filter-importance criteria: plain functions over one producer weight, high score = keep.
 
+(`taylor` and `activation` score calibration measurements instead; see their docstrings.)
+
 Every scorer takes a weight of shape [F, C, kh, kw] (a conv), [F, C] (a Linear, read as
 K = 1) or, for `slimming`, a 1-D tensor of per-channel scale factors, and returns F float64
 scores on the CPU. Register a new criterion by adding one function to `CRITERIA`; a scorer
@@ -132,6 +134,33 @@ def opnorm(weight):
     return _normalise_t(t, _floor(norms, mu[0], w.shape[0]))
 
 
+def opnorm_abs(weight):
+    """Operator norm without the orientation: t_f = sum_c |<W[f, c] - mu_c, v1_c>|, t / max t.
+
+    `opnorm` orients each channel's direction by filter 0, so its scores depend on the filter
+    order, and for a Linear layer (K = 1, d_c = sign of filter 0's entry) every score is the
+    projection on filter 0's sign pattern: filter 0 always ranks first. Taking the absolute
+    value of each projection removes both: the scores are invariant to reordering the filters
+    (for K = 1 they are the L1 norms of the centred filters).
+
+    Args:
+        weight: producer weight [F, C, kh, kw] or [F, C].
+    Returns:
+        [F] float64 scores in [0, 1].
+    """
+    w = as_filters(weight)
+    mu = w.mean(dim=0, keepdim=True)
+    x = w - mu
+    if x.shape[2] == 1:
+        t = x[:, :, 0].abs().sum(dim=1)
+    else:
+        _, _, vh = torch.linalg.svd(x.permute(1, 0, 2), full_matrices=False)
+        t = torch.einsum("fck,ck->fc", x, vh[:, 0, :]).abs().sum(dim=1)
+    _finite(t)
+    peak = float(t.max())
+    return t / peak if peak > 0 else torch.zeros_like(t)
+
+
 def opnorm_loop(weight):
     """Operator-norm scores, the plain loop form (per channel SVD, per filter dot product).
 
@@ -220,16 +249,44 @@ def slimming(weight):
     return _finite(w.abs())
 
 
+def taylor(saliency):
+    """First-order Taylor (Molchanov et al.): per channel, the sum of |w * dL/dw| over a slice.
+
+    Fed the saliency tensors pruning/calibration.py measures on calibration batches, one per
+    tensor slice of the group (weights and scale vectors), channels first.
+
+    Args:
+        saliency: [F, ...] non-negative |w * grad| of one slice.
+    """
+    w = as_filters(saliency)
+    return _finite(w.sum(dim=(1, 2)))
+
+
+def activation(mean_abs):
+    """Mean |activation| of each channel at the input of a layer that reads the group.
+
+    Args:
+        mean_abs: [F] per-channel mean |input| measured on calibration batches.
+    """
+    return _finite(torch.as_tensor(mean_abs).detach().to("cpu", torch.float64).reshape(-1))
+
+
 # Scorers that read a group's scale factors (`Group.scales`) instead of its producers.
 slimming.uses_scales = True
+# Scorers that read calibration measurements (pruning/calibration.py) instead of weights.
+taylor.evidence = "taylor"
+activation.evidence = "activation"
 
 CRITERIA = {
     "opnorm": opnorm,
+    "opnorm_abs": opnorm_abs,
     "l1": l1,
     "l2": l2,
     "fpgm": fpgm,
     "random": random,
     "slimming": slimming,
+    "taylor": taylor,
+    "activation": activation,
 }
 
 

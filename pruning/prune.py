@@ -34,14 +34,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
+import datasets  # noqa: E402
 import models  # noqa: E402
+from pruning.calibration import calibration_batches, measure  # noqa: E402
 from pruning.costs import CostModel  # noqa: E402
 from pruning.plan import Targets, plan_keep  # noqa: E402
 from pruning.criteria import CRITERIA, get_criterion  # noqa: E402
-from pruning.scoring import NORMALIZATIONS, REDUCTIONS, score_groups  # noqa: E402
+from pruning.scoring import NORMALIZATIONS, REDUCTIONS, SCOPES, score_groups  # noqa: E402
 from pruning.surgery import prune_checkpoint, read_source, sha256_file  # noqa: E402
 from checkpoint import is_url, load_checkpoint_file, local_copy, saved_args, save_checkpoint_file  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
@@ -85,16 +89,28 @@ def get_args_parser():
                        help="widths chosen by --hidden_ratio, --mlp_ratio or a target round up "
                        "to a multiple of this")
     scoring = p.add_argument_group("scoring")
-    scoring.add_argument("--reduce", default="mean", help=f"combine producers: {', '.join(REDUCTIONS)}")
+    scoring.add_argument("--scope", default="producers", choices=SCOPES,
+                         help="what a weight criterion reads: the producers' rows, or every "
+                         "weight and scale slice the group cuts (group: Torch-Pruning's group "
+                         "magnitude with l2 --normalize mean)")
+    scoring.add_argument("--reduce", default="mean", help=f"combine the scored rows: {', '.join(REDUCTIONS)}")
     scoring.add_argument("--normalize", default="max", choices=list(NORMALIZATIONS),
-                         help="scale each producer's scores before they are combined and ranked "
+                         help="scale each row of scores before they are combined and ranked "
                          "(none: raw scores, one global threshold across layers)")
     scoring.add_argument("--raw_weights", action="store_true",
                          help="score stored pwconv2 rows without folding in the layer scale gamma")
     scoring.add_argument("--use_ema", action="store_true", help="score the model_ema weights")
     scoring.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    calib = p.add_argument_group("calibration (criteria taylor and activation)")
+    calib.add_argument("--calib_batches", type=int, default=None,
+                       help="training batches the data-driven criteria measure (default 8 for them)")
+    calib.add_argument("--calib_batch_size", type=int, default=32, help="images per calibration batch")
+    calib.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+                       help="calibration data (default: the checkpoint's training data set)")
+    calib.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
     p.add_argument("--input_size", type=int, default=None,
-                   help="image side for MACs (default: the checkpoint's training size, else 224)")
+                   help="image side for MACs and calibration (default: the checkpoint's training "
+                   "size, else 224)")
     p.add_argument("--export_scores", default=None,
                    help="write per-group and per-producer scores to this JSON file")
     p.add_argument("--dry_run", action="store_true",
@@ -154,13 +170,29 @@ def check_args(args):
         raise UserError(f"--ratio must be in [0, 1), got {args.ratio}")
     if args.input_size is not None and args.input_size < 1:
         raise UserError(f"--input_size must be >= 1, got {args.input_size}")
+    check_calibration(args)
+
+
+def check_calibration(args):
+    """Calibration flags only with a data-driven criterion, which gets 8 batches by default."""
+    data_driven = getattr(get_criterion(args.criterion), "evidence", None) is not None
+    given = [f for f in ("calib_batches", "data_set", "data_path") if getattr(args, f) is not None]
+    if given and not data_driven:
+        raise UserError(f"--{given[0]} is read only by the data-driven criteria "
+                        f"(taylor, activation), not by {args.criterion}")
+    if data_driven and args.calib_batches is None:
+        args.calib_batches = 8
+    for flag in ("calib_batches", "calib_batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be >= 1, got {value}")
 
 
 def options(args):
     """The settings recorded in the checkpoint's `pruning` entry."""
     keys = ("criterion", "model", "dims", "hidden_ratio", "mlp_ratio", "target_params", "target_macs",
-            "ratio", "group_ratio", "round_to", "reduce", "normalize", "raw_weights", "use_ema",
-            "seed", "input_size")
+            "ratio", "group_ratio", "round_to", "scope", "reduce", "normalize", "raw_weights", "use_ema",
+            "seed", "input_size", "calib_batches", "calib_batch_size", "data_set")
     out = {k: getattr(args, k) for k in keys}
     out["group_ratio"] = [list(pair) for pair in args.group_ratio] if args.group_ratio else None
     return out
@@ -191,7 +223,8 @@ def export(path, groups, scores, keep, provenance):
         data["groups"][g.name] = {
             "kind": g.kind, "width": g.width, "kept": [int(i) for i in keep[g.name]],
             "score": None if s is None else s.score.tolist(),
-            "producers": {} if s is None else {k: v.tolist() for k, v in s.producers.items()}}
+            "sources": {} if s is None else {k: [None if math.isnan(x) else x for x in v.tolist()]
+                                             for k, v in s.sources.items()}}
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f)
@@ -205,35 +238,78 @@ def list_groups(arch, groups):
         print(f"  {g.name:<24} {g.kind:<9} width {g.width:>5}  cuts {len(g.slices)} tensor slices")
 
 
-def run(args):
-    check_args(args)
-    source = local_copy(args.checkpoint)
-    ckpt = load_checkpoint_file(source)
+@dataclass
+class Source:
+    """A loaded source checkpoint: what scoring, calibration and surgery read."""
+    path: str
+    ckpt: dict
+    sds: dict
+    scored: str
+    arch: dict
+    groups: list
+    sha256: str
+
+
+def load_source(args):
+    """Read --checkpoint (downloading a URL once) and settle --input_size from it."""
+    local = local_copy(args.checkpoint)
+    ckpt = load_checkpoint_file(local)
     if args.input_size is None:
         trained = saved_args(ckpt).get("input_size")
         args.input_size = trained if isinstance(trained, int) and trained > 0 else 224
     sds, scored, arch = read_source(ckpt, args.model, args.use_ema)
-    groups = models.channel_groups(arch)
-    if args.list_groups:
-        return list_groups(arch, groups)
-    before = summary(arch, args.input_size)  # also refuses an input size the model cannot take
-    scores = score_groups(sds[scored], groups, args.criterion, args.reduce, args.raw_weights, args.seed,
-                          args.normalize)
+    return Source(args.checkpoint, ckpt, sds, scored, arch, models.channel_groups(arch), sha256_file(local))
+
+
+def calibration_data(args, source):
+    """The data flags of the calibration batches: the checkpoint's training settings."""
+    trained = saved_args(source.ckpt)
+    return datasets.default_data_args(
+        input_size=args.input_size, crop_pct=trained.get("crop_pct"),
+        imagenet_default_mean_and_std=trained.get("imagenet_default_mean_and_std", True),
+        data_set=args.data_set or trained.get("data_set") or "DIGITS",
+        data_path=args.data_path or (None if args.data_set else trained.get("data_path")))
+
+
+def calibrate(args, source):
+    """Evidence for a data-driven criterion (None for the others), seeded by --seed."""
+    kind = getattr(get_criterion(args.criterion), "evidence", None)
+    if kind is None:
+        return None
+    batches, n = calibration_batches(calibration_data(args, source), args.calib_batches,
+                                     args.calib_batch_size, args.seed)
+    print(f"calibration: {n} training images in {len(batches)} batches (seed {args.seed})")
+    return measure(source.arch, source.sds[source.scored], batches, (kind,))
+
+
+def prune_source(args, source, evidence=None):
+    """The pruned checkpoint (a dict) for the keep rules and scoring settings in `args`."""
+    scores = score_groups(source.sds[source.scored], source.groups, args.criterion, args.reduce,
+                          args.raw_weights, args.seed, args.normalize, args.scope, evidence)
     targets = Targets(args.target_params, args.target_macs, args.ratio)
     needs_cost = args.target_params is not None or args.target_macs is not None
-    cost_model = CostModel(arch, groups, args.input_size) if needs_cost else None
-    keep = plan_keep(groups, scores, args.dims, args.hidden_ratio, args.round_to, targets, cost_model,
-                     args.mlp_ratio, args.group_ratio)
+    cost_model = CostModel(source.arch, source.groups, args.input_size) if needs_cost else None
+    keep = plan_keep(source.groups, scores, args.dims, args.hidden_ratio, args.round_to, targets,
+                     cost_model, args.mlp_ratio, args.group_ratio)
     provenance = {"criterion": args.criterion, "options": options(args),
-                  "source": os.path.basename(args.checkpoint),
-                  "source_sha256": sha256_file(source), "scored_weights": scored,
-                  "torch": str(torch.__version__)}
-    pruned = prune_checkpoint(ckpt, sds, groups, keep, arch, provenance)
-    print(f"{args.criterion} pruning of {args.checkpoint} ({models.describe_arch(arch)})")
+                  "source": os.path.basename(source.path), "source_sha256": source.sha256,
+                  "scored_weights": source.scored, "torch": str(torch.__version__)}
+    pruned = prune_checkpoint(source.ckpt, source.sds, source.groups, keep, source.arch, provenance)
+    return pruned, scores, keep
+
+
+def run(args):
+    check_args(args)
+    source = load_source(args)
+    if args.list_groups:
+        return list_groups(source.arch, source.groups)
+    before = summary(source.arch, args.input_size)  # also refuses an input size the model cannot take
+    pruned, scores, keep = prune_source(args, source, calibrate(args, source))
+    print(f"{args.criterion} pruning of {args.checkpoint} ({models.describe_arch(source.arch)})")
     print(table(before, summary(pruned["arch"], args.input_size), args.input_size))
     print(f"result: {models.describe_arch(pruned['arch'])}")
     if args.export_scores:
-        export(args.export_scores, groups, scores, keep, provenance)
+        export(args.export_scores, source.groups, scores, keep, pruned["pruning"])
         print(f"scores written to {args.export_scores}")
     if args.dry_run:
         print("dry run: no checkpoint written")

@@ -1,12 +1,19 @@
 """Group scoring: one score per channel of a channel group (docs/design.md section 6).
 
-Each producer of a group is scored with the criterion (a multi-part producer part by part,
-the pieces concatenated in channel order), normalised (by its maximum unless --normalize says
-otherwise), and the producers are reduced to one score per channel (mean by default);
-pruning/plan.py turns the scores into kept channels. Layer scale is folded into the rows of
-the producer that carries it (gamma * pwconv2, the weight that actually writes into the
-residual stream) unless raw weights are asked for. Criteria that read scale factors
-(`slimming`) score the group's `scales` tensors the same way instead of its producers.
+Every group is scored from a stack of score rows, one per source, each [width] long:
+- scope `producers` (default): one row per producer, scored with the criterion part by part
+  (the pieces concatenated in channel order). Layer scale is folded into the rows of the
+  producer that carries it (gamma * pwconv2, the weight that writes into the residual
+  stream) unless raw weights are asked for;
+- scope `group`: one row per tensor slice the group cuts that holds weights or scale factors
+  (producer rows, consumer columns, norm and layer-scale vectors; biases and BatchNorm
+  running statistics are not scored), as Torch-Pruning's group magnitude does;
+- `slimming` reads the group's scale factors, `taylor` the calibration saliency |w * dL/dw|
+  of every slice `group` scope reads, `activation` the mean |input| of every layer that reads
+  the group's channels (pruning/calibration.py measures both).
+Each row is normalised over the channels it covers (--normalize), then the rows are reduced to
+one score per channel (--reduce; a slice that covers only some channels, a multi-scale
+branch, counts only there); pruning/plan.py turns the scores into kept channels.
 """
 import inspect
 import zlib
@@ -19,6 +26,7 @@ from models.groups import part_stop
 
 from .criteria import get_criterion
 
+
 def _divide_by(stat):
     def normalise(scores):
         peak = stat(scores)
@@ -26,28 +34,38 @@ def _divide_by(stat):
     return normalise
 
 
-# How one producer's (or scale tensor's) scores are made comparable before the reduction and
-# the global ranking: divided by their max (default), by their mean, or left raw (`none`:
-# e.g. network slimming's one global threshold on raw |scale factors|).
+# How one row's scores are made comparable before the reduction and the global ranking:
+# divided by their max (default), by their mean, or left raw (`none`: e.g. network slimming's
+# one global threshold on raw |scale factors|).
 NORMALIZATIONS = {
     "max": _divide_by(lambda s: s.max()),
     "mean": _divide_by(lambda s: s.mean()),
     "none": lambda s: s,
 }
 
+
+def _first(rows):
+    """Per channel, the first row that covers it."""
+    index = (~torch.isnan(rows)).to(torch.int8).argmax(dim=0)
+    return rows.gather(0, index[None])[0]
+
+
+# Rows are NaN where they do not cover a channel, so every reduction skips those entries.
 REDUCTIONS = {
-    "mean": lambda s: s.mean(dim=0),
-    "sum": lambda s: s.sum(dim=0),
-    "max": lambda s: s.max(dim=0).values,
-    "first": lambda s: s[0],
+    "mean": lambda s: torch.nanmean(s, dim=0),
+    "sum": lambda s: torch.nansum(s, dim=0),
+    "max": lambda s: s.nan_to_num(nan=-torch.inf).max(dim=0).values,
+    "first": _first,
 }
+SCOPES = ("producers", "group")
 
 
 @dataclass
 class GroupScores:
-    """Scores of one group: `score` [width] after reduction, `producers` label -> [width]."""
+    """Scores of one group: `score` [width] after reduction, `sources` label -> [width] row
+    (NaN where the source does not cover a channel)."""
     score: torch.Tensor
-    producers: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
 
 
 def _seed_for(seed, key):
@@ -58,8 +76,9 @@ def _seed_for(seed, key):
 def _call(scorer, tensor, seed, key, seed_key):
     """Run one scorer on one tensor (`key` names it in errors).
 
-    Seeded scorers get a seed derived from `seed_key`: the group name and the part's position,
-    so every producer of a group draws the same numbers and the reduction keeps them uniform.
+    Seeded scorers get a seed derived from `seed_key`: the group name and the channel offset,
+    so every full-width source of a group draws the same numbers and the reduction keeps them
+    uniform.
     """
     seeded = "seed" in inspect.signature(scorer).parameters
     kwargs = {"seed": _seed_for(seed, seed_key)} if seeded else {}
@@ -70,16 +89,30 @@ def _call(scorer, tensor, seed, key, seed_key):
     return scores.to(torch.float64)
 
 
-def _rows(sd, part, width):
-    """The rows (group channels [start, stop)) of a producer part, as a tensor with them first."""
-    if part.key not in sd:
+def _rows(tensors, part, width):
+    """The rows (group channels [start, stop)) of a tensor slice, with the channels first."""
+    if part.key not in tensors:
         raise UserError(f"the checkpoint lacks {part.key}, which its channel groups name")
-    t = sd[part.key]
+    t = tensors[part.key]
     n = part_stop(part, width) - part.start
     if t.shape[part.axis] != n:
         raise UserError(f"{part.key} has {t.shape[part.axis]} channels on axis {part.axis}, "
                         f"its channel group expects {n}")
-    return t.movedim(part.axis, 0)
+    return t.movedim(part.axis, 0).detach().to("cpu", torch.float64)
+
+
+def _placed(values, part, width):
+    """A [width] row holding `values` at the part's channels and NaN elsewhere."""
+    row = torch.full((width,), torch.nan, dtype=torch.float64)
+    row[part.start:part_stop(part, width)] = values
+    return row
+
+
+def _normalised(row, normalize):
+    covered = ~torch.isnan(row)
+    out = row.clone()
+    out[covered] = NORMALIZATIONS[normalize](row[covered])
+    return out
 
 
 def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_key="", normalize="max"):
@@ -102,7 +135,7 @@ def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_
         scale = sd[producer.scale].detach().to("cpu", torch.float64)
     pieces = []
     for i, part in enumerate(producer.parts):
-        rows = _rows(sd, part, width).detach().to("cpu", torch.float64)
+        rows = _rows(sd, part, width)
         if scale is not None:
             s = scale[part.start:part_stop(part, width)]
             rows = rows * s.reshape(-1, *([1] * (rows.dim() - 1)))
@@ -110,50 +143,102 @@ def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_
     return NORMALIZATIONS[normalize](torch.cat(pieces))
 
 
-def _label(producer):
-    return "+".join(p.key for p in producer.parts)
+def group_slices(group):
+    """The slices `--scope group` and `taylor` score: weights and scale vectors."""
+    scales = set(group.scales) | {p.scale for p in group.producers if p.scale}
+    return [p for p in group.slices if p.key.endswith(".weight") or p.key in scales]
 
 
-def score_group(sd, group, criterion, reduce="mean", raw_weights=False, seed=0, normalize="max"):
+def _slice_rows(tensors, group, scorer, seed, fold_scales):
+    """One row per scored slice; with fold_scales, a producer's scale multiplies its rows."""
+    scale_of = {part.key: prod.scale for prod in group.producers if prod.scale for part in prod.parts}
+    rows = {}
+    for part in group_slices(group):
+        t = _rows(tensors, part, group.width)
+        if fold_scales and part.key in scale_of:
+            s = tensors[scale_of[part.key]].detach().to("cpu", torch.float64)
+            t = t * s[part.start:part_stop(part, group.width)].reshape(-1, *([1] * (t.dim() - 1)))
+        t = t.reshape(t.shape[0], -1)  # a 1-D vector becomes [n, 1]: one value per channel
+        values = _call(scorer, t, seed, part.key, f"{group.name}@{part.start}")
+        rows[f"{part.key}[axis {part.axis}]"] = _placed(values, part, group.width)
+    return rows
+
+
+def _activation_rows(activity, group):
+    """One row per layer that reads the group's channels, from calibration.input_activity."""
+    rows = {}
+    for part in group.slices:
+        vector = activity.get((part.key, part.axis))
+        if vector is not None:
+            values = _rows({part.key: vector}, type(part)(part.key, 0, part.start, part.stop), group.width)
+            rows[f"input of {part.key.rsplit('.', 1)[0]}"] = _placed(values, part, group.width)
+    return rows
+
+
+def _source_rows(sd, group, scorer, scope, raw_weights, seed, evidence):
+    """Label -> [width] row (NaN outside the channels the source covers), not yet normalised."""
+    kind = getattr(scorer, "evidence", None)
+    if kind is not None:
+        if evidence is None or kind not in evidence:
+            raise UserError(f"criterion {scorer.__name__} needs calibration data "
+                            "(--calib_batches with --data_set)")
+        if kind == "activation":
+            return _activation_rows(evidence[kind], group)
+        return _slice_rows(evidence[kind], group, scorer, seed, fold_scales=False)
+    if getattr(scorer, "uses_scales", False):
+        rows = {}
+        for key in group.scales:
+            if key not in sd:
+                raise UserError(f"the checkpoint lacks {key}, which its channel groups name")
+            rows[key] = _call(scorer, sd[key], seed, key, f"{group.name}#0")
+        return rows
+    if scope == "group":
+        return _slice_rows(sd, group, scorer, seed, fold_scales=not raw_weights)
+    return {"+".join(p.key for p in prod.parts):
+            score_producer(sd, prod, group.width, scorer, raw_weights, seed, group.name, "none")
+            for prod in group.producers}
+
+
+def score_group(sd, group, criterion, reduce="mean", raw_weights=False, seed=0, normalize="max",
+                scope="producers", evidence=None):
     """Score every channel of a group.
 
     Args:
         sd: state dict (CPU tensors).
         group: models.groups.Group.
         criterion: name of a criterion in pruning.criteria.CRITERIA.
-        reduce: how producers are combined: mean, sum, max or first.
+        reduce: how the rows are combined: mean, sum, max or first.
         raw_weights: score stored weights without folding in layer scale.
         seed: base seed for seeded criteria (random).
-        normalize: how each producer's scores are scaled (NORMALIZATIONS).
+        normalize: how each row's scores are scaled (NORMALIZATIONS).
+        scope: "producers" or "group" (which slices a weight criterion reads; see above).
+        evidence: {"taylor": key -> |w * grad|, "activation": (key, axis) -> [channels]}
+            from pruning/calibration.py, for the data-driven criteria.
     Returns:
         GroupScores, or None when the criterion has nothing to score in this group
         (slimming on a group without scale factors).
     """
     scorer = get_criterion(criterion)
-    if reduce not in REDUCTIONS:
-        raise UserError(f"unknown reduction {reduce!r}; choose one of {', '.join(REDUCTIONS)}")
-    if normalize not in NORMALIZATIONS:
-        raise UserError(f"unknown normalisation {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
-    per = {}
-    if getattr(scorer, "uses_scales", False):
-        for key in group.scales:
-            if key not in sd:
-                raise UserError(f"the checkpoint lacks {key}, which its channel groups name")
-            per[key] = NORMALIZATIONS[normalize](_call(scorer, sd[key], seed, key, f"{group.name}#0"))
-    else:
-        for producer in group.producers:
-            per[_label(producer)] = score_producer(sd, producer, group.width, scorer, raw_weights,
-                                                   seed, group.name, normalize)
-    if not per:
+    for value, choices, what in ((reduce, REDUCTIONS, "reduction"), (normalize, NORMALIZATIONS, "normalisation"),
+                                 (scope, SCOPES, "scope")):
+        if value not in choices:
+            raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    rows = _source_rows(sd, group, scorer, scope, raw_weights, seed, evidence)
+    if not rows:
         return None
-    for label, s in per.items():
+    for label, s in rows.items():
         if s.shape != (group.width,):
             raise UserError(f"{label} gives {tuple(s.shape)} scores for group {group.name} "
                             f"of width {group.width}")
-    score = REDUCTIONS[reduce](torch.stack(list(per.values())))
-    return GroupScores(score=score, producers=per)
+    rows = {label: _normalised(s, normalize) for label, s in rows.items()}
+    score = REDUCTIONS[reduce](torch.stack(list(rows.values())))
+    if bool(torch.isnan(score).any()):
+        raise UserError(f"criterion {criterion} leaves channels of {group.name} unscored")
+    return GroupScores(score=score, sources=rows)
 
 
-def score_groups(sd, groups, criterion, reduce="mean", raw_weights=False, seed=0, normalize="max"):
+def score_groups(sd, groups, criterion, reduce="mean", raw_weights=False, seed=0, normalize="max",
+                 scope="producers", evidence=None):
     """score_group for every group: dict group name -> GroupScores (or None)."""
-    return {g.name: score_group(sd, g, criterion, reduce, raw_weights, seed, normalize) for g in groups}
+    return {g.name: score_group(sd, g, criterion, reduce, raw_weights, seed, normalize, scope, evidence)
+            for g in groups}

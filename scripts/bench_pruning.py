@@ -78,8 +78,8 @@ def time_loop_subset(sd, groups, n):
 
 
 def max_difference(a, b):
-    return max(float((a[name].producers[k] - b[name].producers[k]).abs().max())
-               for name in a if a[name] is not None for k in a[name].producers)
+    return max(float((a[name].sources[k] - b[name].sources[k]).abs().max())
+               for name in a if a[name] is not None for k in a[name].sources)
 
 
 def main(argv=None):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from pruning.criteria import CRITERIA, fpgm, get_criterion, l1, l2, opnorm, opnorm_loop, random, slimming
+from pruning.criteria import (CRITERIA, fpgm, get_criterion, l1, l2, opnorm, opnorm_abs, opnorm_loop, random,
+                              slimming)
 from errors import UserError
 
 BOTH = [opnorm, opnorm_loop]
@@ -137,13 +138,34 @@ def test_random_is_seeded():
 
 
 def test_registry():
-    assert set(CRITERIA) == {"opnorm", "l1", "l2", "fpgm", "random", "slimming"}
+    assert set(CRITERIA) == {"opnorm", "opnorm_abs", "l1", "l2", "fpgm", "random", "slimming",
+                             "taylor", "activation"}
     assert get_criterion("l1") is l1
     with pytest.raises(UserError, match="unknown criterion"):
-        get_criterion("taylor")
+        get_criterion("hrank")
 
 
-@pytest.mark.parametrize("name", ["opnorm", "l1", "l2", "fpgm"])
+def test_opnorm_abs_does_not_favour_filter_0():
+    # a Linear layer: opnorm projects every filter on filter 0's sign pattern, so the small
+    # filter 0 ranks first and the two large ones far below it
+    w = torch.tensor([[1., -1, 1, -1], [4, 4, -4, -4], [-4, 4, 4, -4], [-1, 1, -1, 1]])
+    x = (w - w.mean(0)).double()
+    t = x @ torch.sign(x[0])
+    assert torch.allclose(opnorm(w), t ** 2 / (t ** 2).max())
+    assert int(opnorm(w).argmax()) == 0
+    got = opnorm_abs(w)
+    centred = x.abs().sum(1)  # K = 1: the L1 norms of the centred filters
+    assert torch.allclose(got, centred / centred.max())
+    assert got.tolist() == [0.5, 1.0, 1.0, 0.5]
+
+
+def test_opnorm_abs_ignores_filter_order():
+    w = random_weights(5)
+    perm = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(opnorm_abs(w)[perm], opnorm_abs(w[perm]), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["opnorm", "opnorm_abs", "l1", "l2", "fpgm"])
 def test_non_finite_weights_are_refused(name):
     w = torch.randn(4, 3)
     w[1, 2] = float("nan")

@@ -60,7 +60,7 @@ def test_cli_script_end_to_end(ckpt, tmp_path):
     data = json.loads(scores.read_text())
     group = data["groups"]["stages.1.residual"]
     assert group["width"] == 16 and len(group["score"]) == 16 and len(group["kept"]) == 8
-    assert len(group["producers"]) == 3 and all(len(v) == 16 for v in group["producers"].values())
+    assert len(group["sources"]) == 3 and all(len(v) == 16 for v in group["sources"].values())
 
 
 def test_output_evaluates_with_main_without_model(ckpt, tmp_path):
@@ -111,7 +111,7 @@ def test_targets_and_dry_run(ckpt, tmp_path, capsys):
     (["--dims", "4", "8", "16", "64"], "only 32 channels"),
     (["--dims", "4", "0", "16", "16"], "at least 1"),
     (["--dims", "4", "8", "16"], "takes 4 values"),
-    (["--criterion", "taylor"], "unknown criterion"),
+    (["--criterion", "hrank"], "unknown criterion"),
     (["--target_params", "10"], "cannot be met"),
     (["--hidden_ratio", "1.5"], "(0, 1]"),
     (["--use_ema", "--model", "resnet18", "--ratio", "0.5"], "pruning needs"),

@@ -104,8 +104,8 @@ def test_layer_scale_folded_unless_raw(small):
     g = next(g for g in groups if g.name == "stages.3.residual")
     w, gamma = sd["stages.3.0.pwconv2.weight"], sd["stages.3.0.gamma"]
     label = "stages.3.0.pwconv2.weight"
-    folded = score_group(sd, g, "l1").producers[label]
-    raw = score_group(sd, g, "l1", raw_weights=True).producers[label]
+    folded = score_group(sd, g, "l1").sources[label]
+    raw = score_group(sd, g, "l1", raw_weights=True).sources[label]
     expect = l1(w * gamma[:, None])
     assert torch.allclose(folded, expect / expect.max())
     assert torch.allclose(raw, l1(w) / l1(w).max())
@@ -114,7 +114,7 @@ def test_layer_scale_folded_unless_raw(small):
 def test_reductions(small):
     _, sd, groups = small
     g = next(g for g in groups if g.name == "stages.0.residual")
-    per = torch.stack(list(score_group(sd, g, "opnorm").producers.values()))
+    per = torch.stack(list(score_group(sd, g, "opnorm").sources.values()))
     assert per.shape == (len(g.producers), g.width)
     assert torch.equal(per.max(dim=1).values, torch.ones(3, dtype=torch.float64))
     assert torch.allclose(score_group(sd, g, "opnorm").score, per.mean(0))
@@ -139,7 +139,7 @@ def test_random_and_slimming(small):
     b = plan_keep(groups, score_groups(sd, groups, "random", seed=3), hidden_ratio=[0.5])
     c = plan_keep(groups, score_groups(sd, groups, "random", seed=4), hidden_ratio=[0.5])
     assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], c[k]) for k in a)
-    per = score_group(sd, groups[-1], "random", seed=3).producers.values()
+    per = score_group(sd, groups[-1], "random", seed=3).sources.values()
     assert all(torch.equal(p, next(iter(per))) for p in per)  # the mean of producers stays uniform
     slim = score_groups(sd, groups, "slimming")
     keep = plan_keep(groups, slim, dims=[4, 8, 12, 16])
