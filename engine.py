@@ -119,7 +119,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
 
     Args:
         model: the model to train (DDP-wrapped and/or compiled are fine).
-        criterion: loss on (output, targets).
+        criterion: loss on (output, targets); one with `takes_inputs` (losses.DistillationLoss)
+            is called as criterion(samples, output, targets) -> (loss, logged parts).
         data_loader: yields (samples, targets).
         optimizer: param groups may carry "lr_scale" (layer decay).
         device (torch.device): where to compute.
@@ -169,7 +170,11 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
         with _grad_sync(model, last_micro):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 output = model(samples)
-                loss = criterion(output, targets)
+                parts = {}
+                if getattr(criterion, "takes_inputs", False):  # distillation: teachers see samples
+                    loss, parts = criterion(samples, output, targets)
+                else:
+                    loss = criterion(output, targets)
             grad_norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm,
                                     parameters=model.parameters(), create_graph=second_order,
                                     update_grad=last_micro, need_norm=True, before_step=before_step)
@@ -179,7 +184,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
                 model_ema.update(ema_source)
 
         class_acc = (output.argmax(-1) == targets).float().mean() if targets.ndim == 1 else None
-        pending.add(i, it, optimizer, loss=loss, class_acc=class_acc, grad_norm=grad_norm)
+        pending.add(i, it, optimizer, loss=loss, class_acc=class_acc, grad_norm=grad_norm, **parts)
         if log_now:
             pending.flush()
 

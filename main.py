@@ -29,6 +29,7 @@ import models
 import utils
 from engine import evaluate, train_one_epoch
 from errors import UserError, first_line, run_cli
+from losses import DistillationLoss, load_teachers
 from optim_factory import LayerDecayValueAssigner, create_optimizer
 from options import DEFAULT_MODEL, check_args, parse_args
 from run_folder import RunFolder, resolve_resume, resume_label
@@ -270,6 +271,11 @@ def build_optimization(args, run, data, device):
         run.criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         run.criterion = torch.nn.CrossEntropyLoss()
+    if args.teacher:
+        teachers = load_teachers(args.teacher, device, args.channels_last, args.nb_classes)
+        run.criterion = DistillationLoss(run.criterion, teachers, args.kd_temperature, args.kd_alpha)
+        logger.info("Distilling from %d teacher(s) at T = %g, alpha = %g", len(teachers),
+                    args.kd_temperature, args.kd_alpha)
     logger.info("LR = %.8f, batch size = %d, update frequency = %d, %d training examples, "
                 "%d steps per epoch, criterion = %s", args.lr, total_batch, args.update_freq,
                 len(data.train), run.steps_per_epoch, run.criterion)

@@ -146,6 +146,12 @@ def get_args_parser():
     a("--sparsity", default=0.0, type=float,
       help="L1 penalty on the scale factors (BatchNorm weights; ConvNeXt: LayerNorm weights and "
            "layer scale): adds S * sign(w) to their gradients, as network slimming trains")
+    # Knowledge distillation (not in the official repo)
+    a("--teacher", default=None, nargs="+", metavar="CKPT",
+      help="distil from these checkpoints of ours (shapes from the files; several form an ensemble)")
+    a("--kd_temperature", default=5.0, type=float, help="distillation temperature T")
+    a("--kd_alpha", default=0.5, type=float,
+      help="weight of the distillation term (1: pure distillation from the teachers)")
     return p
 
 
@@ -183,7 +189,7 @@ RANGES = {
     "nb_classes": _in(1, None), "seed": _in(0, 2 ** 31 - 1), "save_ckpt_freq": _in(1, None),
     "save_ckpt_num": _in(0, None), "start_epoch": _in(0, None), "num_workers": _in(0, None),
     "world_size": _in(1, None), "dist_timeout": _in(0, None, lo_open=True),
-    "sparsity": _in(0, None),
+    "sparsity": _in(0, None), "kd_temperature": _in(0, None, lo_open=True), "kd_alpha": _in(0, 1),
 }
 
 
@@ -216,6 +222,10 @@ def check_combinations(args):
         raise UserError("--resplit true needs augmentation splits, which this repo does not have")
     if args.fold and not args.eval:
         raise UserError("--fold true applies to --eval true (a folded model is not trained)")
+    if args.teacher and args.eval:
+        raise UserError("--teacher applies to training; --eval true evaluates the model alone")
+    if not args.teacher and (args.kd_alpha != 0.5 or args.kd_temperature != 5.0):
+        raise UserError("--kd_alpha / --kd_temperature need --teacher CKPT [CKPT ...]")
     if args.eval and args.disable_eval:
         raise UserError("--eval true needs the evaluation set: drop --disable_eval true")
     if args.eval and not (args.resume or args.finetune or (args.auto_resume and args.output_dir)):
@@ -235,6 +245,9 @@ def check_paths(args):
         path = getattr(args, flag)
         if path and "://" not in path and not os.path.isfile(path):
             raise UserError(f"--{flag} {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
+    for path in args.teacher or ():
+        if "://" not in path and not os.path.isfile(path):
+            raise UserError(f"--teacher {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
     if args.model is not None:
         models.check_model_name(args.model)
 

@@ -76,6 +76,12 @@ def registered_name(arch):
     return next((name for name in OUR_MODELS if default_arch(name) == arch), None)
 
 
+def named_dims(arch):
+    """Budget names of the family's known pruned shapes -> --dims (e.g. {"3M": [...]}), or {}."""
+    family = FAMILIES.get(arch.get("family")) if isinstance(arch, dict) else None
+    return dict(getattr(family, "named_dims", lambda a: {})(arch))
+
+
 def describe_arch(arch):
     """A one-line summary of a shape, naming the registered model that has it."""
     family = FAMILIES.get(arch.get("family")) if isinstance(arch, dict) else None

@@ -93,6 +93,13 @@ class ConvNeXt(PooledHead):
         return cls(**{k: arch[k] for k in keys if k in arch}, **kwargs)
 
     @staticmethod
+    def named_dims(arch):
+        """Shapes a budget may be named by (the Efficient ConvNeXt-T ones for a T-depth model)."""
+        if list(arch.get("depths", [])) != OFFICIAL["convnext_tiny"][0]:
+            return {}
+        return {k[:-len("_pruned")]: v for k, v in EFFICIENT_DIMS.items() if k.endswith("_pruned")}
+
+    @staticmethod
     def describe(arch):
         text = (f"ConvNeXt depths {arch['depths']} dims {arch['dims']}"
                 + (" multi-scale" if arch.get("dw") == "multiscale" else ""))

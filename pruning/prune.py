@@ -261,22 +261,13 @@ def load_source(args):
     return Source(args.checkpoint, ckpt, sds, scored, arch, models.channel_groups(arch), sha256_file(local))
 
 
-def calibration_data(args, source):
-    """The data flags of the calibration batches: the checkpoint's training settings."""
-    trained = saved_args(source.ckpt)
-    return datasets.default_data_args(
-        input_size=args.input_size, crop_pct=trained.get("crop_pct"),
-        imagenet_default_mean_and_std=trained.get("imagenet_default_mean_and_std", True),
-        data_set=args.data_set or trained.get("data_set") or "DIGITS",
-        data_path=args.data_path or (None if args.data_set else trained.get("data_path")))
-
-
 def calibrate(args, source):
     """Evidence for a data-driven criterion (None for the others), seeded by --seed."""
     kind = getattr(get_criterion(args.criterion), "evidence", None)
     if kind is None:
         return None
-    batches, n = calibration_batches(calibration_data(args, source), args.calib_batches,
+    data = datasets.trained_data_args(saved_args(source.ckpt), args.data_set, args.data_path, args.input_size)
+    batches, n = calibration_batches(data, args.calib_batches,
                                      args.calib_batch_size, args.seed)
     print(f"calibration: {n} training images in {len(batches)} batches (seed {args.seed})")
     return measure(source.arch, source.sds[source.scored], batches, (kind,))

@@ -1,0 +1,138 @@
+"""What the pruning studies share (scripts/compare_criteria.py, pruning/sensitivity.py,
+pruning/iterative.py): the evaluation set held in memory, in-memory pruning through
+pruning/prune.py's own settings, and a results file that survives kills.
+
+A study folder holds `study.json` (the settings that define the rows) and `results.jsonl`
+(one finished row per line, flushed and fsynced). Rerunning the same command in the same
+folder skips the rows already there, so a killed study loses at most the row in progress;
+different settings in the same folder are refused instead of mixed.
+"""
+import json
+import math
+import os
+import statistics
+
+import torch
+
+import datasets
+import models
+from engine import evaluate
+from errors import UserError
+
+from . import prune
+
+
+class Evaluator:
+    """Top-1 of a (pruned) state dict on the evaluation split, or a fixed subset of it.
+
+    Args:
+        args: data flags (datasets.trained_data_args).
+        subset: evaluate on this many images, a fixed seeded choice (None: all).
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, args, subset=None, batch_size=128):
+        dataset, _ = datasets.build_dataset(is_train=False, args=args)
+        index = list(range(len(dataset)))
+        if subset is not None:
+            if subset > len(dataset):
+                raise UserError(f"--eval_subset {subset}: the evaluation split has only {len(dataset)} images")
+            index = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:subset].tolist())
+        self.images = len(index)
+        items = [dataset[i] for i in index]
+        self.batches = [(torch.stack([x for x, _ in items[i:i + batch_size]]),
+                         torch.tensor([int(y) for _, y in items[i:i + batch_size]]))
+                        for i in range(0, len(items), batch_size)]
+
+    def accuracy(self, arch, state_dict):
+        model = models.build_model(arch)
+        model.load_state_dict(state_dict)
+        return evaluate(self.batches, model, torch.device("cpu"), print_freq=10 ** 9)["acc1"]
+
+
+def prune_args(checkpoint, argv):
+    """pruning/prune.py's settings for one study cell, checked as its command line is."""
+    args = prune.get_args_parser().parse_args(["--checkpoint", checkpoint, "--dry_run", *argv])
+    prune.check_args(args)
+    return args
+
+
+class Results:
+    """The rows of a study folder, keyed by their identifying fields."""
+
+    def __init__(self, folder, settings, key_fields):
+        self.path = os.path.join(folder, "results.jsonl")
+        self.key_fields = key_fields
+        os.makedirs(folder, exist_ok=True)
+        settings_path = os.path.join(folder, "study.json")
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                held = json.load(f)
+            if held != json.loads(json.dumps(settings)):
+                raise UserError(f"{folder} holds a study with other settings ({settings_path}); "
+                                "give another --output_dir, or the same settings to resume it")
+        elif os.path.exists(self.path) or os.listdir(folder):
+            raise UserError(f"{folder} is not empty and holds no study of this tool; give another --output_dir")
+        else:
+            _write_json(settings_path, settings)
+        self.rows = self._read()
+
+    def _read(self):
+        rows = []
+        if not os.path.exists(self.path):
+            return rows
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # the line a kill cut short: that row is run again
+        with open(self.path, "w") as f:  # drop a cut line so appends stay line-aligned
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return rows
+
+    def key(self, row):
+        return tuple(row[k] for k in self.key_fields)
+
+    def has(self, **fields):
+        return self.key(fields) in {self.key(r) for r in self.rows}
+
+    def add(self, row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+
+
+def _write_json(path, data):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def mean_sd(values):
+    """(mean, sample standard deviation or 0 for one value, n)."""
+    values = [float(v) for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), sd, len(values)
+
+
+def write_table(path, header, rows):
+    """A CSV file (plain values, no quoting needed)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(",".join(header) + "\n")
+        for r in rows:
+            f.write(",".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                             for v in r) + "\n")
+    os.replace(tmp, path)
+
+
+def pyplot():
+    """matplotlib's pyplot with a file-only backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Compare pruning criteria on one checkpoint: criteria x budgets x seeds, with spread and a plot.
+
+    python scripts/compare_criteria.py --checkpoint dense.pth --output_dir cmp \\
+        --criteria opnorm l1 l2:scope=group,normalize=mean taylor random --budgets 13M 3M --seeds 0 1 2 3 4
+
+A criterion is a name of pruning/criteria.py, optionally with prune.py scoring flags:
+`l2:scope=group,normalize=mean` is `--criterion l2 --scope group --normalize mean`.
+A budget is a named shape of the family (ConvNeXt-T: 21M, 16M, 13M, 3M), `dims=32,64,128,256`,
+`params=0.25` / `macs=0.25` (that share of the source's params / MACs, global ranking) or
+`ratio=0.5` (that share of all channels, global ranking). Seeded criteria (random, and the
+data-driven ones, whose calibration batches the seed draws) run once per seed; deterministic
+ones once, unless --finetune_epochs fine-tunes every cell with each seed (main.py --seed).
+
+Accuracy right after pruning is measured in this process on the evaluation split (or a fixed
+--eval_subset); with --finetune_epochs K each pruned model is also fine-tuned by main.py.
+Writes results.jsonl (one row per cell), summary.csv / summary.json (mean, sample standard
+deviation, min, max per criterion and budget) and accuracy.png (accuracy against params or
+MACs, one line per criterion, the random criterion's mean +- 1 SD shaded) into --output_dir.
+Rerun the same command after a kill: finished cells are kept, the rest run.
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import datasets  # noqa: E402
+import models  # noqa: E402
+from checkpoint import save_checkpoint_file, saved_args  # noqa: E402
+from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from pruning import prune, study  # noqa: E402
+from pruning.criteria import get_criterion  # noqa: E402
+
+SCORING_FLAGS = ("scope", "normalize", "reduce", "raw_weights", "calib_batches", "calib_batch_size")
+
+
+def get_args_parser():
+    p = ArgumentParser("compare_criteria", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
+    p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
+    p.add_argument("--criteria", nargs="+", default=["opnorm", "l1", "l2", "fpgm", "random"],
+                   help="criteria, each NAME or NAME:flag=value,...")
+    p.add_argument("--budgets", nargs="+", default=["13M", "3M"], help="named shapes or KIND=VALUE")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds of the seeded cells")
+    p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+                   help="evaluation (and calibration) data (default: the checkpoint's)")
+    p.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
+    p.add_argument("--eval_subset", type=int, default=None,
+                   help="evaluate on this many images of the split (a fixed choice); default all")
+    p.add_argument("--finetune_epochs", type=int, default=0,
+                   help="also fine-tune every pruned model this many epochs with main.py")
+    p.add_argument("--train_args", default="",
+                   help="extra main.py flags of the fine-tuning, one quoted string")
+    p.add_argument("--x", default="params", choices=["params", "macs"], help="the plot's x axis")
+    return p
+
+
+def criterion_argv(spec):
+    """NAME[:flag=value,...] -> prune.py flags; UserError for an unknown name or flag."""
+    name, _, extra = spec.partition(":")
+    get_criterion(name)
+    argv = ["--criterion", name]
+    for item in filter(None, extra.split(",")):
+        flag, sep, value = item.partition("=")
+        if flag not in SCORING_FLAGS:
+            raise UserError(f"criterion {spec!r}: {flag!r} is not a scoring flag ({', '.join(SCORING_FLAGS)})")
+        if flag == "raw_weights":
+            argv += ["--raw_weights"] if value in ("", "true") else []
+        elif not sep:
+            raise UserError(f"criterion {spec!r}: expected {flag}=VALUE")
+        else:
+            argv += [f"--{flag}", value]
+    return argv
+
+
+def budget_argv(spec, arch, input_size):
+    """A budget -> prune.py keep-rule flags."""
+    named = models.named_dims(arch)
+    if spec in named:
+        return ["--dims", *map(str, named[spec])]
+    kind, sep, value = spec.partition("=")
+    if not sep or kind not in ("dims", "params", "macs", "ratio"):
+        known = ", ".join(named) or "none for this model"
+        raise UserError(f"budget {spec!r}: give a named shape ({known}), dims=A,B,.., params=S, "
+                        "macs=S or ratio=S")
+    if kind == "dims":
+        return ["--dims", *value.split(",")]
+    try:
+        share = float(value)
+    except ValueError:
+        raise UserError(f"budget {spec!r}: {value!r} is not a number") from None
+    if not 0 < share < 1:
+        raise UserError(f"budget {spec!r}: the share must be in (0, 1)")
+    if kind == "ratio":
+        return ["--ratio", value]
+    params, macs = models.count_arch(arch, input_size)
+    return [f"--target_{kind}", str(int(share * (params if kind == "params" else macs)))]
+
+
+def seeded(criterion_args):
+    fn = get_criterion(criterion_args[1])
+    return fn.__name__ == "random" or getattr(fn, "evidence", None) is not None
+
+
+def plan_cells(args, source):
+    """(criterion, budget, seed, prune.py settings) of every cell, checked before any work."""
+    cells = []
+    for crit in args.criteria:
+        c_argv = criterion_argv(crit)
+        seeds = args.seeds if (seeded(c_argv) or args.finetune_epochs) else args.seeds[:1]
+        for budget in args.budgets:
+            b_argv = budget_argv(budget, source.arch, args.input_size)
+            for seed in seeds:
+                settings = study.prune_args(args.checkpoint, c_argv + b_argv + [
+                    "--seed", str(seed), "--input_size", str(args.input_size)]
+                    + (["--data_set", args.data_set] if args.data_set and seeded(c_argv) and c_argv[1] != "random" else []))
+                cells.append((crit, budget, seed, settings))
+    return cells
+
+
+def check_args(args):
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    if args.eval_subset is not None and args.eval_subset < 1:
+        raise UserError(f"--eval_subset must be >= 1, got {args.eval_subset}")
+    if args.finetune_epochs < 0:
+        raise UserError(f"--finetune_epochs must be >= 0, got {args.finetune_epochs}")
+    if args.train_args and not args.finetune_epochs:
+        raise UserError("--train_args is used only with --finetune_epochs")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise UserError("--seeds must be distinct non-negative integers")
+    for flag in ("criteria", "budgets"):
+        values = getattr(args, flag)
+        if len(set(values)) != len(values):
+            raise UserError(f"--{flag} lists a value twice")
+    if os.path.isfile(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file")
+
+
+def finetune(args, folder, cell_name, pruned, seed):
+    """main.py fine-tuning of one pruned model (auto-resumed after a kill); its last top-1."""
+    path = os.path.join(folder, "pruned", f"{cell_name}.pth")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_checkpoint_file(pruned, path)
+    out = os.path.join(folder, "finetune", cell_name)
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--finetune", path, "--output_dir", out,
+           "--epochs", str(args.finetune_epochs), "--seed", str(seed), "--input_size", str(args.input_size),
+           "--data_set", args.data.data_set, "--save_ckpt_freq", "1"]
+    cmd += ["--data_path", args.data.data_path] if args.data.data_path else []
+    proc = subprocess.run(cmd + shlex.split(args.train_args), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"fine-tuning {cell_name} failed: {tail[0]}")
+    with open(os.path.join(out, "log.txt")) as f:
+        return json.loads(f.read().strip().splitlines()[-1])["test_acc1"]
+
+
+def run_cells(args, source, cells, results, evaluator):
+    evidence = {}
+    for n, (crit, budget, seed, settings) in enumerate(cells, start=1):
+        if results.has(criterion=crit, budget=budget, seed=seed):
+            continue
+        start = time.time()
+        calib_key = (crit, seed)
+        if calib_key not in evidence:
+            evidence = {calib_key: prune.calibrate(settings, source)}  # one criterion's at a time
+        pruned, _, _ = prune.prune_source(settings, source, evidence[calib_key])
+        params, macs = models.count_arch(pruned["arch"], args.input_size)
+        acc = evaluator.accuracy(pruned["arch"], pruned["model"])
+        name = f"{crit.replace(':', '_').replace(',', '_').replace('=', '-')}_{budget.replace('=', '-')}_seed{seed}"
+        tuned = finetune(args, args.output_dir, name, pruned, seed) if args.finetune_epochs else None
+        results.add({"criterion": crit, "budget": budget, "seed": seed, "params": params, "macs": macs,
+                     "acc_pruned": acc, "acc_finetuned": tuned, "seconds": round(time.time() - start, 2)})
+        more = f", fine-tuned {tuned:.2f}" if tuned is not None else ""
+        print(f"[{n}/{len(cells)}] {crit} at {budget}, seed {seed}: top-1 {acc:.2f} right after "
+              f"pruning{more} ({params / 1e6:.2f}M params, {macs / 1e6:.1f}M MACs)", flush=True)
+
+
+def summarise(args, results, source_acc):
+    """Rows of the summary: one per criterion and budget, in the order given."""
+    rows = []
+    for budget in args.budgets:
+        for crit in args.criteria:
+            cell = [r for r in results.rows if r["criterion"] == crit and r["budget"] == budget]
+            row = {"criterion": crit, "budget": budget, "n": len(cell),
+                   "params": round(study.mean_sd([r["params"] for r in cell])[0]),
+                   "macs": round(study.mean_sd([r["macs"] for r in cell])[0])}
+            for key in ("acc_pruned", "acc_finetuned"):
+                values = [r[key] for r in cell if r[key] is not None]
+                if values:
+                    mean, sd, _ = study.mean_sd(values)
+                    row.update({f"{key}_mean": mean, f"{key}_sd": sd,
+                                f"{key}_min": min(values), f"{key}_max": max(values)})
+            rows.append(row)
+    return {"source_acc1": source_acc, "rows": rows}
+
+
+def print_table(summary, images):
+    print(f"\ntop-1 (%) on {images} evaluation images (source: {summary['source_acc1']:.2f}); "
+          "mean +- sample SD over n seeds\n")
+    tuned = any("acc_finetuned_mean" in r for r in summary["rows"])
+    head = "| budget | criterion | params | n | right after pruning | min .. max |"
+    print(head + (" fine-tuned |" if tuned else ""))
+    print("|---|---|---:|---:|---:|---:|" + ("---:|" if tuned else ""))
+    for r in summary["rows"]:
+        line = (f"| {r['budget']} | {r['criterion']} | {r['params'] / 1e6:.2f}M | {r['n']} | "
+                f"{r['acc_pruned_mean']:.2f} +- {r['acc_pruned_sd']:.2f} | "
+                f"{r['acc_pruned_min']:.2f} .. {r['acc_pruned_max']:.2f} |")
+        if tuned:
+            line += (f" {r['acc_finetuned_mean']:.2f} +- {r['acc_finetuned_sd']:.2f} |"
+                     if "acc_finetuned_mean" in r else " - |")
+        print(line)
+
+
+def plot(args, summary, path):
+    plt = study.pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    key = args.x
+    for crit in args.criteria:
+        rows = sorted((r for r in summary["rows"] if r["criterion"] == crit), key=lambda r: r[key])
+        x = [r[key] / 1e6 for r in rows]
+        mean = [r["acc_pruned_mean"] for r in rows]
+        sd = [r["acc_pruned_sd"] for r in rows]
+        if crit.split(":")[0] == "random":
+            ax.fill_between(x, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                            color="grey", alpha=0.25, label=f"{crit} mean +- 1 SD")
+            ax.plot(x, mean, color="grey", linestyle="--", marker="o")
+        else:
+            ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, label=crit)
+    ax.axhline(summary["source_acc1"], color="black", linewidth=0.8, linestyle=":", label="source")
+    ax.set_xlabel(f"{'parameters' if key == 'params' else 'MACs'} (millions)")
+    ax.set_ylabel("top-1 right after pruning (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args):
+    check_args(args)
+    probe = study.prune_args(args.checkpoint, ["--ratio", "0.5"])
+    source = prune.load_source(probe)
+    args.input_size = probe.input_size
+    args.data = datasets.trained_data_args(saved_args(source.ckpt), args.data_set, args.data_path,
+                                           args.input_size)
+    cells = plan_cells(args, source)
+    settings = {k: getattr(args, k) for k in ("criteria", "budgets", "seeds", "data_set", "data_path",
+                                              "eval_subset", "finetune_epochs", "train_args")}
+    settings.update(source_sha256=source.sha256, input_size=args.input_size)
+    results = study.Results(args.output_dir, settings, ("criterion", "budget", "seed"))
+    evaluator = study.Evaluator(args.data, args.eval_subset)
+    print(f"{len(cells)} cells ({len(results.rows)} done before), {models.describe_arch(source.arch)}, "
+          f"{evaluator.images} {args.data.data_set} evaluation images at {args.input_size} px", flush=True)
+    source_acc = evaluator.accuracy(source.arch, source.sds[source.scored])
+    start = time.time()
+    run_cells(args, source, cells, results, evaluator)
+    summary = summarise(args, results, source_acc)
+    print_table(summary, evaluator.images)
+    study._write_json(os.path.join(args.output_dir, "summary.json"), summary)
+    header = list(dict.fromkeys(k for r in summary["rows"] for k in r))
+    study.write_table(os.path.join(args.output_dir, "summary.csv"), header,
+                      [[r.get(k) for k in header] for r in summary["rows"]])
+    plot(args, summary, os.path.join(args.output_dir, "accuracy.png"))
+    print(f"\n{time.time() - start:.0f} s; results.jsonl, summary.csv, summary.json and accuracy.png "
+          f"in {args.output_dir}")
+
+
+def main(argv=None):
+    def work(argv):
+        with prune.one_thread():
+            run(get_args_parser().parse_args(argv))
+    return run_cli(work, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
