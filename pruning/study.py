@@ -20,6 +20,7 @@ from engine import evaluate
 from errors import UserError
 
 from . import prune
+from .criteria import get_criterion
 
 
 class Evaluator:
@@ -50,6 +51,32 @@ class Evaluator:
         return evaluate(self.batches, model, torch.device("cpu"), print_freq=10 ** 9)["acc1"]
 
 
+SCORING_FLAGS = ("scope", "normalize", "reduce", "raw_weights", "calib_batches", "calib_batch_size")
+
+
+def criterion_argv(spec):
+    """NAME[:flag=value,...] -> prune.py flags; UserError for an unknown name or flag."""
+    name, _, extra = spec.partition(":")
+    get_criterion(name)
+    argv = ["--criterion", name]
+    for item in filter(None, extra.split(",")):
+        flag, sep, value = item.partition("=")
+        if flag not in SCORING_FLAGS:
+            raise UserError(f"criterion {spec!r}: {flag!r} is not a scoring flag ({', '.join(SCORING_FLAGS)})")
+        if flag == "raw_weights":
+            argv += ["--raw_weights"] if value in ("", "true") else []
+        elif not sep:
+            raise UserError(f"criterion {spec!r}: expected {flag}=VALUE")
+        else:
+            argv += [f"--{flag}", value]
+    return argv
+
+
+def seeded(criterion_args):
+    fn = get_criterion(criterion_args[1])
+    return fn.__name__ == "random" or getattr(fn, "evidence", None) is not None
+
+
 def prune_args(checkpoint, argv):
     """pruning/prune.py's settings for one study cell, checked as its command line is."""
     args = prune.get_args_parser().parse_args(["--checkpoint", checkpoint, "--dry_run", *argv])
@@ -74,7 +101,7 @@ class Results:
         elif os.path.exists(self.path) or os.listdir(folder):
             raise UserError(f"{folder} is not empty and holds no study of this tool; give another --output_dir")
         else:
-            _write_json(settings_path, settings)
+            write_json(settings_path, settings)
         self.rows = self._read()
 
     def _read(self):
@@ -105,7 +132,7 @@ class Results:
         self.rows.append(row)
 
 
-def _write_json(path, data):
+def write_json(path, data):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)

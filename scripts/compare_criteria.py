@@ -34,10 +34,6 @@ import models  # noqa: E402
 from checkpoint import save_checkpoint_file, saved_args  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from pruning import prune, study  # noqa: E402
-from pruning.criteria import get_criterion  # noqa: E402
-
-SCORING_FLAGS = ("scope", "normalize", "reduce", "raw_weights", "calib_batches", "calib_batch_size")
-
 
 def get_args_parser():
     p = ArgumentParser("compare_criteria", description=__doc__)
@@ -58,24 +54,6 @@ def get_args_parser():
                    help="extra main.py flags of the fine-tuning, one quoted string")
     p.add_argument("--x", default="params", choices=["params", "macs"], help="the plot's x axis")
     return p
-
-
-def criterion_argv(spec):
-    """NAME[:flag=value,...] -> prune.py flags; UserError for an unknown name or flag."""
-    name, _, extra = spec.partition(":")
-    get_criterion(name)
-    argv = ["--criterion", name]
-    for item in filter(None, extra.split(",")):
-        flag, sep, value = item.partition("=")
-        if flag not in SCORING_FLAGS:
-            raise UserError(f"criterion {spec!r}: {flag!r} is not a scoring flag ({', '.join(SCORING_FLAGS)})")
-        if flag == "raw_weights":
-            argv += ["--raw_weights"] if value in ("", "true") else []
-        elif not sep:
-            raise UserError(f"criterion {spec!r}: expected {flag}=VALUE")
-        else:
-            argv += [f"--{flag}", value]
-    return argv
 
 
 def budget_argv(spec, arch, input_size):
@@ -102,23 +80,18 @@ def budget_argv(spec, arch, input_size):
     return [f"--target_{kind}", str(int(share * (params if kind == "params" else macs)))]
 
 
-def seeded(criterion_args):
-    fn = get_criterion(criterion_args[1])
-    return fn.__name__ == "random" or getattr(fn, "evidence", None) is not None
-
-
 def plan_cells(args, source):
     """(criterion, budget, seed, prune.py settings) of every cell, checked before any work."""
     cells = []
     for crit in args.criteria:
-        c_argv = criterion_argv(crit)
-        seeds = args.seeds if (seeded(c_argv) or args.finetune_epochs) else args.seeds[:1]
+        c_argv = study.criterion_argv(crit)
+        seeds = args.seeds if (study.seeded(c_argv) or args.finetune_epochs) else args.seeds[:1]
         for budget in args.budgets:
             b_argv = budget_argv(budget, source.arch, args.input_size)
             for seed in seeds:
                 settings = study.prune_args(args.checkpoint, c_argv + b_argv + [
                     "--seed", str(seed), "--input_size", str(args.input_size)]
-                    + (["--data_set", args.data_set] if args.data_set and seeded(c_argv) and c_argv[1] != "random" else []))
+                    + (["--data_set", args.data_set] if args.data_set and study.seeded(c_argv) and c_argv[1] != "random" else []))
                 cells.append((crit, budget, seed, settings))
     return cells
 
@@ -263,7 +236,7 @@ def run(args):
     run_cells(args, source, cells, results, evaluator)
     summary = summarise(args, results, source_acc)
     print_table(summary, evaluator.images)
-    study._write_json(os.path.join(args.output_dir, "summary.json"), summary)
+    study.write_json(os.path.join(args.output_dir, "summary.json"), summary)
     header = list(dict.fromkeys(k for r in summary["rows"] for k in r))
     study.write_table(os.path.join(args.output_dir, "summary.csv"), header,
                       [[r.get(k) for k in header] for r in summary["rows"]])

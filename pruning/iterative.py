@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Iterative pruning: N rounds of prune -> fine-tune -> snapshot, then optionally a final
+round distilled from the ensemble of the snapshots (the Pruning Filters seed's workflow).
+
+    python pruning/iterative.py --checkpoint dense.pth --output_dir iter --rounds 3 \\
+        --prune "--criterion l1 --ratio 0.2" --finetune_epochs 2 \\
+        --train_args "--lr 1e-3 --batch_size 32 --warmup_epochs 0 --mixup 0 --cutmix 0" \\
+        --distill_epochs 2
+
+Each round applies the prune.py flags of --prune to the current model (round 1: --checkpoint;
+then the last round's snapshot), measures top-1 right after pruning, fine-tunes with main.py
+(--train_args are passed through) and keeps its last checkpoint as the round's snapshot.
+--distill_epochs E then fine-tunes the last snapshot E more epochs with every snapshot as a
+teacher (main.py --teacher ... --kd_alpha A --kd_temperature T). Everything lands in
+--output_dir (round<r>/pruned.pth, round<r>/finetune/, distill/, results.jsonl); rerun the
+same command after a kill: finished rounds are kept and a fine-tuning resumes where it stopped.
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import datasets  # noqa: E402
+import models  # noqa: E402
+from checkpoint import load_checkpoint_file, save_checkpoint_file, saved_args  # noqa: E402
+from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from pruning import prune, study  # noqa: E402
+from pruning.surgery import read_source, sha256_file  # noqa: E402
+
+# main.py flags this tool sets itself
+OWN_FLAGS = ("--finetune", "--resume", "--output_dir", "--epochs", "--teacher", "--eval", "--data_set",
+             "--data_path", "--input_size", "--kd_alpha", "--kd_temperature")
+
+
+def get_args_parser():
+    p = ArgumentParser("iterative", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
+    p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
+    p.add_argument("--rounds", type=int, default=3, help="prune -> fine-tune rounds")
+    p.add_argument("--prune", required=True,
+                   help="prune.py flags of every round, one quoted string (e.g. \"--criterion l1 --ratio 0.2\")")
+    p.add_argument("--finetune_epochs", type=int, default=2, help="main.py epochs after each pruning")
+    p.add_argument("--train_args", default="", help="extra main.py flags of every fine-tuning, one quoted string")
+    p.add_argument("--distill_epochs", type=int, default=0,
+                   help="final round: this many epochs distilled from the ensemble of snapshots (0: none)")
+    p.add_argument("--kd_alpha", type=float, default=1.0, help="weight of the distillation term (1: pure)")
+    p.add_argument("--kd_temperature", type=float, default=5.0, help="distillation temperature")
+    p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS, help="default: the checkpoint's")
+    p.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
+    return p
+
+
+def check_args(args):
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    if args.rounds < 1 or args.finetune_epochs < 1 or args.distill_epochs < 0:
+        raise UserError("--rounds and --finetune_epochs must be >= 1, --distill_epochs >= 0")
+    if not 0 <= args.kd_alpha <= 1 or args.kd_temperature <= 0:
+        raise UserError("--kd_alpha must be in [0, 1] and --kd_temperature > 0")
+    train = shlex.split(args.train_args)
+    clash = [f for f in OWN_FLAGS if f in train]
+    if clash:
+        raise UserError(f"--train_args: {clash[0]} is set by this tool; leave it out")
+    for flag in ("--checkpoint", "--output", "--dry_run", "--seed"):
+        if flag in shlex.split(args.prune):
+            raise UserError(f"--prune: {flag} is set by this tool; leave it out")
+    study.prune_args(args.checkpoint, shlex.split(args.prune))  # every prune.py check, up front
+    if os.path.isfile(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file")
+
+
+def main_py(args, data, extra):
+    """Run main.py with the data flags and the pass-through recipe; one line if it fails."""
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--data_set", data.data_set,
+           "--input_size", str(data.input_size), *(["--data_path", data.data_path] if data.data_path else []),
+           *extra, *shlex.split(args.train_args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"main.py failed: {tail[0]}")
+
+
+def finetune(args, data, start, out, epochs, teachers=()):
+    """Fine-tune `start` into `out` (auto-resumed); (last checkpoint, its top-1)."""
+    extra = ["--finetune", start, "--output_dir", out, "--epochs", str(epochs)]
+    if teachers:
+        extra += ["--teacher", *teachers, "--kd_alpha", str(args.kd_alpha),
+                  "--kd_temperature", str(args.kd_temperature)]
+    main_py(args, data, extra)
+    with open(os.path.join(out, "log.txt")) as f:
+        acc = json.loads(f.read().strip().splitlines()[-1])["test_acc1"]
+    return os.path.join(out, f"checkpoint-{epochs - 1}.pth"), acc
+
+
+def prune_round(args, current, path):
+    """Prune `current` into `path` (kept if a killed run already wrote it); the pruned dict."""
+    if os.path.exists(path):
+        return load_checkpoint_file(path)
+    settings = study.prune_args(current, shlex.split(args.prune))
+    source = prune.load_source(settings)
+    pruned, _, _ = prune.prune_source(settings, source, prune.calibrate(settings, source))
+    save_checkpoint_file(pruned, path)
+    return pruned
+
+
+def print_table(rows, source_row):
+    print("\n| round | params | MACs | right after pruning | after fine-tuning |")
+    print("|---|---:|---:|---:|---:|")
+    for r in [source_row] + rows:
+        after = "-" if r["acc_pruned"] is None else f"{r['acc_pruned']:.2f}"
+        print(f"| {r['round']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | {after} | "
+              f"{r['acc_finetuned']:.2f} |")
+
+
+def run(args):
+    check_args(args)
+    ckpt = load_checkpoint_file(args.checkpoint)
+    trained = saved_args(ckpt)
+    data = datasets.trained_data_args(trained, args.data_set, args.data_path)
+    settings = {k: getattr(args, k) for k in ("rounds", "prune", "finetune_epochs", "train_args",
+                                              "distill_epochs", "kd_alpha", "kd_temperature", "data_set",
+                                              "data_path")}
+    settings["source_sha256"] = sha256_file(args.checkpoint)
+    results = study.Results(args.output_dir, settings, ("round",))
+    evaluator = study.Evaluator(data)
+    sds, _, arch = read_source(ckpt)
+    params, macs = models.count_arch(arch, data.input_size)
+    source_row = {"round": "source", "params": params, "macs": macs, "acc_pruned": None,
+                  "acc_finetuned": evaluator.accuracy(arch, sds["model"])}
+    current, snapshots = args.checkpoint, []
+    for r in range(1, args.rounds + 1):
+        folder = os.path.join(args.output_dir, f"round{r}")
+        done = [x for x in results.rows if x["round"] == r]
+        if done:
+            current = done[0]["snapshot"]
+            snapshots.append(current)
+            continue
+        os.makedirs(folder, exist_ok=True)
+        pruned = prune_round(args, current, os.path.join(folder, "pruned.pth"))
+        params, macs = models.count_arch(pruned["arch"], data.input_size)
+        acc = evaluator.accuracy(pruned["arch"], pruned["model"])
+        print(f"[round {r}/{args.rounds}] pruned to {params / 1e6:.2f}M params: top-1 {acc:.2f}; "
+              f"fine-tuning {args.finetune_epochs} epochs", flush=True)
+        current, tuned = finetune(args, data, os.path.join(folder, "pruned.pth"),
+                                  os.path.join(folder, "finetune"), args.finetune_epochs)
+        snapshots.append(current)
+        results.add({"round": r, "params": params, "macs": macs, "acc_pruned": acc,
+                     "acc_finetuned": tuned, "snapshot": current})
+        print(f"[round {r}/{args.rounds}] fine-tuned: top-1 {tuned:.2f}; snapshot {current}", flush=True)
+    if args.distill_epochs and not results.has(round="distill"):
+        print(f"[distill] {args.distill_epochs} epochs from the ensemble of {len(snapshots)} snapshots "
+              f"(T = {args.kd_temperature:g}, alpha = {args.kd_alpha:g})", flush=True)
+        final, tuned = finetune(args, data, current, os.path.join(args.output_dir, "distill"),
+                                args.distill_epochs, teachers=snapshots)
+        last = [x for x in results.rows if x["round"] == args.rounds][0]
+        results.add({"round": "distill", "params": last["params"], "macs": last["macs"], "acc_pruned": None,
+                     "acc_finetuned": tuned, "snapshot": final})
+        print(f"[distill] top-1 {tuned:.2f}; {final}", flush=True)
+    print_table(results.rows, source_row)
+
+
+def main(argv=None):
+    return run_cli(lambda argv: run(get_args_parser().parse_args(argv)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

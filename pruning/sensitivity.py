@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Sensitivity analysis (Li et al., Figure 2): prune one group, or one named set of groups, at a
+time at ratios 0.1 .. 0.9, no fine-tuning, and measure the accuracy after each cut.
+
+    python pruning/sensitivity.py --checkpoint resnet56.pth --output_dir sens --criterion l1 \\
+        --tolerance 1
+    python pruning/sensitivity.py --checkpoint dense.pth --output_dir sens_stages \\
+        --sets 'stages.0.*' 'stages.1.*' 'stages.2.*' 'stages.3.*'
+
+Each set is a glob over the channel-group names (prune.py --list_groups); by default every
+group is its own set. A cut of share R keeps floor((1 - R) x width) channels of each matched
+group, the best ones by the criterion (prune.py --group_ratio PATTERN=R). Writes
+results.jsonl, sensitivity.csv and sensitivity.png (accuracy against ratio, one curve per set)
+into --output_dir; rerun the same command after a kill to finish the rest. With --tolerance T
+it prints the --group_ratio arguments that keep every set, pruned alone, within T points of the
+source (the largest ratio whose accuracy and every smaller ratio's stay within T). Sets pruned
+together usually lose more than each alone: fine-tune, and check the combined cut.
+"""
+import fnmatch
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+
+import datasets  # noqa: E402
+import models  # noqa: E402
+from checkpoint import saved_args  # noqa: E402
+from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from pruning import prune, study  # noqa: E402
+
+
+def get_args_parser():
+    p = ArgumentParser("sensitivity", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
+    p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
+    p.add_argument("--criterion", default="l1", help="NAME or NAME:flag=value,... (see compare_criteria.py)")
+    p.add_argument("--sets", nargs="+", default=None,
+                   help="glob patterns over group names, one set each (default: every group)")
+    p.add_argument("--ratios", nargs="+", type=float, default=[round(0.1 * i, 1) for i in range(1, 10)],
+                   help="shares of each set's channels to prune")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (used by seeded criteria)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="print the --group_ratio arguments keeping each set within this many points")
+    p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+                   help="evaluation data (default: the checkpoint's)")
+    p.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
+    p.add_argument("--eval_subset", type=int, default=None, help="evaluate on this many images (fixed)")
+    return p
+
+
+def check_args(args):
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    if not all(0 < r < 1 for r in args.ratios) or len(set(args.ratios)) != len(args.ratios):
+        raise UserError("--ratios must be distinct values in (0, 1)")
+    if args.tolerance is not None and args.tolerance < 0:
+        raise UserError(f"--tolerance must be >= 0, got {args.tolerance}")
+    if args.eval_subset is not None and args.eval_subset < 1:
+        raise UserError(f"--eval_subset must be >= 1, got {args.eval_subset}")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise UserError("--seeds must be distinct non-negative integers")
+    if os.path.isfile(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file")
+
+
+def check_sets(sets, groups):
+    for pattern in sets:
+        if not any(fnmatch.fnmatchcase(g.name, pattern) for g in groups):
+            raise UserError(f"--sets {pattern} matches no group (prune.py --list_groups prints their names)")
+
+
+def plan_cells(args, c_argv):
+    seeds = args.seeds if study.seeded(c_argv) else args.seeds[:1]
+    cells = []
+    for pattern in args.sets:
+        for ratio in sorted(args.ratios):
+            for seed in seeds:
+                settings = study.prune_args(args.checkpoint, c_argv + [
+                    "--group_ratio", f"{pattern}={ratio}", "--seed", str(seed),
+                    "--input_size", str(args.input_size)])
+                cells.append((pattern, ratio, seed, settings))
+    return cells
+
+
+def run_cells(cells, source, results, evaluator, input_size):
+    evidence = {}
+    for n, (pattern, ratio, seed, settings) in enumerate(cells, start=1):
+        if results.has(set=pattern, ratio=ratio, seed=seed):
+            continue
+        if seed not in evidence:
+            evidence = {seed: prune.calibrate(settings, source)}
+        pruned, _, _ = prune.prune_source(settings, source, evidence[seed])
+        params, _ = models.count_arch(pruned["arch"], input_size)
+        acc = evaluator.accuracy(pruned["arch"], pruned["model"])
+        results.add({"set": pattern, "ratio": ratio, "seed": seed, "params": params, "acc": acc})
+        print(f"[{n}/{len(cells)}] {pattern} pruned by {ratio:g} (seed {seed}): top-1 {acc:.2f} "
+              f"({params / 1e6:.2f}M params)", flush=True)
+
+
+def curves(args, results):
+    """set -> [(ratio, mean top-1 over seeds)] in ratio order."""
+    out = {}
+    for pattern in args.sets:
+        out[pattern] = [(r, study.mean_sd([x["acc"] for x in results.rows
+                                           if x["set"] == pattern and x["ratio"] == r])[0])
+                        for r in sorted(args.ratios)]
+    return out
+
+
+def tolerated(curve, base, tolerance):
+    """The largest ratio whose accuracy, and every smaller ratio's, is within tolerance of base."""
+    best = 0.0
+    for ratio, acc in curve:
+        if acc < base - tolerance:
+            break
+        best = ratio
+    return best
+
+
+def plot(curve_of, base, path, criterion, streams):
+    """One curve per set; sets that cut a residual stream drawn thicker."""
+    plt = study.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.get_cmap("turbo", max(len(curve_of), 2))
+    for i, (pattern, curve) in enumerate(curve_of.items()):
+        ax.plot([r for r, _ in curve], [a for _, a in curve], marker="o", markersize=3, label=pattern,
+                color=colours(i), linewidth=2 if pattern in streams else 1)
+    ax.axhline(base, color="black", linewidth=0.8, linestyle=":", label="source")
+    ax.set_xlabel("share of the set's channels pruned")
+    ax.set_ylabel("top-1 right after pruning (%)")
+    ax.set_title(f"sensitivity to pruning ({criterion})")
+    ax.legend(fontsize=6, ncol=2 if len(curve_of) > 8 else 1)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args):
+    check_args(args)
+    c_argv = study.criterion_argv(args.criterion)
+    probe = study.prune_args(args.checkpoint, c_argv + ["--ratio", "0.5"])
+    source = prune.load_source(probe)
+    args.input_size = probe.input_size
+    args.sets = args.sets or [g.name for g in source.groups]
+    check_sets(args.sets, source.groups)
+    cells = plan_cells(args, c_argv)
+    data = datasets.trained_data_args(saved_args(source.ckpt), args.data_set, args.data_path, args.input_size)
+    settings = {k: getattr(args, k) for k in ("criterion", "sets", "ratios", "seeds", "data_set",
+                                              "data_path", "eval_subset")}
+    settings.update(source_sha256=source.sha256, input_size=args.input_size)
+    results = study.Results(args.output_dir, settings, ("set", "ratio", "seed"))
+    evaluator = study.Evaluator(data, args.eval_subset)
+    base = evaluator.accuracy(source.arch, source.sds[source.scored])
+    print(f"{len(cells)} cells ({len(results.rows)} done before); source top-1 {base:.2f} on "
+          f"{evaluator.images} {data.data_set} images", flush=True)
+    start = time.time()
+    run_cells(cells, source, results, evaluator, args.input_size)
+    curve_of = curves(args, results)
+    header = ["set"] + [f"{r:g}" for r in sorted(args.ratios)]
+    rows = [[p] + [round(a, 2) for _, a in c] for p, c in curve_of.items()]
+    study.write_table(os.path.join(args.output_dir, "sensitivity.csv"), header, rows)
+    streams = {p for p in args.sets
+               if any(g.kind == "residual" and fnmatch.fnmatchcase(g.name, p) for g in source.groups)}
+    plot(curve_of, base, os.path.join(args.output_dir, "sensitivity.png"), args.criterion, streams)
+    print("\n| set | " + " | ".join(header[1:]) + " |\n|---|" + "---:|" * (len(header) - 1))
+    for r in rows:
+        print("| " + " | ".join(str(v) for v in r) + " |")
+    if args.tolerance is not None:
+        picks = {p: tolerated(c, base, args.tolerance) for p, c in curve_of.items()}
+        kept = [f"'{p}={r:g}'" for p, r in picks.items() if r > 0]
+        print(f"\nwithin {args.tolerance:g} points of {base:.2f}, each set pruned alone:")
+        print("--group_ratio " + " ".join(kept) if kept else "no set can be pruned within the tolerance")
+    print(f"\n{time.time() - start:.0f} s; results.jsonl, sensitivity.csv and sensitivity.png in {args.output_dir}")
+
+
+def main(argv=None):
+    def work(argv):
+        with prune.one_thread():
+            run(get_args_parser().parse_args(argv))
+    return run_cli(work, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
