@@ -102,7 +102,9 @@ def prune_round(args, current, path):
         return load_checkpoint_file(path)
     settings = study.prune_args(current, shlex.split(args.prune))
     source = prune.load_source(settings)
-    pruned, _, _ = prune.prune_source(settings, source, prune.calibrate(settings, source))
+    evidence = prune.calibrate(settings, source)
+    with prune.one_thread():  # scoring: many small ops (see prune.one_thread)
+        pruned, _, _ = prune.prune_source(settings, source, evidence)
     save_checkpoint_file(pruned, path)
     return pruned
 

@@ -90,7 +90,8 @@ def run_cells(cells, source, results, evaluator, input_size):
             continue
         if seed not in evidence:
             evidence = {seed: prune.calibrate(settings, source)}
-        pruned, _, _ = prune.prune_source(settings, source, evidence[seed])
+        with prune.one_thread():  # scoring: many small ops (see prune.one_thread)
+            pruned, _, _ = prune.prune_source(settings, source, evidence[seed])
         params, _ = models.count_arch(pruned["arch"], input_size)
         acc = evaluator.accuracy(pruned["arch"], pruned["model"])
         results.add({"set": pattern, "ratio": ratio, "seed": seed, "params": params, "acc": acc})
@@ -176,10 +177,7 @@ def run(args):
 
 
 def main(argv=None):
-    def work(argv):
-        with prune.one_thread():
-            run(get_args_parser().parse_args(argv))
-    return run_cli(work, argv)
+    return run_cli(lambda argv: run(get_args_parser().parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def run_cells(args, source, cells, results, evaluator):
         calib_key = (crit, seed)
         if calib_key not in evidence:
             evidence = {calib_key: prune.calibrate(settings, source)}  # one criterion's at a time
-        pruned, _, _ = prune.prune_source(settings, source, evidence[calib_key])
+        with prune.one_thread():  # scoring: many small ops (see prune.one_thread)
+            pruned, _, _ = prune.prune_source(settings, source, evidence[calib_key])
         params, macs = models.count_arch(pruned["arch"], args.input_size)
         acc = evaluator.accuracy(pruned["arch"], pruned["model"])
         name = f"{crit.replace(':', '_').replace(',', '_').replace('=', '-')}_{budget.replace('=', '-')}_seed{seed}"
@@ -246,10 +247,7 @@ def run(args):
 
 
 def main(argv=None):
-    def work(argv):
-        with prune.one_thread():
-            run(get_args_parser().parse_args(argv))
-    return run_cli(work, argv)
+    return run_cli(lambda argv: run(get_args_parser().parse_args(argv)), argv)
 
 
 if __name__ == "__main__":
