@@ -45,7 +45,8 @@ from pruning.calibration import calibration_batches, measure  # noqa: E402
 from pruning.costs import CostModel  # noqa: E402
 from pruning.plan import Targets, plan_keep  # noqa: E402
 from pruning.criteria import CRITERIA, get_criterion  # noqa: E402
-from pruning.scoring import NORMALIZATIONS, REDUCTIONS, SCOPES, score_groups  # noqa: E402
+from pruning.scoring import (BASE_AGGREGATION, DEFAULT_AGGREGATION, NORMALIZATIONS, REDUCTIONS, SCOPES,  # noqa: E402
+                             default_aggregation, score_groups)  # noqa: E402
 from pruning.surgery import prune_checkpoint, read_source, sha256_file  # noqa: E402
 from checkpoint import is_url, load_checkpoint_file, local_copy, saved_args, save_checkpoint_file  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
@@ -89,14 +90,15 @@ def get_args_parser():
                        help="widths chosen by --hidden_ratio, --mlp_ratio or a target round up "
                        "to a multiple of this")
     scoring = p.add_argument_group("scoring")
-    scoring.add_argument("--scope", default="producers", choices=SCOPES,
+    scoring.add_argument("--scope", default=None, choices=SCOPES,
                          help="what a weight criterion reads: the producers' rows, or every "
-                         "weight and scale slice the group cuts (group: Torch-Pruning's group "
-                         "magnitude with l2 --normalize mean)")
-    scoring.add_argument("--reduce", default="mean", help=f"combine the scored rows: {', '.join(REDUCTIONS)}")
-    scoring.add_argument("--normalize", default="max", choices=list(NORMALIZATIONS),
+                         "weight and scale slice the group cuts (default: per criterion, "
+                         f"{_defaults_text()})")
+    scoring.add_argument("--reduce", default=None,
+                         help=f"combine the scored rows: {', '.join(REDUCTIONS)} (default: per criterion)")
+    scoring.add_argument("--normalize", default=None, choices=list(NORMALIZATIONS),
                          help="scale each row of scores before they are combined and ranked "
-                         "(none: raw scores, one global threshold across layers)")
+                         "(none: raw scores, one global threshold across layers; default: per criterion)")
     scoring.add_argument("--raw_weights", action="store_true",
                          help="score stored pwconv2 rows without folding in the layer scale gamma")
     scoring.add_argument("--use_ema", action="store_true", help="score the model_ema weights")
@@ -121,6 +123,11 @@ def get_args_parser():
     return p
 
 
+def _defaults_text():
+    named = "; ".join(f"{c}: {'/'.join(v)}" for c, v in DEFAULT_AGGREGATION.items())
+    return f"scope/normalize/reduce {named}; others: {'/'.join(BASE_AGGREGATION)}"
+
+
 def _pattern_share(text):
     """PATTERN=R of --group_ratio, e.g. 'layer1.*=0.1'."""
     pattern, sep, share = text.rpartition("=")
@@ -136,6 +143,10 @@ def _pattern_share(text):
 def check_args(args):
     """Refuse bad input before any heavy work."""
     get_criterion(args.criterion)
+    defaults = default_aggregation(args.criterion)
+    for flag, value in zip(("scope", "normalize", "reduce"), defaults):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     if args.reduce not in REDUCTIONS:
         raise UserError(f"unknown --reduce {args.reduce!r}; choose one of {', '.join(REDUCTIONS)}")
     if not is_url(args.checkpoint) and not os.path.isfile(args.checkpoint):

@@ -59,6 +59,23 @@ REDUCTIONS = {
 }
 SCOPES = ("producers", "group")
 
+# The aggregation (scope, normalize, reduce) prune.py uses when the command line leaves it out,
+# chosen per criterion from the DIGITS comparison over three dense ConvNeXt-T checkpoints
+# (README, "Pruning studies"): the whole group with mean-normalised rows and the max over rows
+# raised opnorm's and fpgm's accuracy right after pruning at 13M and 3M on average; l1 and l2
+# did better with the producers alone. taylor always reads the whole group.
+BASE_AGGREGATION = ("producers", "max", "mean")
+DEFAULT_AGGREGATION = {
+    "opnorm": ("group", "mean", "max"),
+    "fpgm": ("group", "mean", "max"),
+    "taylor": ("producers", "mean", "max"),
+}
+
+
+def default_aggregation(criterion):
+    """(scope, normalize, reduce) for a criterion whose flags are not given."""
+    return DEFAULT_AGGREGATION.get(criterion, BASE_AGGREGATION)
+
 
 @dataclass
 class GroupScores:

@@ -78,7 +78,8 @@ def plan_cells(args, c_argv):
             for seed in seeds:
                 settings = study.prune_args(args.checkpoint, c_argv + [
                     "--group_ratio", f"{pattern}={ratio}", "--seed", str(seed),
-                    "--input_size", str(args.input_size)])
+                    "--input_size", str(args.input_size)]
+                    + study.calibration_flags(c_argv, args.data_set, args.data_path))
                 cells.append((pattern, ratio, seed, settings))
     return cells
 

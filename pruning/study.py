@@ -7,6 +7,7 @@ A study folder holds `study.json` (the settings that define the rows) and `resul
 folder skips the rows already there, so a killed study loses at most the row in progress;
 different settings in the same folder are refused instead of mixed.
 """
+import inspect
 import json
 import math
 import os
@@ -64,6 +65,8 @@ def criterion_argv(spec):
         if flag not in SCORING_FLAGS:
             raise UserError(f"criterion {spec!r}: {flag!r} is not a scoring flag ({', '.join(SCORING_FLAGS)})")
         if flag == "raw_weights":
+            if value not in ("", "true", "false"):
+                raise UserError(f"criterion {spec!r}: raw_weights takes true or false")
             argv += ["--raw_weights"] if value in ("", "true") else []
         elif not sep:
             raise UserError(f"criterion {spec!r}: expected {flag}=VALUE")
@@ -73,8 +76,16 @@ def criterion_argv(spec):
 
 
 def seeded(criterion_args):
+    """Whether --seed changes the criterion's scores (its draws or its calibration images)."""
     fn = get_criterion(criterion_args[1])
-    return fn.__name__ == "random" or getattr(fn, "evidence", None) is not None
+    return "seed" in inspect.signature(fn).parameters or getattr(fn, "evidence", None) is not None
+
+
+def calibration_flags(criterion_args, data_set, data_path):
+    """prune.py's data flags for a data-driven criterion (the study's data), else none."""
+    if getattr(get_criterion(criterion_args[1]), "evidence", None) is None:
+        return []
+    return (["--data_set", data_set] if data_set else []) + (["--data_path", data_path] if data_path else [])
 
 
 def prune_args(checkpoint, argv):

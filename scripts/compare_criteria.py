@@ -91,7 +91,7 @@ def plan_cells(args, source):
             for seed in seeds:
                 settings = study.prune_args(args.checkpoint, c_argv + b_argv + [
                     "--seed", str(seed), "--input_size", str(args.input_size)]
-                    + (["--data_set", args.data_set] if args.data_set and study.seeded(c_argv) and c_argv[1] != "random" else []))
+                    + study.calibration_flags(c_argv, args.data_set, args.data_path))
                 cells.append((crit, budget, seed, settings))
     return cells
 

@@ -22,7 +22,7 @@ RECIPE = ["--batch_size", "32", "--warmup_epochs", "0", "--drop_path", "0", "--m
           "--cutmix", "0", "--reprob", "0", "--aa", "none", "--smoothing", "0", "--save_ckpt_freq", "1000",
           "--auto_resume", "false"]
 # compared right after pruning at both shapes; the first is pruned to 3M and fine-tuned
-CRITERIA = ["RECOMMENDED", "opnorm", "l1", "random"]
+CRITERIA = ["opnorm", "opnorm:scope=producers,normalize=max,reduce=mean", "l1", "random"]
 # progress lines of the tools worth showing: training steps with their ETA, accuracies, cells
 PROGRESS = re.compile(r"^(Epoch: \[\d+\]  \[\s*\d+/\d+\]|Accuracy of the|params |MACs |\[\d+/\d+\] )")
 

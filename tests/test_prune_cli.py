@@ -60,7 +60,10 @@ def test_cli_script_end_to_end(ckpt, tmp_path):
     data = json.loads(scores.read_text())
     group = data["groups"]["stages.1.residual"]
     assert group["width"] == 16 and len(group["score"]) == 16 and len(group["kept"]) == 8
-    assert len(group["sources"]) == 3 and all(len(v) == 16 for v in group["sources"].values())
+    # opnorm's default aggregation reads every weight and scale slice of the group
+    assert (record["options"]["scope"], record["options"]["normalize"], record["options"]["reduce"]) == \
+        ("group", "mean", "max")
+    assert len(group["sources"]) > 3 and all(len(v) == 16 for v in group["sources"].values())
 
 
 def test_output_evaluates_with_main_without_model(ckpt, tmp_path):
@@ -164,3 +167,15 @@ def test_other_convnext_families_end_to_end(tmp_path, arch, rule, expect):
     pruned = load_checkpoint_file(out)
     assert {k: pruned["arch"][k] for k in expect} == expect
     models.build_model(pruned["arch"]).load_state_dict(pruned["model"], strict=True)
+
+
+def test_aggregation_defaults_per_criterion_and_flags_override(ckpt, tmp_path):
+    base = ["--checkpoint", str(ckpt), "--dry_run", "--ratio", "0.3", "--input_size", "32"]
+    for argv, expected in [(["--criterion", "opnorm"], ("group", "mean", "max")),
+                           (["--criterion", "l1"], ("producers", "max", "mean")),
+                           (["--criterion", "opnorm", "--scope", "producers", "--reduce", "mean"],
+                            ("producers", "mean", "mean"))]:
+        scores = tmp_path / f"{len(argv)}.json"
+        assert main(base + argv + ["--export_scores", str(scores), "--overwrite"]) == 0
+        options = json.loads(scores.read_text())["provenance"]["options"]
+        assert (options["scope"], options["normalize"], options["reduce"]) == expected
