@@ -259,7 +259,9 @@ class OrtRunner(Runner):
             raise UserError(f"--backend onnxruntime needs onnx, onnxruntime and onnxscript ({e})") from None
         self._folder = tempfile.TemporaryDirectory()
         path = os.path.join(self._folder.name, "model.onnx")
-        export_onnx(self.model.eval(), self.inputs["eval"][:2], path, dynamic_size=False)
+        # two example images even at batch 1: torch.export fixes a batch axis of size 1
+        example = self.inputs["eval"][:1].expand(2, -1, -1, -1).contiguous()
+        export_onnx(self.model.eval(), example, path, dynamic_size=False)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = settings.threads or DEFAULT_THREADS
         self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])

@@ -143,6 +143,10 @@ def test_backends_each_model_in_each_runtime(tmp_path, tiny_ckpt, capsys):
     summary = bench.main(["--vs", tiny_ckpt, "--vs_settings", "backend=eager", "backend=onnxruntime",
                           *FAST, "--rounds", "2"])
     assert "backend=onnxruntime" in summary["b"] and len(summary["ratios"]) == 2
+    # batch 1 (latency): the export still gets a dynamic batch axis
+    summary = bench.main(["--vs", tiny_ckpt, "--vs_settings", "backend=eager", "backend=onnxruntime",
+                          *FAST, "--batch_size", "1", "--vs_mode", "latency", "--rounds", "1"])
+    assert summary["ratios"][0] > 0
 
 
 def test_vs_two_models(tiny_ckpt, capsys):
