@@ -65,7 +65,7 @@ def check_args(args):
     clash = [f for f in OWN_FLAGS if f in train]
     if clash:
         raise UserError(f"--train_args: {clash[0]} is set by this tool; leave it out")
-    for flag in ("--checkpoint", "--output", "--dry_run", "--seed"):
+    for flag in ("--checkpoint", "--output", "--dry_run"):
         if flag in shlex.split(args.prune):
             raise UserError(f"--prune: {flag} is set by this tool; leave it out")
     study.prune_args(args.checkpoint, shlex.split(args.prune))  # every prune.py check, up front
