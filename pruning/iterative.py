@@ -127,8 +127,8 @@ def run(args):
                                               "distill_epochs", "kd_alpha", "kd_temperature", "data_set",
                                               "data_path")}
     settings["source_sha256"] = sha256_file(args.checkpoint)
+    evaluator = study.Evaluator(data)  # before the folder: a data error leaves none
     results = study.Results(args.output_dir, settings, ("round",))
-    evaluator = study.Evaluator(data)
     sds, _, arch = read_source(ckpt)
     params, macs = models.count_arch(arch, data.input_size)
     source_row = {"round": "source", "params": params, "macs": macs, "acc_pruned": None,

@@ -228,8 +228,8 @@ def run(args):
     settings = {k: getattr(args, k) for k in ("criteria", "budgets", "seeds", "data_set", "data_path",
                                               "eval_subset", "finetune_epochs", "train_args")}
     settings.update(source_sha256=source.sha256, input_size=args.input_size)
+    evaluator = study.Evaluator(args.data, args.eval_subset)  # data errors first: they leave no folder
     results = study.Results(args.output_dir, settings, ("criterion", "budget", "seed"))
-    evaluator = study.Evaluator(args.data, args.eval_subset)
     print(f"{len(cells)} cells ({len(results.rows)} done before), {models.describe_arch(source.arch)}, "
           f"{evaluator.images} {args.data.data_set} evaluation images at {args.input_size} px", flush=True)
     source_acc = evaluator.accuracy(source.arch, source.sds[source.scored])

@@ -85,7 +85,9 @@ def test_compare_criteria_bad_input(source, tmp_path):
                           (["--criteria", "l1:depth=3"], "is not a scoring flag"),
                           (["--budgets", "13M"], "give a named shape (none for this model)"),
                           (["--budgets", "params=1.5"], "the share must be in (0, 1)"),
-                          (["--train_args", "--lr 1"], "--train_args is used only with --finetune_epochs")]:
+                          (["--train_args", "--lr 1"], "--train_args is used only with --finetune_epochs"),
+                          (["--budgets", "ratio=0.5", "--eval_subset", "100000"],
+                           "the evaluation split has only 360 images")]:
         proc = tool("scripts/compare_criteria.py", "--checkpoint", source, "--output_dir", tmp_path / "x", *argv)
         assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr)
         assert proc.stderr.count("\n") == 1
