@@ -15,7 +15,6 @@ teacher (main.py --teacher ... --kd_alpha A --kd_temperature T). Everything land
 --output_dir (round<r>/pruned.pth, round<r>/finetune/, distill/, results.jsonl); rerun the
 same command after a kill: finished rounds are kept and a fine-tuning resumes where it stopped.
 """
-import json
 import os
 import shlex
 import subprocess
@@ -30,11 +29,6 @@ from checkpoint import load_checkpoint_file, save_checkpoint_file, saved_args  #
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from pruning import prune, study  # noqa: E402
 from pruning.surgery import read_source, sha256_file  # noqa: E402
-
-# main.py flags this tool sets itself
-OWN_FLAGS = ("--finetune", "--resume", "--output_dir", "--epochs", "--teacher", "--eval", "--data_set",
-             "--data_path", "--input_size", "--kd_alpha", "--kd_temperature")
-
 
 def get_args_parser():
     p = ArgumentParser("iterative", description=__doc__)
@@ -61,10 +55,7 @@ def check_args(args):
         raise UserError("--rounds and --finetune_epochs must be >= 1, --distill_epochs >= 0")
     if not 0 <= args.kd_alpha <= 1 or args.kd_temperature <= 0:
         raise UserError("--kd_alpha must be in [0, 1] and --kd_temperature > 0")
-    train = shlex.split(args.train_args)
-    clash = [f for f in OWN_FLAGS if f in train]
-    if clash:
-        raise UserError(f"--train_args: {clash[0]} is set by this tool; leave it out")
+    study.check_train_args(args.train_args, allowed=("--seed",))
     for flag in ("--checkpoint", "--output", "--dry_run"):
         if flag in shlex.split(args.prune):
             raise UserError(f"--prune: {flag} is set by this tool; leave it out")
@@ -91,9 +82,7 @@ def finetune(args, data, start, out, epochs, teachers=()):
         extra += ["--teacher", *teachers, "--kd_alpha", str(args.kd_alpha),
                   "--kd_temperature", str(args.kd_temperature)]
     main_py(args, data, extra)
-    with open(os.path.join(out, "log.txt")) as f:
-        acc = json.loads(f.read().strip().splitlines()[-1])["test_acc1"]
-    return os.path.join(out, f"checkpoint-{epochs - 1}.pth"), acc
+    return os.path.join(out, f"checkpoint-{epochs - 1}.pth"), study.last_top1(out)
 
 
 def prune_round(args, current, path):

@@ -88,6 +88,28 @@ def calibration_flags(criterion_args, data_set, data_path):
     return (["--data_set", data_set] if data_set else []) + (["--data_path", data_path] if data_path else [])
 
 
+# main.py flags a study sets itself for every fine-tuning it runs
+MAIN_FLAGS_SET = ("--finetune", "--resume", "--output_dir", "--epochs", "--teacher", "--eval", "--data_set",
+                  "--data_path", "--input_size", "--kd_alpha", "--kd_temperature", "--seed", "--disable_eval")
+
+
+def check_train_args(text, allowed=()):
+    """Refuse main.py flags in --train_args that the study sets itself (or needs unset)."""
+    import shlex
+    clash = [f for f in MAIN_FLAGS_SET if f not in allowed and f in shlex.split(text)]
+    if clash:
+        raise UserError(f"--train_args: {clash[0]} is set by this tool; leave it out")
+
+
+def last_top1(folder):
+    """Top-1 of the last epoch main.py logged in `folder`."""
+    with open(os.path.join(folder, "log.txt")) as f:
+        last = json.loads(f.read().strip().splitlines()[-1])
+    if "test_acc1" not in last:
+        raise UserError(f"{folder}/log.txt has no evaluation; the fine-tuning must evaluate")
+    return last["test_acc1"]
+
+
 def prune_args(checkpoint, argv):
     """pruning/prune.py's settings for one study cell, checked as its command line is."""
     args = prune.get_args_parser().parse_args(["--checkpoint", checkpoint, "--dry_run", *argv])

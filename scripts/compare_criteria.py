@@ -19,7 +19,6 @@ deviation, min, max per criterion and budget) and accuracy.png (accuracy against
 MACs, one line per criterion, the random criterion's mean +- 1 SD shaded) into --output_dir.
 Rerun the same command after a kill: finished cells are kept, the rest run.
 """
-import json
 import os
 import shlex
 import subprocess
@@ -105,6 +104,7 @@ def check_args(args):
         raise UserError(f"--finetune_epochs must be >= 0, got {args.finetune_epochs}")
     if args.train_args and not args.finetune_epochs:
         raise UserError("--train_args is used only with --finetune_epochs")
+    study.check_train_args(args.train_args)
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UserError("--seeds must be distinct non-negative integers")
     for flag in ("criteria", "budgets"):
@@ -130,8 +130,7 @@ def finetune(args, folder, cell_name, pruned, seed):
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"fine-tuning {cell_name} failed: {tail[0]}")
-    with open(os.path.join(out, "log.txt")) as f:
-        return json.loads(f.read().strip().splitlines()[-1])["test_acc1"]
+    return study.last_top1(out)
 
 
 def run_cells(args, source, cells, results, evaluator):

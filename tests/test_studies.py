@@ -86,6 +86,7 @@ def test_compare_criteria_bad_input(source, tmp_path):
                           (["--budgets", "13M"], "give a named shape (none for this model)"),
                           (["--budgets", "params=1.5"], "the share must be in (0, 1)"),
                           (["--train_args", "--lr 1"], "--train_args is used only with --finetune_epochs"),
+                          (["--finetune_epochs", "1", "--train_args", "--epochs 3"], "--epochs is set by this tool"),
                           (["--budgets", "ratio=0.5", "--eval_subset", "100000"],
                            "the evaluation split has only 360 images")]:
         proc = tool("scripts/compare_criteria.py", "--checkpoint", source, "--output_dir", tmp_path / "x", *argv)
@@ -120,7 +121,7 @@ def test_tolerance_picks_the_last_ratio_before_the_first_drop():
 def test_two_iterative_rounds_with_ensemble_distillation(source, tmp_path):
     out = tmp_path / "iter"
     argv = ["--checkpoint", str(source), "--output_dir", str(out), "--rounds", "2", "--prune",
-            "--criterion l1 --ratio 0.3", "--finetune_epochs", "1", "--train_args", TRAIN + " --disable_eval false",
+            "--criterion l1 --ratio 0.3", "--finetune_epochs", "1", "--train_args", TRAIN,
             "--distill_epochs", "1"]
     assert kill_after([sys.executable, str(ROOT / "pruning/iterative.py"), *argv], "[round 2/2] pruned") \
         == -signal.SIGKILL
