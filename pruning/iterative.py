@@ -55,6 +55,8 @@ def check_args(args):
         raise UserError("--rounds and --finetune_epochs must be >= 1, --distill_epochs >= 0")
     if not 0 <= args.kd_alpha <= 1 or args.kd_temperature <= 0:
         raise UserError("--kd_alpha must be in [0, 1] and --kd_temperature > 0")
+    if not args.distill_epochs and (args.kd_alpha != 1.0 or args.kd_temperature != 5.0):
+        raise UserError("--kd_alpha / --kd_temperature apply to the distillation round: give --distill_epochs")
     study.check_train_args(args.train_args, allowed=("--seed",))
     for flag in ("--checkpoint", "--output", "--dry_run"):
         if flag in shlex.split(args.prune):

@@ -71,7 +71,10 @@ def check_sets(sets, groups):
 
 
 def plan_cells(args, c_argv):
-    seeds = args.seeds if study.seeded(c_argv) else args.seeds[:1]
+    if len(args.seeds) > 1 and not study.seeded(c_argv):
+        raise UserError(f"--seeds: {c_argv[1]} gives the same scores for every seed; give one seed "
+                        "or a seeded criterion (random, taylor, activation)")
+    seeds = args.seeds
     cells = []
     for pattern in args.sets:
         for ratio in sorted(args.ratios):

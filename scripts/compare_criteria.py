@@ -229,6 +229,10 @@ def run(args):
     settings.update(source_sha256=source.sha256, input_size=args.input_size)
     evaluator = study.Evaluator(args.data, args.eval_subset)  # data errors first: they leave no folder
     results = study.Results(args.output_dir, settings, ("criterion", "budget", "seed"))
+    once = [c for c in args.criteria if not study.seeded(study.criterion_argv(c))]
+    if once and len(args.seeds) > 1 and not args.finetune_epochs:
+        print(f"deterministic criteria ({', '.join(once)}) run once per budget; the seeds apply to the "
+              "seeded ones and to fine-tuning")
     print(f"{len(cells)} cells ({len(results.rows)} done before), {models.describe_arch(source.arch)}, "
           f"{evaluator.images} {args.data.data_set} evaluation images at {args.input_size} px", flush=True)
     source_acc = evaluator.accuracy(source.arch, source.sds[source.scored])
