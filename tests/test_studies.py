@@ -140,3 +140,15 @@ def test_two_iterative_rounds_with_ensemble_distillation(source, tmp_path):
     log = [json.loads(x) for x in (out / "distill" / "log.txt").read_text().splitlines()]
     assert log[-1]["train_loss_kd"] > 0
     assert "| distill |" in proc.stdout
+
+
+def test_flags_that_would_be_ignored_are_refused(source, tmp_path):
+    out = tmp_path / "never"
+    for script, argv, message in [
+            ("pruning/sensitivity.py", ["--criterion", "l1", "--seeds", "0", "1"], "gives the same scores for every seed"),
+            ("pruning/iterative.py", ["--prune", "--ratio 0.2", "--kd_alpha", "0.5"], "give --distill_epochs"),
+            ("pruning/iterative.py", ["--prune", "--ratio 0.2", "--train_args", "--disable_eval true"],
+             "--disable_eval is set by this tool")]:
+        proc = tool(script, "--checkpoint", source, "--output_dir", out, *argv)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not out.exists()
