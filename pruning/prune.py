@@ -114,7 +114,7 @@ def get_args_parser():
                    help="image side for MACs and calibration (default: the checkpoint's training "
                    "size, else 224)")
     p.add_argument("--export_scores", default=None,
-                   help="write per-group and per-producer scores to this JSON file")
+                   help="write per-group scores and each scored source's row to this JSON file")
     p.add_argument("--dry_run", action="store_true",
                    help="print the plan; write no checkpoint (--export_scores is still written)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -227,7 +227,7 @@ def summary(arch, input_size):
 
 
 def export(path, groups, scores, keep, provenance):
-    """Per-group and per-producer scores, with the kept indices, as JSON."""
+    """Per-group scores, each source's row (null where it does not cover), kept indices: JSON."""
     data = {"provenance": provenance, "groups": {}}
     for g in groups:
         s = scores[g.name]
