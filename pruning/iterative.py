@@ -17,7 +17,6 @@ same command after a kill: finished rounds are kept and a fine-tuning resumes wh
 """
 import os
 import shlex
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +48,7 @@ def get_args_parser():
 
 
 def check_args(args):
-    if not os.path.isfile(args.checkpoint):
-        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    study.check_common(args)
     if args.rounds < 1 or args.finetune_epochs < 1 or args.distill_epochs < 0:
         raise UserError("--rounds and --finetune_epochs must be >= 1, --distill_epochs >= 0")
     if not 0 <= args.kd_alpha <= 1 or args.kd_temperature <= 0:
@@ -62,29 +60,15 @@ def check_args(args):
         if flag in shlex.split(args.prune):
             raise UserError(f"--prune: {flag} is set by this tool; leave it out")
     study.prune_args(args.checkpoint, shlex.split(args.prune))  # every prune.py check, up front
-    if os.path.isfile(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir} is a file")
-
-
-def main_py(args, data, extra):
-    """Run main.py with the data flags and the pass-through recipe; one line if it fails."""
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--data_set", data.data_set,
-           "--input_size", str(data.input_size), *(["--data_path", data.data_path] if data.data_path else []),
-           *extra, *shlex.split(args.train_args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"main.py failed: {tail[0]}")
 
 
 def finetune(args, data, start, out, epochs, teachers=()):
     """Fine-tune `start` into `out` (auto-resumed); (last checkpoint, its top-1)."""
-    extra = ["--finetune", start, "--output_dir", out, "--epochs", str(epochs)]
+    extra = []
     if teachers:
         extra += ["--teacher", *teachers, "--kd_alpha", str(args.kd_alpha),
                   "--kd_temperature", str(args.kd_temperature)]
-    main_py(args, data, extra)
-    return os.path.join(out, f"checkpoint-{epochs - 1}.pth"), study.last_top1(out)
+    return study.finetune(start, out, epochs, data, args.train_args, "main.py", extra)
 
 
 def prune_round(args, current, path):

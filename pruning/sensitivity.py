@@ -50,18 +50,11 @@ def get_args_parser():
 
 
 def check_args(args):
-    if not os.path.isfile(args.checkpoint):
-        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    study.check_common(args)
     if not all(0 < r < 1 for r in args.ratios) or len(set(args.ratios)) != len(args.ratios):
         raise UserError("--ratios must be distinct values in (0, 1)")
     if args.tolerance is not None and args.tolerance < 0:
         raise UserError(f"--tolerance must be >= 0, got {args.tolerance}")
-    if args.eval_subset is not None and args.eval_subset < 1:
-        raise UserError(f"--eval_subset must be >= 1, got {args.eval_subset}")
-    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        raise UserError("--seeds must be distinct non-negative integers")
-    if os.path.isfile(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir} is a file")
 
 
 def check_sets(sets, groups):
@@ -131,23 +124,15 @@ def plot(curve_of, base, path, criterion, streams):
     for i, (pattern, curve) in enumerate(curve_of.items()):
         ax.plot([r for r, _ in curve], [a for _, a in curve], marker="o", markersize=3, label=pattern,
                 color=colours(i), linewidth=2 if pattern in streams else 1)
-    ax.axhline(base, color="black", linewidth=0.8, linestyle=":", label="source")
-    ax.set_xlabel("share of the set's channels pruned")
-    ax.set_ylabel("top-1 right after pruning (%)")
     ax.set_title(f"sensitivity to pruning ({criterion})")
-    ax.legend(fontsize=6, ncol=2 if len(curve_of) > 8 else 1)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    study.finish_plot(plt, fig, ax, base, "share of the set's channels pruned", path,
+                      fontsize=6, ncol=2 if len(curve_of) > 8 else 1)
 
 
 def run(args):
     check_args(args)
     c_argv = study.criterion_argv(args.criterion)
-    probe = study.prune_args(args.checkpoint, c_argv + ["--ratio", "0.5"])
-    source = prune.load_source(probe)
-    args.input_size = probe.input_size
+    source, args.input_size = study.open_source(args.checkpoint, c_argv)
     args.sets = args.sets or [g.name for g in source.groups]
     check_sets(args.sets, source.groups)
     cells = plan_cells(args, c_argv)

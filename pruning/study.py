@@ -11,7 +11,10 @@ import inspect
 import json
 import math
 import os
+import shlex
 import statistics
+import subprocess
+import sys
 
 import torch
 
@@ -22,6 +25,41 @@ from errors import UserError
 
 from . import prune
 from .criteria import get_criterion
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def check_common(args):
+    """The checks every study shares: the source file, the folder, --seeds, --eval_subset."""
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    if os.path.isfile(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file")
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None and (len(set(seeds)) != len(seeds) or min(seeds) < 0):
+        raise UserError("--seeds must be distinct non-negative integers")
+    subset = getattr(args, "eval_subset", None)
+    if subset is not None and subset < 1:
+        raise UserError(f"--eval_subset must be >= 1, got {subset}")
+
+
+def open_source(checkpoint, criterion_argv=()):
+    """(the source as prune.py reads it, its input size)."""
+    probe = prune_args(checkpoint, [*criterion_argv, "--ratio", "0.5"])
+    return prune.load_source(probe), probe.input_size
+
+
+def finetune(start, out, epochs, data, train_args, what, extra=()):
+    """main.py --finetune `start` into `out` (auto-resumed after a kill) with the data flags,
+    `extra` and the pass-through recipe; (its last checkpoint, top-1). One line if it fails."""
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--finetune", start, "--output_dir", out,
+           "--epochs", str(epochs), "--data_set", data.data_set, "--input_size", str(data.input_size),
+           *(["--data_path", data.data_path] if data.data_path else []), *extra, *shlex.split(train_args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"{what} failed: {tail[0]}")
+    return os.path.join(out, f"checkpoint-{epochs - 1}.pth"), last_top1(out)
 
 
 class Evaluator:
@@ -95,7 +133,6 @@ MAIN_FLAGS_SET = ("--finetune", "--resume", "--output_dir", "--epochs", "--teach
 
 def check_train_args(text, allowed=()):
     """Refuse main.py flags in --train_args that the study sets itself (or needs unset)."""
-    import shlex
     clash = [f for f in MAIN_FLAGS_SET if f not in allowed and f in shlex.split(text)]
     if clash:
         raise UserError(f"--train_args: {clash[0]} is set by this tool; leave it out")
@@ -196,3 +233,15 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def finish_plot(plt, fig, ax, source_acc, xlabel, path, **legend):
+    """The parts every study plot shares: the source's accuracy, labels, legend, grid; saved."""
+    ax.axhline(source_acc, color="black", linewidth=0.8, linestyle=":", label="source")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 right after pruning (%)")
+    ax.legend(**legend)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -20,8 +20,6 @@ MACs, one line per criterion, the random criterion's mean +- 1 SD shaded) into -
 Rerun the same command after a kill: finished cells are kept, the rest run.
 """
 import os
-import shlex
-import subprocess
 import sys
 import time
 
@@ -96,23 +94,16 @@ def plan_cells(args, source):
 
 
 def check_args(args):
-    if not os.path.isfile(args.checkpoint):
-        raise UserError(f"checkpoint not found: {args.checkpoint}")
-    if args.eval_subset is not None and args.eval_subset < 1:
-        raise UserError(f"--eval_subset must be >= 1, got {args.eval_subset}")
+    study.check_common(args)
     if args.finetune_epochs < 0:
         raise UserError(f"--finetune_epochs must be >= 0, got {args.finetune_epochs}")
     if args.train_args and not args.finetune_epochs:
         raise UserError("--train_args is used only with --finetune_epochs")
     study.check_train_args(args.train_args)
-    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        raise UserError("--seeds must be distinct non-negative integers")
     for flag in ("criteria", "budgets"):
         values = getattr(args, flag)
         if len(set(values)) != len(values):
             raise UserError(f"--{flag} lists a value twice")
-    if os.path.isfile(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir} is a file")
 
 
 def finetune(args, folder, cell_name, pruned, seed):
@@ -121,16 +112,8 @@ def finetune(args, folder, cell_name, pruned, seed):
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_checkpoint_file(pruned, path)
-    out = os.path.join(folder, "finetune", cell_name)
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--finetune", path, "--output_dir", out,
-           "--epochs", str(args.finetune_epochs), "--seed", str(seed), "--input_size", str(args.input_size),
-           "--data_set", args.data.data_set, "--save_ckpt_freq", "1"]
-    cmd += ["--data_path", args.data.data_path] if args.data.data_path else []
-    proc = subprocess.run(cmd + shlex.split(args.train_args), capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"fine-tuning {cell_name} failed: {tail[0]}")
-    return study.last_top1(out)
+    return study.finetune(path, os.path.join(folder, "finetune", cell_name), args.finetune_epochs, args.data,
+                          args.train_args, f"fine-tuning {cell_name}", extra=["--seed", str(seed)])[1]
 
 
 def run_cells(args, source, cells, results, evaluator):
@@ -206,21 +189,13 @@ def plot(args, summary, path):
             ax.plot(x, mean, color="grey", linestyle="--", marker="o")
         else:
             ax.errorbar(x, mean, yerr=sd, marker="o", capsize=3, label=crit)
-    ax.axhline(summary["source_acc1"], color="black", linewidth=0.8, linestyle=":", label="source")
-    ax.set_xlabel(f"{'parameters' if key == 'params' else 'MACs'} (millions)")
-    ax.set_ylabel("top-1 right after pruning (%)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    study.finish_plot(plt, fig, ax, summary["source_acc1"],
+                      f"{'parameters' if key == 'params' else 'MACs'} (millions)", path, fontsize=8)
 
 
 def run(args):
     check_args(args)
-    probe = study.prune_args(args.checkpoint, ["--ratio", "0.5"])
-    source = prune.load_source(probe)
-    args.input_size = probe.input_size
+    source, args.input_size = study.open_source(args.checkpoint)
     args.data = datasets.trained_data_args(saved_args(source.ckpt), args.data_set, args.data_path,
                                            args.input_size)
     cells = plan_cells(args, source)
