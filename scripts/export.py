@@ -156,12 +156,11 @@ def main(argv=None):
     check_args(args)
     onnx, ort = runtime()
     model, name, trained = load_model(args)
-    size = args.input_size or (trained.get("input_size") if isinstance(trained.get("input_size"), int) else 224)
+    # DIGITS only names the transform when no --data_set is given (the images are random)
+    data_args = datasets.trained_data_args(trained, args.data_set or "DIGITS", args.data_path, args.input_size)
+    data_args.eval_data_path = args.eval_data_path
+    size = data_args.input_size
     models.check_input_size(model, size, name)
-    data_args = datasets.default_data_args(
-        input_size=size, crop_pct=trained.get("crop_pct"), data_set=args.data_set or "DIGITS",
-        imagenet_default_mean_and_std=trained.get("imagenet_default_mean_and_std", True),
-        data_path=args.data_path, eval_data_path=args.eval_data_path)
     images, source = parity_images(args, data_args, args.parity_images)
     exported = fold(model, images) if args.fold else model
     tmp = f"{args.output}.tmp-{os.getpid()}.onnx"
