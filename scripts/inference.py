@@ -105,11 +105,7 @@ def class_probabilities(model, batch):
 
 
 def _transform(args, train_args):
-    data_args = datasets.default_data_args(
-        input_size=args.input_size or train_args.get("input_size") or 224,
-        crop_pct=train_args.get("crop_pct"),
-        imagenet_default_mean_and_std=train_args.get("imagenet_default_mean_and_std", True))
-    return datasets.build_transform(False, data_args)
+    return datasets.build_transform(False, datasets.trained_data_args(train_args, input_size=args.input_size))
 
 
 def torch_probabilities(args):
