@@ -132,8 +132,14 @@ def _normalised(row, normalize):
     return out
 
 
-def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_key="", normalize="max"):
-    """Score one producer's rows, part by part, and normalise them (NORMALIZATIONS).
+def _scaled(rows, scale, part, width):
+    """Rows (channels first) times the part's share of a per-channel scale (layer scale)."""
+    s = scale.detach().to("cpu", torch.float64)[part.start:part_stop(part, width)]
+    return rows * s.reshape(-1, *([1] * (rows.dim() - 1)))
+
+
+def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_key=""):
+    """Score one producer's rows, part by part, concatenated in channel order (not normalised).
 
     Args:
         sd: state dict.
@@ -143,21 +149,16 @@ def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_
         raw_weights: ignore the producer's scale (score the stored weights as they are).
         seed: base seed for seeded criteria.
         seed_key: name the seeds derive from (the group's name).
-        normalize: a key of NORMALIZATIONS.
     Returns:
-        [width] float64 scores (with "max": maximum 1, all zeros if every score is 0).
+        [width] float64 scores.
     """
-    scale = None
-    if producer.scale is not None and not raw_weights:
-        scale = sd[producer.scale].detach().to("cpu", torch.float64)
     pieces = []
     for i, part in enumerate(producer.parts):
         rows = _rows(sd, part, width)
-        if scale is not None:
-            s = scale[part.start:part_stop(part, width)]
-            rows = rows * s.reshape(-1, *([1] * (rows.dim() - 1)))
+        if producer.scale is not None and not raw_weights:
+            rows = _scaled(rows, sd[producer.scale], part, width)
         pieces.append(_call(scorer, rows, seed, part.key, f"{seed_key}#{i}"))
-    return NORMALIZATIONS[normalize](torch.cat(pieces))
+    return torch.cat(pieces)
 
 
 def group_slices(group):
@@ -173,8 +174,7 @@ def _slice_rows(tensors, group, scorer, seed, fold_scales):
     for part in group_slices(group):
         t = _rows(tensors, part, group.width)
         if fold_scales and part.key in scale_of:
-            s = tensors[scale_of[part.key]].detach().to("cpu", torch.float64)
-            t = t * s[part.start:part_stop(part, group.width)].reshape(-1, *([1] * (t.dim() - 1)))
+            t = _scaled(t, tensors[scale_of[part.key]], part, group.width)
         t = t.reshape(t.shape[0], -1)  # a 1-D vector becomes [n, 1]: one value per channel
         values = _call(scorer, t, seed, part.key, f"{group.name}@{part.start}")
         rows[f"{part.key}[axis {part.axis}]"] = _placed(values, part, group.width)
@@ -212,7 +212,7 @@ def _source_rows(sd, group, scorer, scope, raw_weights, seed, evidence):
     if scope == "group":
         return _slice_rows(sd, group, scorer, seed, fold_scales=not raw_weights)
     return {"+".join(p.key for p in prod.parts):
-            score_producer(sd, prod, group.width, scorer, raw_weights, seed, group.name, "none")
+            score_producer(sd, prod, group.width, scorer, raw_weights, seed, group.name)
             for prod in group.producers}
 
 
