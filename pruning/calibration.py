@@ -31,11 +31,16 @@ def calibration_batches(data_args, n_batches, batch_size, seed):
     dataset, _ = datasets.build_dataset(is_train=True, args=data_args, augment=False)
     gen = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(len(dataset), generator=gen)[:n_batches * batch_size].tolist()
+    return stacked_batches(dataset, order, batch_size), len(order)
+
+
+def stacked_batches(dataset, index, batch_size):
+    """The images `index` names, in that order, as in-memory (images, labels) batches."""
     batches = []
-    for start in range(0, len(order), batch_size):
-        items = [dataset[i] for i in order[start:start + batch_size]]
+    for start in range(0, len(index), batch_size):
+        items = [dataset[i] for i in index[start:start + batch_size]]
         batches.append((torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])))
-    return batches, len(order)
+    return batches
 
 
 def _input_axis(module):

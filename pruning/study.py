@@ -24,6 +24,7 @@ from engine import evaluate
 from errors import UserError
 
 from . import prune
+from .calibration import stacked_batches
 from .criteria import get_criterion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,10 +80,7 @@ class Evaluator:
                 raise UserError(f"--eval_subset {subset}: the evaluation split has only {len(dataset)} images")
             index = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:subset].tolist())
         self.images = len(index)
-        items = [dataset[i] for i in index]
-        self.batches = [(torch.stack([x for x, _ in items[i:i + batch_size]]),
-                         torch.tensor([int(y) for _, y in items[i:i + batch_size]]))
-                        for i in range(0, len(items), batch_size)]
+        self.batches = stacked_batches(dataset, index, batch_size)
 
     def accuracy(self, arch, state_dict):
         model = models.build_model(arch)
