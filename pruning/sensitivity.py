@@ -69,9 +69,9 @@ def plan_cells(args, c_argv):
                         "or a seeded criterion (random, taylor, activation)")
     seeds = args.seeds
     cells = []
-    for pattern in args.sets:
-        for ratio in sorted(args.ratios):
-            for seed in seeds:
+    for seed in seeds:  # outermost: each seed's calibration is measured once
+        for pattern in args.sets:
+            for ratio in sorted(args.ratios):
                 settings = study.prune_args(args.checkpoint, c_argv + [
                     "--group_ratio", f"{pattern}={ratio}", "--seed", str(seed),
                     "--input_size", str(args.input_size)]

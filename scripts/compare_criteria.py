@@ -80,12 +80,12 @@ def budget_argv(spec, arch, input_size):
 def plan_cells(args, source):
     """(criterion, budget, seed, prune.py settings) of every cell, checked before any work."""
     cells = []
-    for crit in args.criteria:
-        c_argv = study.criterion_argv(crit)
+    criteria = [(crit, study.criterion_argv(crit)) for crit in args.criteria]
+    budgets = [(budget, budget_argv(budget, source.arch, args.input_size)) for budget in args.budgets]
+    for crit, c_argv in criteria:
         seeds = args.seeds if (study.seeded(c_argv) or args.finetune_epochs) else args.seeds[:1]
-        for budget in args.budgets:
-            b_argv = budget_argv(budget, source.arch, args.input_size)
-            for seed in seeds:
+        for seed in seeds:  # seeds outside budgets: each seed's calibration is measured once
+            for budget, b_argv in budgets:
                 settings = study.prune_args(args.checkpoint, c_argv + b_argv + [
                     "--seed", str(seed), "--input_size", str(args.input_size)]
                     + study.calibration_flags(c_argv, args.data_set, args.data_path))
