@@ -1,8 +1,7 @@
 """Checkpoint files: safe reading (local paths and URLs), atomic writing, the weights inside.
 
 Reading never runs code from the file (weights_only + an allow-list of plain classes). Writing
-goes through a temp file in the same folder and a rename, so a kill leaves either the old file
-or the new one. The files of a training run in --output_dir are managed by `run_folder.py`.
+is atomic (files.py), so a kill leaves either the old file or the new one. The files of a training run in --output_dir are managed by `run_folder.py`.
 """
 import argparse
 import logging
@@ -11,7 +10,6 @@ import pathlib
 import pickle
 import re
 import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 
@@ -20,6 +18,7 @@ import torch
 
 import models
 from errors import UserError, first_line
+from files import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +29,6 @@ SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NP_CORE.multiarray.scalar,
                 np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType,
                 pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                 pathlib.PureWindowsPath]
-TEMP_PREFIX = ".tmp-"  # temp files of save_checkpoint_file: .tmp-<target name>-<random>
 
 
 def is_url(path):
@@ -67,24 +65,9 @@ def local_copy(path):
 
 
 def save_checkpoint_file(obj, path):
-    """Write `obj` with torch.save atomically: a temp file in the same folder, then rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.path.basename(path)}-", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; torch.save honours the umask
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write `obj` with torch.save atomically (files.atomic_open)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint_file(path, map_location="cpu", mmap=False):
@@ -191,16 +174,13 @@ def held_model(ckpt, state, model_name=None):
         return None, name
 
 
-HEAD_KEYS = ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight")  # our / timm heads
-
-
 def build_held_model(ckpt, state, model_name=None):
     """(model, display name): the model `held_model` names, built with the class count of the
     weights (a stock timm model's too); the caller loads the weights."""
     arch, name = held_model(ckpt, state, model_name)
     if arch is not None:
         return models.build_model(arch), models.registered_name(arch) or models.describe_arch(arch)
-    head = next((state[k] for k in HEAD_KEYS if k in state), None)
+    head = models.head_weight(state)
     return models.create_model(name, **({"num_classes": head.shape[0]} if head is not None else {})), name
 
 

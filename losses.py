@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import models
 from errors import UserError
 
 
@@ -64,7 +65,7 @@ def load_teachers(paths, device, channels_last=False, nb_classes=None):
         state = checkpoint.model_state(ckpt)
         model, name = checkpoint.build_held_model(ckpt, state)
         checkpoint.load_model_state(model, state, f"--teacher {path}")
-        head = next((state[k] for k in checkpoint.HEAD_KEYS if k in state), None)
+        head = models.head_weight(state)
         if nb_classes is not None and head is not None and head.shape[0] != nb_classes:
             raise UserError(f"--teacher {path} ({name}) has {head.shape[0]} classes but the data set "
                             f"has {nb_classes}")

@@ -1,83 +1,17 @@
 """Parameter groups (weight decay, layer-wise LR decay) and optimizers via timm's factory.
 
-Layer ids are read off the model's parameter names, so layer decay works for any depth and
-shape of the official layouts (hierarchical `downsample_layers.s` / `stages.s.j`, isotropic
-`stem` / `blocks.j`) and for timm's ConvNeXt layout (`stem`, `stages.s.downsample`,
-`stages.s.blocks.j`). The official rule for [3, 3, 27, 3] is kept exactly: the stem is layer 0,
-each stage is cut into chunks of 3 consecutive blocks (one layer id each), a stage's
-downsampling layer shares the id of the stage's first chunk, and norm + head come last.
-Isotropic models get one id per block. Unknown models get one id for everything.
+Layer ids come from the model's family (`Family.layer_ids`, read off the parameter names:
+ConvNeXt's official rule in the official and timm's layouts, one id per isotropic block);
+a model no family's rule reads gets one id for everything.
 """
 import logging
-import math
-import re
 
 from timm.optim import create_optimizer_v2, list_optimizers
 
+import models
 from errors import UserError
 
 logger = logging.getLogger(__name__)
-
-BLOCKS_PER_LAYER = 3  # official: "each group is three consecutive blocks"
-
-_PATTERNS = [  # (regex, kind): stage / block indices are the groups
-    (re.compile(r"^downsample_layers\.0\."), "stem"),
-    (re.compile(r"^downsample_layers\.(\d+)\."), "down"),
-    (re.compile(r"^stages\.(\d+)\.downsample\."), "down"),
-    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\."), "block"),
-    (re.compile(r"^stages\.(\d+)\.(\d+)\."), "block"),
-    (re.compile(r"^stem[._]"), "stem"),
-    (re.compile(r"^blocks\.(\d+)\."), "iso"),
-]
-
-
-def _position(name):
-    """(kind, indices) of a parameter name in one of the known layouts, or None."""
-    for pattern, kind in _PATTERNS:
-        m = pattern.match(name)
-        if m:
-            return kind, tuple(int(g) for g in m.groups())
-    return None
-
-
-def convnext_layer_ids(param_names):
-    """Map parameter names to layer ids; returns (ids: dict, num_layers).
-
-    Ids run from 0 (stem) to num_layers + 1 (final norm and head, the full learning rate).
-    """
-    pos = {n: _position(n) for n in param_names}
-    blocks = [p[1] for p in pos.values() if p and p[0] == "block"]
-    iso = [p[1][0] for p in pos.values() if p and p[0] == "iso"]
-    if not blocks and not iso:  # unknown layout: a single layer, no decay
-        logger.warning("layer decay: unknown parameter layout, every parameter gets the same LR")
-        return {n: 1 for n in param_names}, 0
-    first = {}  # stage -> layer id of its first chunk
-    if blocks:
-        depths = {}
-        for s, j in blocks:
-            depths[s] = max(depths.get(s, 0), j + 1)
-        next_id = 1
-        for s in sorted(depths):
-            first[s] = next_id
-            next_id += math.ceil(depths[s] / BLOCKS_PER_LAYER)
-    else:
-        next_id = max(iso) + 2
-    num_layers = next_id - 1
-
-    def layer_id(p):
-        if p is None:
-            return num_layers + 1
-        kind, idx = p
-        if kind == "stem":
-            return 0
-        if kind == "down":
-            return first.get(idx[0], num_layers + 1)
-        if kind == "block":
-            return first[idx[0]] + idx[1] // BLOCKS_PER_LAYER
-        return idx[0] + 1  # isotropic block j
-
-    return {n: layer_id(p) for n, p in pos.items()}, num_layers
-
 
 class LayerDecayValueAssigner:
     """LR scale per layer id: layer_decay ** (num_layers + 1 - id), 1.0 for the head.
@@ -88,7 +22,11 @@ class LayerDecayValueAssigner:
     """
 
     def __init__(self, model, layer_decay):
-        self.ids, self.num_layers = convnext_layer_ids([n for n, _ in model.named_parameters()])
+        found = models.layer_ids(model)
+        if found is None:
+            logger.warning("layer decay: unknown parameter layout, every parameter gets the same LR")
+            found = {n: 1 for n, _ in model.named_parameters()}, 0
+        self.ids, self.num_layers = found
         self.values = [layer_decay ** (self.num_layers + 1 - i) for i in range(self.num_layers + 2)]
 
     def get_layer_id(self, var_name):

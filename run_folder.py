@@ -15,8 +15,9 @@ import os
 import re
 import uuid
 
-from checkpoint import TEMP_PREFIX, load_checkpoint_file, save_checkpoint_file
+from checkpoint import load_checkpoint_file, save_checkpoint_file
 from errors import UserError
+from files import TEMP_PREFIX, atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +143,15 @@ class RunFolder:
 
     def _write_log(self, rows, mode):
         path = os.path.join(self.dir, LOG)
-        tmp = f"{path}.tmp" if mode == "w" else path
-        with open(tmp, mode, encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if mode == "w":
+            with atomic_open(path) as f:
+                f.write(text)
+            return
+        with open(path, "a", encoding="utf-8") as f:  # one appended line per epoch
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        if mode == "w":
-            os.replace(tmp, path)
 
     def save(self, ckpt, name):
         """Write checkpoint `name` with the run record and the log lines so far."""

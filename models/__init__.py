@@ -5,10 +5,11 @@ from errors import UserError
 
 from . import convnext, convnext_isotropic, resnet_cifar, vgg_cifar  # noqa: F401  (registers the families)
 from .complexity import check_input_size, count_macs, count_params
+from .family import Family
 from .groups import Group, Part, Producer
-from .registry import FAMILIES, OUR_MODELS, check_model_name, create_model, default_arch
+from .registry import FAMILIES, OUR_MODELS, TIMM_HEAD_KEYS, check_model_name, create_model, default_arch
 
-__all__ = ["Group", "Part", "Producer", "FAMILIES", "OUR_MODELS", "create_model", "default_arch",
+__all__ = ["Family", "Group", "Part", "Producer", "FAMILIES", "layer_ids", "head_weight", "OUR_MODELS", "create_model", "default_arch",
            "check_model_name", "check_input_size",
            "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",
            "check_arch_matches", "scale_factor_names", "meta_model", "count_arch", "fold"]
@@ -65,6 +66,21 @@ def fold(model):
     return model.fold()
 
 
+def layer_ids(model):
+    """Layer-wise LR decay ids of a model's parameters: (name -> id, number of layers), from
+    its family's rule, or for a stock timm model the first family that reads its names (timm's
+    ConvNeXt layout); None when no rule applies."""
+    names = [n for n, _ in model.named_parameters()]
+    families = [type(model)] if isinstance(model, Family) else FAMILIES.values()
+    return next((ids for ids in (f.layer_ids(names) for f in families) if ids is not None), None)
+
+
+def head_weight(state_dict):
+    """The classifier weight of a state dict of ours or of a stock timm model, or None."""
+    keys = [f"{f.head_key}.weight" for f in FAMILIES.values()] + list(TIMM_HEAD_KEYS)
+    return next((state_dict[k] for k in keys if k in state_dict), None)
+
+
 def scale_factor_names(arch):
     """Keys of the per-channel scale factors the family's groups declare (BatchNorm weights;
     in ConvNeXt its LayerNorm weights and layer scale): what network slimming penalises."""
@@ -79,7 +95,7 @@ def registered_name(arch):
 def named_dims(arch):
     """Budget names of the family's known pruned shapes -> --dims (e.g. {"3M": [...]}), or {}."""
     family = FAMILIES.get(arch.get("family")) if isinstance(arch, dict) else None
-    return dict(getattr(family, "named_dims", lambda a: {})(arch))
+    return dict(family.named_dims(arch)) if family is not None else {}
 
 
 def describe_arch(arch):

@@ -3,8 +3,11 @@
 Generalised so that every block may have its own MLP width and its own multi-scale depthwise
 split: a pruned checkpoint of any shape rebuilds from its `arch`.
 """
+import math
+
 import torch.nn as nn
 
+from .family import Family, match_layer_ids
 from .fold import norm_into_conv, norm_into_linear
 from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
 from .layers import (MS_BRANCHES, Block, LayerNorm2d, block_hidden_widths, default_branch_widths,
@@ -12,7 +15,7 @@ from .layers import (MS_BRANCHES, Block, LayerNorm2d, block_hidden_widths, defau
 from .registry import register_factory, register_family
 
 
-class ConvNeXt(PooledHead):
+class ConvNeXt(PooledHead, Family):
     """ConvNeXt: a 4x4/4 stem, then stages of blocks joined by LayerNorm + 2x2/2 downsampling.
 
     Args:
@@ -153,15 +156,63 @@ class ConvNeXt(PooledHead):
                 producers += p
                 slices += sl
                 scales += sc
-                groups.append(hidden_group(f"{block}.hidden", block, arch["hidden"][s][j]))
+                groups.append(hidden_group(f"{block}.hidden", block, arch["hidden"][s][j], s))
             last = s == len(arch["dims"]) - 1
             consumer_norm = "norm" if last else f"downsample_layers.{s + 1}.0"
             slices += norm_parts(consumer_norm)
             slices += linear_parts("head" if last else f"downsample_layers.{s + 1}.1", True)
             scales.append(f"{consumer_norm}.weight")
             groups.append(Group(f"stages.{s}.residual", "residual", dim, tuple(producers),
-                                tuple(slices), tuple(scales)))
+                                tuple(slices), tuple(scales), stage=s))
         return groups
+
+    @staticmethod
+    def example_arch():
+        """Two stages, per-block MLP widths and multi-scale branches: every kind of part."""
+        return {"family": "convnext", "depths": [1, 2], "dims": [8, 12], "hidden": [[32], [48, 20]],
+                "dw": "multiscale", "dw_branches": [[[2, 4, 2]], [[3, 6, 3], [2, 8, 2]]],
+                "layer_scale": True, "num_classes": 3, "in_chans": 3}
+
+    @staticmethod
+    def layer_ids(param_names):
+        """The official rule, in the official and in timm's key layout: the stem is layer 0,
+        each stage is cut into chunks of 3 consecutive blocks (one id each), a stage's
+        downsampling layer shares the id of its first chunk, norm and head come last."""
+        return match_layer_ids(param_names, _LAYOUT, _hierarchical_ids)
+
+
+BLOCKS_PER_LAYER = 3  # official layer decay: "each group is three consecutive blocks"
+_LAYOUT = [  # (regex, kind) in the official and timm's layouts; groups: stage / block indices
+    (r"^downsample_layers\.0\.", "stem"), (r"^stem[._]", "stem"),
+    (r"^downsample_layers\.(\d+)\.", "down"), (r"^stages\.(\d+)\.downsample\.", "down"),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", "block"), (r"^stages\.(\d+)\.(\d+)\.", "block"),
+]
+
+
+def _hierarchical_ids(positions):
+    blocks = [p[1] for p in positions.values() if p and p[0] == "block"]
+    if not blocks:
+        return None
+    depths = {}
+    for s, j in blocks:
+        depths[s] = max(depths.get(s, 0), j + 1)
+    first, next_id = {}, 1  # stage -> layer id of its first chunk
+    for s in sorted(depths):
+        first[s] = next_id
+        next_id += math.ceil(depths[s] / BLOCKS_PER_LAYER)
+    num_layers = next_id - 1
+
+    def layer_id(p):
+        if p is None:
+            return num_layers + 1
+        kind, idx = p
+        if kind == "stem":
+            return 0
+        if kind == "down":
+            return first.get(idx[0], num_layers + 1)
+        return first[idx[0]] + idx[1] // BLOCKS_PER_LAYER
+
+    return {n: layer_id(p) for n, p in positions.items()}, num_layers
 
 
 def _width(sd, key):

@@ -1,13 +1,14 @@
 """Isotropic ConvNeXt (no downsampling stages), official key layout: stem, blocks, norm, head."""
 import torch.nn as nn
 
+from .family import Family, match_layer_ids
 from .fold import norm_into_linear
 from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
 from .layers import Block, PooledHead, drop_path_rates, layer_scale_value, spans
 from .registry import register_factory, register_family
 
 
-class ConvNeXtIsotropic(PooledHead):
+class ConvNeXtIsotropic(PooledHead, Family):
     """A 16x16/16 patchify stem followed by `depth` blocks of one width.
 
     Args:
@@ -83,12 +84,33 @@ class ConvNeXtIsotropic(PooledHead):
             dw = (Part(f"{block}.dwconv.weight", 0), Part(f"{block}.dwconv.bias", 0))
             p, sl, sc = block_residual_parts(block, arch.get("layer_scale", False), dw)
             producers, slices, scales = producers + list(p), slices + list(sl), scales + list(sc)
-            groups.append(hidden_group(f"{block}.hidden", block, arch["hidden"][j]))
+            groups.append(hidden_group(f"{block}.hidden", block, arch["hidden"][j], 0))
         slices += norm_parts("norm") + linear_parts("head", True)
         scales.append("norm.weight")
         groups.append(Group("blocks.residual", "residual", arch["dim"], tuple(producers),
-                            tuple(slices), tuple(scales)))
+                            tuple(slices), tuple(scales), stage=0))
         return groups
+
+    @staticmethod
+    def example_arch():
+        return {"family": "convnext_isotropic", "depth": 2, "dim": 8, "hidden": [32, 16],
+                "layer_scale": True, "num_classes": 3, "in_chans": 3}
+
+    @staticmethod
+    def layer_ids(param_names):
+        """One id per block (the official isotropic rule): stem 0, block j is j + 1."""
+        return match_layer_ids(param_names, [(r"^stem[._]", "stem"), (r"^blocks\.(\d+)\.", "block")],
+                               _isotropic_ids)
+
+
+def _isotropic_ids(positions):
+    blocks = [p[1][0] for p in positions.values() if p and p[0] == "block"]
+    if not blocks:
+        return None
+    num_layers = max(blocks) + 1
+    ids = {n: num_layers + 1 if p is None else 0 if p[0] == "stem" else p[1][0] + 1
+           for n, p in positions.items()}
+    return ids, num_layers
 
 
 register_family("convnext_isotropic", ConvNeXtIsotropic)

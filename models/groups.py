@@ -23,13 +23,20 @@ class Producer:
 
 @dataclass(frozen=True)
 class Group:
-    """Channels that share one kept-index set, e.g. a stage's residual stream."""
+    """Channels that share one kept-index set, e.g. a stage's residual stream.
+
+    `kind` is the group's role: "residual" (a stage's stream, cut by --dims), "hidden" (an
+    inner width of a block: a ConvNeXt MLP, a ResNet block's inner channels; cut by
+    --hidden_ratio / --mlp_ratio) or "conv" (a plain conv's filters, VGG). `stage` is the
+    index of the stage the group belongs to: per-stage rules read it.
+    """
     name: str
-    kind: str  # "residual" | "hidden"
+    kind: str
     width: int
     producers: tuple[Producer, ...]
     slices: tuple[Part, ...]  # every tensor slice cut with this group's kept indices
     scales: tuple[str, ...] = ()  # per-channel scale factors (slimming criterion)
+    stage: int = 0
 
 
 def part_stop(part, width):
@@ -48,12 +55,13 @@ def norm_parts(prefix):
     return Part(f"{prefix}.weight", 0), Part(f"{prefix}.bias", 0)
 
 
-def hidden_group(name, block, width):
+def hidden_group(name, block, width, stage):
     """The MLP hidden channels of one ConvNeXt block (pwconv1 rows, pwconv2 columns)."""
     return Group(
         name=name, kind="hidden", width=width,
         producers=(Producer((Part(f"{block}.pwconv1.weight", 0),)),),
         slices=linear_parts(f"{block}.pwconv1", False) + linear_parts(f"{block}.pwconv2", True),
+        stage=stage,
     )
 
 

@@ -8,15 +8,23 @@ from timm.models import register_model
 
 from errors import UserError
 
+from .family import Family
+
 FAMILIES = {}  # arch["family"] -> model class
 OUR_MODELS = {}  # registered name -> (class, default kwargs)
 # timm's create_model passes these to every factory; our models have no hub weights.
 TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+# Classifier weights of stock timm models (ours: each family's `head_key`).
+TIMM_HEAD_KEYS = ("head.fc.weight", "fc.weight", "classifier.weight", "head.weight")
 # Our constructors' own options, which stock timm models do not take.
 OURS_ONLY_KWARGS = ("layer_scale_init_value", "head_init_scale")
 
 
 def register_family(name, cls):
+    """Register a model class under its arch["family"] name; it must keep the whole contract."""
+    missing = sorted(getattr(cls, "__abstractmethods__", ())) if issubclass(cls, Family) else ["Family"]
+    if missing:
+        raise TypeError(f"model family {name} does not implement {', '.join(missing)} of models.family.Family")
     FAMILIES[name] = cls
 
 

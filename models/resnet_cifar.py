@@ -15,6 +15,7 @@ whole, and so do we. Only the inner channels of each block are groups.
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .family import Family
 from .fold import bn_into_conv
 from .groups import Group, Part, Producer
 from .layers import spans
@@ -45,7 +46,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class ResNetCifar(nn.Module):
+class ResNetCifar(nn.Module, Family):
     """ResNet-(6n+2) for 32 px images.
 
     Args:
@@ -85,6 +86,8 @@ class ResNetCifar(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    head_key = "fc"
 
     def get_classifier(self):
         return self.fc
@@ -138,8 +141,13 @@ class ResNetCifar(nn.Module):
                           + tuple(Part(f"{b}.bn1.{t}", 0) for t in BN_TENSORS)
                           + (Part(f"{b}.conv2.weight", 1),))
                 groups.append(Group(b, "hidden", width, (Producer((Part(f"{b}.conv1.weight", 0),)),),
-                                    slices, (f"{b}.bn1.weight",)))
+                                    slices, (f"{b}.bn1.weight",), stage=s))
         return groups
+
+    @staticmethod
+    def example_arch():
+        return {"family": "resnet_cifar", "depths": [1, 2, 1], "inner": [[5], [7, 32], [3]],
+                "num_classes": 3, "in_chans": 3}
 
 
 register_family("resnet_cifar", ResNetCifar)

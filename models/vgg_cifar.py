@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .fold import bn_into_conv
 from .groups import Group, Part, Producer
+from .family import Family
 from .registry import register_factory, register_family
 
 CONFIGS = {
@@ -21,7 +22,7 @@ CONFIGS = {
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
-class VGGCifar(nn.Module):
+class VGGCifar(nn.Module, Family):
     """conv-BN-ReLU layers and max-pools as `cfg` says, global average pool, one linear layer.
 
     Args:
@@ -64,6 +65,8 @@ class VGGCifar(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.pool(self.feature(x)).flatten(1))
+
+    head_key = "classifier"
 
     def get_classifier(self):
         return self.classifier
@@ -118,17 +121,21 @@ class VGGCifar(nn.Module):
                 block, n, index = block + 1, 0, index + 1
                 continue
             n += 1
-            convs.append((f"conv{block}_{n}", index, v))
+            convs.append((f"conv{block}_{n}", index, v, block - 1))
             index += 3
         groups = []
-        for k, (name, i, width) in enumerate(convs):
+        for k, (name, i, width, stage) in enumerate(convs):
             consumer = f"feature.{convs[k + 1][1]}.weight" if k + 1 < len(convs) else "classifier.weight"
             slices = ((Part(f"feature.{i}.weight", 0),)
                       + tuple(Part(f"feature.{i + 1}.{t}", 0) for t in BN_TENSORS)
                       + (Part(consumer, 1),))
             groups.append(Group(name, "conv", width, (Producer((Part(f"feature.{i}.weight", 0),)),),
-                                slices, (f"feature.{i + 1}.weight",)))
+                                slices, (f"feature.{i + 1}.weight",), stage=stage))
         return groups
+
+    @staticmethod
+    def example_arch():
+        return {"family": "vgg_cifar", "cfg": [6, "M", 8, 5], "num_classes": 3, "in_chans": 3}
 
 
 register_family("vgg_cifar", VGGCifar)

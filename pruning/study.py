@@ -22,6 +22,7 @@ import datasets
 import models
 from engine import evaluate
 from errors import UserError
+from files import atomic_open
 
 from . import prune
 from .calibration import stacked_batches
@@ -182,7 +183,7 @@ class Results:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     break  # the line a kill cut short: that row is run again
-        with open(self.path, "w") as f:  # drop a cut line so appends stay line-aligned
+        with atomic_open(self.path) as f:  # drop a cut line so appends stay line-aligned
             f.writelines(json.dumps(r) + "\n" for r in rows)
         return rows
 
@@ -201,10 +202,8 @@ class Results:
 
 
 def write_json(path, data):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def mean_sd(values):
@@ -216,13 +215,11 @@ def mean_sd(values):
 
 def write_table(path, header, rows):
     """A CSV file (plain values, no quoting needed)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         f.write(",".join(header) + "\n")
         for r in rows:
             f.write(",".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
                              for v in r) + "\n")
-    os.replace(tmp, path)
 
 
 def pyplot():

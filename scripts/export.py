@@ -28,6 +28,7 @@ import datasets  # noqa: E402
 import models  # noqa: E402
 from checkpoint import build_held_model, load_checkpoint_file, load_model_state, model_state, saved_args  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
+from files import atomic_path  # noqa: E402
 
 OPSET = 18
 
@@ -163,8 +164,7 @@ def main(argv=None):
     models.check_input_size(model, size, name)
     images, source = parity_images(args, data_args, args.parity_images)
     exported = fold(model, images) if args.fold else model
-    tmp = f"{args.output}.tmp-{os.getpid()}.onnx"
-    try:
+    with atomic_path(args.output, suffix=".onnx") as tmp:
         export(exported, images[:2], tmp, args.dynamic_size)
         add_metadata(onnx, tmp, {"input_size": size, "crop_pct": data_args.crop_pct,
                                  "imagenet_default_mean_and_std": data_args.imagenet_default_mean_and_std,
@@ -177,10 +177,6 @@ def main(argv=None):
         if diff > allowed:
             raise UserError(f"ONNX Runtime disagrees with PyTorch (max |logit difference| {diff:.3g}, "
                             f"top-1 agreement {agree:.2%}): {args.output} not written")
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     print(f"{name} exported to {args.output} (opset {OPSET}, {size} px, dynamic batch"
           f"{', height and width' if args.dynamic_size else ''})")
 

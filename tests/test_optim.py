@@ -10,7 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
-from optim_factory import (LayerDecayValueAssigner, convnext_layer_ids, create_optimizer,  # noqa: E402
+from models.convnext import ConvNeXt  # noqa: E402
+from optim_factory import (LayerDecayValueAssigner, create_optimizer,  # noqa: E402
                            get_parameter_groups)
 from errors import UserError  # noqa: E402
 
@@ -54,7 +55,7 @@ def forward_order_key(name):
 def test_official_mapping_is_reproduced_for_convnext_small():
     model = meta_model("convnext_small")
     names = [n for n, _ in model.named_parameters()]
-    ids, num_layers = convnext_layer_ids(names)
+    ids, num_layers = ConvNeXt.layer_ids(names)
     assert num_layers == 12
     assert ids == {n: official_convnext_layer_id(n) for n in names}
 

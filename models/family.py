@@ -1,0 +1,83 @@
+"""The family contract: what every model family provides (docs/design.md section 5).
+
+A family is one file: an `nn.Module` that also subclasses `Family`, implements every abstract
+method below, and is registered with `registry.register_family`, which refuses a class that
+leaves one out. tests/test_family_contract.py checks every registered family against it.
+"""
+import re
+from abc import ABC, abstractmethod
+
+
+class Family(ABC):
+    """Rebuilds from an `arch` dict, recognises its own weights, declares its channel groups.
+
+    Class attributes:
+        head_key: prefix of the classifier's tensors in this layout ("head", "fc", ...).
+    """
+    head_key = "head"
+
+    @classmethod
+    @abstractmethod
+    def from_arch(cls, arch, **kwargs):
+        """The exact shape `arch` describes (kwargs: drop_path_rate, layer_scale_init_value, ...)."""
+
+    @staticmethod
+    @abstractmethod
+    def infer_arch(state_dict):
+        """The arch of a state dict in this family's key layout, or None when it is not one."""
+
+    @staticmethod
+    @abstractmethod
+    def channel_groups(arch):
+        """The channel groups (models/groups.py) of a shape, each with its stage and role."""
+
+    @staticmethod
+    @abstractmethod
+    def describe(arch):
+        """A one-line summary of a shape."""
+
+    @staticmethod
+    @abstractmethod
+    def widths(arch):
+        """(label, text) rows of the widths pruning changes (prune.py's before/after table)."""
+
+    @staticmethod
+    @abstractmethod
+    def example_arch():
+        """A tiny shape of this family: what the contract test builds, prunes and exports."""
+
+    @abstractmethod
+    def fold(self):
+        """The inference form in place (normalisation folded into a neighbour); returns self."""
+
+    @staticmethod
+    def named_dims(arch):
+        """Budget names of known pruned shapes -> residual widths (e.g. {"3M": [...]})."""
+        return {}
+
+    @staticmethod
+    def layer_ids(param_names):
+        """Layer-wise LR decay: (name -> layer id, number of layers), ids from 0 (stem) to
+        num_layers + 1 (head); None when the names are not this family's layout (every
+        parameter then gets the same LR)."""
+        return None
+
+
+def match_layer_ids(param_names, patterns, assign):
+    """Layer ids from name patterns, the way timm's group matchers read names.
+
+    Args:
+        param_names: parameter names.
+        patterns: [(regex, kind)]: the regex's groups are stage / block indices.
+        assign: callable({name: (kind, indices) or None}) -> (ids, num_layers), or None.
+    """
+    compiled = [(re.compile(p), kind) for p, kind in patterns]
+
+    def position(name):
+        for pattern, kind in compiled:
+            m = pattern.match(name)
+            if m:
+                return kind, tuple(int(g) for g in m.groups())
+        return None
+
+    return assign({n: position(n) for n in param_names})
