@@ -12,10 +12,13 @@ import re
 import tarfile
 import urllib.error
 import urllib.parse
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+import datasets
 import models
 from errors import UserError, first_line
 from files import atomic_open
@@ -174,14 +177,84 @@ def held_model(ckpt, state, model_name=None):
         return None, name
 
 
-def build_held_model(ckpt, state, model_name=None):
-    """(model, display name): the model `held_model` names, built with the class count of the
-    weights (a stock timm model's too); the caller loads the weights."""
+DEFAULT_INPUT_SIZE = 224  # the input size of a checkpoint that does not record one
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a checkpoint holds and how it was trained: the one answer main.py, pruning, the
+    calibration and studies, inference, export and the benchmark use (`read_held`).
+
+    ckpt: the checkpoint as read; state: its model weights; arch: a shape of ours (else None);
+    name: else a registered model name; trained: the flags it was trained with ({} if none).
+    """
+    ckpt: Any
+    state: dict
+    arch: dict | None
+    name: str | None
+    trained: dict
+
+    @property
+    def label(self):
+        """How messages name the model."""
+        if self.arch is None:
+            return self.name
+        return models.registered_name(self.arch) or models.describe_arch(self.arch)
+
+    @property
+    def num_classes(self):
+        """Classes of the weights (the arch's, the head's rows, else the trained --nb_classes)."""
+        if self.arch is not None and "num_classes" in self.arch:
+            return self.arch["num_classes"]
+        head = models.head_weight(self.state)
+        return head.shape[0] if head is not None else self.trained.get("nb_classes")
+
+    @property
+    def trained_input_size(self):
+        """The --input_size it was trained at, or None when it records none."""
+        size = self.trained.get("input_size")
+        return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+    def input_size(self, given=None):
+        """`given`, else the trained input size, else DEFAULT_INPUT_SIZE."""
+        return given or self.trained_input_size or DEFAULT_INPUT_SIZE
+
+    def data_args(self, data_set=None, data_path=None, input_size=None):
+        """The data flags it was trained with (data set, paths, class count, input size,
+        transform), overridden where given; a new data set or path drops the saved paths."""
+        t = self.trained
+        keep_paths = data_set is None and data_path is None
+        return datasets.default_data_args(
+            input_size=self.input_size(input_size), crop_pct=t.get("crop_pct"),
+            imagenet_default_mean_and_std=t.get("imagenet_default_mean_and_std", True),
+            data_set=data_set or t.get("data_set") or "DIGITS",
+            data_path=data_path or (t.get("data_path") if keep_paths else None),
+            eval_data_path=t.get("eval_data_path") if keep_paths else None,
+            nb_classes=self.num_classes or 1000)
+
+    def build(self, **kwargs):
+        """The model it holds, without weights (load them with load_model_state)."""
+        if self.arch is not None:
+            return models.build_model(self.arch, **kwargs)
+        head = models.head_weight(self.state)
+        return models.create_model(self.name, **({"num_classes": head.shape[0]} if head is not None else {}),
+                                   **kwargs)
+
+
+def read_held(ckpt, model_name=None, model_key="model|module", model_prefix=""):
+    """Held for a loaded checkpoint (see model_state for the key / prefix, held_model for
+    which model it names)."""
+    state = model_state(ckpt, model_key, model_prefix)
     arch, name = held_model(ckpt, state, model_name)
-    if arch is not None:
-        return models.build_model(arch), models.registered_name(arch) or models.describe_arch(arch)
-    head = models.head_weight(state)
-    return models.create_model(name, **({"num_classes": head.shape[0]} if head is not None else {})), name
+    return Held(ckpt, state, arch, name, saved_args(ckpt))
+
+
+def load_held_model(path, model_name=None, model_key="model|module"):
+    """(the model a checkpoint file holds, its weights loaded; its Held)."""
+    held = read_held(load_checkpoint_file(path), model_name, model_key)
+    model = held.build()
+    load_model_state(model, held.state, os.fspath(path))
+    return model, held
 
 
 def head_prefix(model):

@@ -52,22 +52,6 @@ def default_data_args(**overrides):
     return args
 
 
-def trained_data_args(trained, data_set=None, data_path=None, input_size=None):
-    """The data flags a checkpoint was trained with (its saved args), overridden where given.
-
-    Args:
-        trained: the checkpoint's saved args as a dict (checkpoint.saved_args).
-        data_set, data_path, input_size: overrides; a new data_set drops the saved path.
-    """
-    size = input_size or trained.get("input_size")
-    return default_data_args(
-        input_size=size if isinstance(size, int) and size > 0 else 224,
-        crop_pct=trained.get("crop_pct"),
-        imagenet_default_mean_and_std=trained.get("imagenet_default_mean_and_std", True),
-        data_set=data_set or trained.get("data_set") or "DIGITS",
-        data_path=data_path or (None if data_set else trained.get("data_path")))
-
-
 # ----------------------------------------------------------------------------- datasets
 
 class ArrayImages(Dataset):

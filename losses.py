@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
-import models
 from errors import UserError
 
 
@@ -61,14 +60,10 @@ def load_teachers(paths, device, channels_last=False, nb_classes=None):
     """
     teachers = []
     for path in paths:
-        ckpt = checkpoint.load_checkpoint_file(checkpoint.local_copy(path))
-        state = checkpoint.model_state(ckpt)
-        model, name = checkpoint.build_held_model(ckpt, state)
-        checkpoint.load_model_state(model, state, f"--teacher {path}")
-        head = models.head_weight(state)
-        if nb_classes is not None and head is not None and head.shape[0] != nb_classes:
-            raise UserError(f"--teacher {path} ({name}) has {head.shape[0]} classes but the data set "
-                            f"has {nb_classes}")
+        model, held = checkpoint.load_held_model(path)
+        if nb_classes is not None and held.num_classes is not None and held.num_classes != nb_classes:
+            raise UserError(f"--teacher {path} ({held.label}) has {held.num_classes} classes but the data "
+                            f"set has {nb_classes}")
         model.eval().requires_grad_(False).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)

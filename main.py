@@ -133,6 +133,7 @@ class Sources:
     model to build (`arch` of a shape of ours, else a registered `name`)."""
     resume: Any = None
     finetune: Any = None
+    held: Any = None  # checkpoint.Held of the checkpoint the weights come from
     state: Any = None
     arch: Any = None
     name: Any = None
@@ -156,23 +157,22 @@ def load_sources(args):
                         "no checkpoint-N.pth; give --resume CHECKPOINT")
     src = Sources(resume, finetune)
     if resume is not None:
-        src.state = checkpoint.model_state(resume)
+        src.held = checkpoint.read_held(resume, args.model)
     elif finetune is not None:
-        src.state = checkpoint.model_state(finetune, args.model_key, args.model_prefix)
-    if src.ckpt is not None:
-        src.arch, src.name = checkpoint.held_model(src.ckpt, src.state, args.model)
+        src.held = checkpoint.read_held(finetune, args.model, args.model_key, args.model_prefix)
+    if src.held is not None:
+        src.state, src.arch, src.name = src.held.state, src.held.arch, src.held.name
     else:
         src.name = args.model or DEFAULT_MODEL
     return src
 
 
-def resolve_input_size(args, ckpt):
+def resolve_input_size(args, held):
     """--input_size, else the one the checkpoint was trained at, else 224; a different size
     than the checkpoint's is allowed (fine-tuning at another resolution) but said."""
-    trained = checkpoint.saved_args(ckpt).get("input_size") if ckpt is not None else None
-    trained = trained if isinstance(trained, int) and trained > 0 else None
+    trained = held.trained_input_size if held is not None else None
     if args.input_size is None:
-        args.input_size = trained or 224
+        args.input_size = trained or checkpoint.DEFAULT_INPUT_SIZE
         if trained:
             logger.info("Input size %d px, as the checkpoint was trained", trained)
     elif trained and trained != args.input_size:
@@ -438,7 +438,7 @@ def main(args):
     """Train or evaluate as the flags say; returns the last evaluation stats (or None)."""
     check_args(args)
     src = load_sources(args)
-    resolve_input_size(args, src.ckpt)
+    resolve_input_size(args, src.held)
     check_input_size(args, src)
     folder = None
     if not args.eval:

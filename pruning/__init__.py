@@ -3,14 +3,22 @@
     checkpoint -> arch -> groups -> scores -> plan -> surgery -> checkpoint
 
 models.infer_arch / the checkpoint's `arch`, then models.channel_groups (each family's own file)
-criteria.py     scorers over one tensor (registry CRITERIA)
-calibration.py  training batches through the model: the data taylor / activation score
-scoring.py      group scores (rows per producer or per slice, normalisation, reduction)
+criteria.py     Criterion objects in one registry (register_criterion), Aggregation
+spec.py         the typed settings: KeepRules, Calibration, PruneSpec
+calibration.py  training batches through the model: the evidence data-driven criteria read
+scoring.py      group scores (rows per producer, slice, scale or input; normalisation, reduction)
 plan.py         keep rules: which channels of every group survive
 costs.py        fast params / MACs of candidate plans (exact counts: models.count_arch)
 surgery.py      cut state dicts and rewrite checkpoints
-prune.py        the command-line tool (prune_convnext.py: the same tool under its first name)
+api.py          prune(source, spec) -> Result: the stages above in one call
+prune.py        the command-line tool over api.py (prune_convnext.py: the same tool under its first name)
 
-Studies built on prune.py's stages: study.py (shared), sensitivity.py, iterative.py and
+Studies built on api.py: study.py (shared), sensitivity.py, iterative.py and
 scripts/compare_criteria.py.
 """
+from .api import Evidence, Result, Source, calibrate, open_source, prune
+from .criteria import CRITERIA, Aggregation, Criterion, get_criterion, register_criterion
+from .spec import Calibration, KeepRules, PruneSpec
+
+__all__ = ["prune", "open_source", "calibrate", "Result", "Source", "Evidence", "PruneSpec", "KeepRules", "Calibration",
+           "Aggregation", "Criterion", "CRITERIA", "register_criterion", "get_criterion"]

@@ -1,9 +1,9 @@
-"""Calibration measurements for the data-driven criteria (`taylor`, `activation`).
+"""Calibration evidence for the data-driven criteria (criteria.EVIDENCE: what they read).
 
 A few batches of the training split, seen through the evaluation transform (no augmentation
 noise), go through the model in eval mode:
-- taylor: the cross-entropy over all batches is back-propagated once per batch into one
-  accumulated gradient; saliency = |w * dL/dw| per parameter (Molchanov et al.'s first order);
+- saliency (taylor): the cross-entropy over all batches is back-propagated once per batch into
+  one accumulated gradient; saliency = |w * dL/dw| per parameter (Molchanov et al.'s first order);
 - activation: the mean |input| of every channel of every Linear / Conv2d layer, keyed by the
   (weight key, axis) under which the channel groups name that layer's input channels (axis 1,
   or axis 0 of a depthwise conv, whose filters are its input channels).
@@ -15,7 +15,7 @@ import torch.nn as nn
 import datasets
 import models
 
-KINDS = ("taylor", "activation")
+from .criteria import EVIDENCE
 
 
 def calibration_batches(data_args, n_batches, batch_size, seed):
@@ -78,11 +78,14 @@ def measure(arch, state_dict, batches, kinds):
         arch: the model's shape (models.build_model).
         state_dict: its weights.
         batches: list of (images, labels).
-        kinds: subset of KINDS.
+        kinds: subset of criteria.EVIDENCE.
     Returns:
-        {"taylor": key -> |w * grad|, "activation": (key, axis) -> [channels] mean |input|}
+        {"saliency": key -> |w * grad|, "activation": (key, axis) -> [channels] mean |input|}
         with the kinds asked for.
     """
+    unknown = set(kinds) - set(EVIDENCE)
+    if unknown:
+        raise ValueError(f"unknown calibration evidence {sorted(unknown)}; known: {', '.join(EVIDENCE)}")
     model = models.build_model(arch)
     model.load_state_dict(state_dict)
     model.eval()
@@ -91,17 +94,17 @@ def measure(arch, state_dict, batches, kinds):
     total = sum(len(y) for _, y in batches)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     try:
-        with torch.set_grad_enabled("taylor" in kinds):
+        with torch.set_grad_enabled("saliency" in kinds):
             for images, labels in batches:
                 loss = loss_fn(model(images), labels) / total
-                if "taylor" in kinds:
+                if "saliency" in kinds:
                     loss.backward()
     finally:
         for h in handles:
             h.remove()
     evidence = {}
-    if "taylor" in kinds:
-        evidence["taylor"] = {k: (p.detach() * p.grad).abs().double() if p.grad is not None
+    if "saliency" in kinds:
+        evidence["saliency"] = {k: (p.detach() * p.grad).abs().double() if p.grad is not None
                               else torch.zeros_like(p, dtype=torch.float64)
                               for k, p in model.named_parameters()}
     if "activation" in kinds:

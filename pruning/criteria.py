@@ -1,11 +1,16 @@
-"""Filter-importance criteria: plain functions over one producer weight, high score = keep.
+"""Filter-importance criteria: `Criterion` objects in one registry, high score = keep.
 
-(`taylor` and `activation` score calibration measurements instead; see their docstrings.)
+A criterion is a score function over one tensor plus what it declares (docs/design.md
+section 7): what it reads (`reads`: weight rows, per-channel scale factors, or a kind of
+calibration evidence that pruning/calibration.py measures), whether it draws random numbers,
+and its default aggregation. Everything else follows from those declarations: which options
+apply (and so which are refused), whether calibration runs, what the checkpoint records.
+Register your own from any code with `register_criterion(Criterion(...))`; prune.py, the
+studies and `pruning.prune` then accept its name.
 
-Every scorer takes a weight of shape [F, C, kh, kw] (a conv), [F, C] (a Linear, read as
-K = 1) or, for `slimming`, a 1-D tensor of per-channel scale factors, and returns F float64
-scores on the CPU. Register a new criterion by adding one function to `CRITERIA`; a scorer
-that needs randomness declares a `seed` keyword and the group scorer passes one.
+Every built-in score function takes a weight of shape [F, C, kh, kw] (a conv), [F, C] (a
+Linear, read as K = 1) or, for `slimming`, a 1-D tensor of per-channel scale factors, and
+returns F float64 scores on the CPU; a seeded one also takes `seed=`.
 
 Operator norm (Singh & Plumbley), docs/design.md section 7. For each input channel c, with
 A_c = W[:, c, :] (F x K) and mu_c its mean over the filters, let u1, v1 be the first singular
@@ -31,6 +36,8 @@ Properties worth knowing:
   back on their tie rule (lower channel index wins).
 """
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -271,32 +278,152 @@ def activation(mean_abs):
     return _finite(torch.as_tensor(mean_abs).detach().to("cpu", torch.float64).reshape(-1))
 
 
-# Scorers that read a group's scale factors (`Group.scales`) instead of its producers.
-slimming.uses_scales = True
-# Scorers that read calibration measurements (pruning/calibration.py) instead of weights.
-taylor.evidence = "taylor"
-activation.evidence = "activation"
+# --------------------------------------------------------------------------- Criterion objects
 
-CRITERIA = {
-    "opnorm": opnorm,
-    "opnorm_abs": opnorm_abs,
-    "l1": l1,
-    "l2": l2,
-    "fpgm": fpgm,
-    "random": random,
-    "slimming": slimming,
-    "taylor": taylor,
-    "activation": activation,
-}
+SCOPES = ("producers", "group")             # what a weight criterion may read
+NORMALIZATIONS = ("max", "mean", "none")
+REDUCTIONS = ("mean", "sum", "max", "first")
+# What a criterion reads -> the rows it yields (the recorded scope). The two evidence kinds
+# are measured by pruning/calibration.py.
+READS = {"weights": None, "scales": "scales", "saliency": "group", "activation": "inputs"}
+EVIDENCE = ("saliency", "activation")
 
 
-def get_criterion(name):
-    """The scorer registered under `name`; UserError naming the choices otherwise.
+@dataclass(frozen=True, kw_only=True)
+class Aggregation:
+    """How a group's score rows become one score per channel (docs/design.md section 6).
+
+    Fields left None take the criterion's default.
+    scope: which slices a weight criterion reads: "producers" (their rows) or "group" (every
+        weight and scale slice the group cuts); criteria that read other things fix it.
+    normalize: each row divided by its "max" or "mean", or "none" (raw, comparable across
+        groups for one global threshold).
+    reduce: how rows combine per channel: "mean", "sum", "max" or "first".
+    """
+    scope: str | None = None
+    normalize: str | None = None
+    reduce: str | None = None
+
+    def __post_init__(self):
+        for name, choices in (("scope", SCOPES + tuple(v for v in READS.values() if v)),
+                              ("normalize", NORMALIZATIONS), ("reduce", REDUCTIONS)):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+    def filled(self, default):
+        """This aggregation with its None fields taken from `default`."""
+        return Aggregation(**{k: getattr(self, k) if getattr(self, k) is not None else getattr(default, k)
+                              for k in ("scope", "normalize", "reduce")})
+
+
+BASE_AGGREGATION = Aggregation(scope="producers", normalize="max", reduce="mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Criterion:
+    """One importance criterion.
+
+    name: the name prune.py's --criterion and the studies use.
+    score: callable(tensor[, seed=]) -> [F] float scores, high = keep (see the module doc for
+        the tensors each `reads` kind passes).
+    reads: "weights" (producer rows, or every slice with scope group), "scales" (the group's
+        per-channel scale factors), or calibration evidence: "saliency" (|w * dL/dw| of every
+        weight and scale slice of the group) or "activation" (mean |input| at every layer
+        that reads the group's channels).
+    seeded: the score function draws random numbers and takes `seed=`.
+    uses_values: the scores depend on the weight values (False for random: only on shapes),
+        so --raw_weights (the layer scale folded in or not) applies.
+    aggregation: the default Aggregation (its scope is fixed unless reads == "weights").
+    summary: one line for --help and the README.
+    """
+    name: str
+    score: Callable = field(repr=False)
+    reads: str = "weights"
+    seeded: bool = False
+    uses_values: bool = True
+    aggregation: Aggregation = BASE_AGGREGATION
+    summary: str = ""
+
+    def __post_init__(self):
+        if self.reads not in READS:
+            raise ValueError(f"criterion {self.name}: reads must be one of {', '.join(READS)}, not {self.reads!r}")
+        fixed = READS[self.reads]
+        scope = fixed or self.aggregation.scope or "producers"
+        if fixed is None and scope not in SCOPES:
+            raise ValueError(f"criterion {self.name}: a weight criterion's scope is one of {', '.join(SCOPES)}")
+        object.__setattr__(self, "aggregation", replace(self.aggregation.filled(BASE_AGGREGATION), scope=scope))
+
+    @property
+    def evidence(self):
+        """The calibration evidence it reads, or None for a data-free criterion."""
+        return self.reads if self.reads in EVIDENCE else None
+
+    @property
+    def uses_seed(self):
+        """Whether the seed changes its scores: its own draws, or the calibration images."""
+        return self.seeded or self.evidence is not None
+
+    def options(self):
+        """The options that apply to this criterion (every other one is refused)."""
+        applies = {"normalize", "reduce"}
+        if self.reads == "weights":
+            applies.add("scope")
+            if self.uses_values:
+                applies.add("raw_weights")
+        if self.uses_seed:
+            applies.add("seed")
+        if self.evidence is not None:
+            applies.add("calibration")
+        return applies
+
+
+CRITERIA = {}
+
+
+def register_criterion(criterion, replace_existing=False):
+    """Add a Criterion to the registry prune.py, the studies and pruning.prune read.
 
     Args:
-        name: a key of CRITERIA.
+        criterion: a Criterion.
+        replace_existing: allow replacing a registered one of the same name.
+    Returns:
+        the criterion (so a module can register and keep it in one line).
     """
+    if not isinstance(criterion, Criterion):
+        raise TypeError(f"register_criterion takes a Criterion, not {type(criterion).__name__}")
+    if criterion.name in CRITERIA and not replace_existing:
+        raise ValueError(f"a criterion named {criterion.name!r} is registered already")
+    CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+def get_criterion(criterion):
+    """The Criterion registered under a name (a Criterion is returned as it is)."""
+    if isinstance(criterion, Criterion):
+        return criterion
     try:
-        return CRITERIA[name]
-    except KeyError:
-        raise UserError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}") from None
+        return CRITERIA[criterion]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}") from None
+
+
+# Defaults chosen from the DIGITS comparison over three dense ConvNeXt-T checkpoints (README,
+# "Pruning studies"): the whole group with mean-normalised rows and the max over rows raised
+# opnorm's and fpgm's accuracy right after pruning at 13M and 3M on average; l1 and l2 did
+# better with the producers alone.
+_WHOLE_GROUP = Aggregation(scope="group", normalize="mean", reduce="max")
+for _c in (
+    Criterion(name="opnorm", score=opnorm, aggregation=_WHOLE_GROUP,
+              summary="operator norm of each filter's projection (Singh & Plumbley)"),
+    Criterion(name="opnorm_abs", score=opnorm_abs, summary="operator norm without the orientation"),
+    Criterion(name="l1", score=l1, summary="L1 norm of each filter (Li et al.)"),
+    Criterion(name="l2", score=l2, summary="L2 norm of each filter"),
+    Criterion(name="fpgm", score=fpgm, aggregation=_WHOLE_GROUP, summary="geometric median distance (He et al.)"),
+    Criterion(name="random", score=random, seeded=True, uses_values=False, summary="seeded uniform control"),
+    Criterion(name="slimming", score=slimming, reads="scales", summary="|scale factor| (Liu et al.)"),
+    Criterion(name="taylor", score=taylor, reads="saliency", aggregation=Aggregation(normalize="mean", reduce="max"),
+              summary="first-order Taylor |w * dL/dw| (Molchanov et al.)"),
+    Criterion(name="activation", score=activation, reads="activation", summary="mean |input| of the consumers"),
+):
+    register_criterion(_c)

@@ -24,10 +24,9 @@ sys.path.insert(0, ROOT)
 
 import datasets  # noqa: E402
 import models  # noqa: E402
-from checkpoint import load_checkpoint_file, save_checkpoint_file, saved_args  # noqa: E402
+from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
-from pruning import prune, study  # noqa: E402
-from pruning.surgery import read_source, sha256_file  # noqa: E402
+from pruning import api, study  # noqa: E402
 
 def get_args_parser():
     p = ArgumentParser("iterative", description=__doc__)
@@ -59,7 +58,7 @@ def check_args(args):
     for flag in ("--checkpoint", "--output", "--dry_run"):
         if flag in shlex.split(args.prune):
             raise UserError(f"--prune: {flag} is set by this tool; leave it out")
-    study.prune_args(args.checkpoint, shlex.split(args.prune))  # every prune.py check, up front
+    study.cell_spec(args.checkpoint, shlex.split(args.prune))  # every prune.py check, up front
 
 
 def finetune(args, data, start, out, epochs, teachers=()):
@@ -75,11 +74,7 @@ def prune_round(args, current, path):
     """Prune `current` into `path` (kept if a killed run already wrote it); the pruned dict."""
     if os.path.exists(path):
         return load_checkpoint_file(path)
-    settings = study.prune_args(current, shlex.split(args.prune))
-    source = prune.load_source(settings)
-    evidence = prune.calibrate(settings, source)
-    with prune.one_thread():  # scoring: many small ops (see prune.one_thread)
-        pruned, _, _ = prune.prune_source(settings, source, evidence)
+    pruned = api.prune(current, study.cell_spec(current, shlex.split(args.prune))).checkpoint
     save_checkpoint_file(pruned, path)
     return pruned
 
@@ -95,19 +90,17 @@ def print_table(rows, source_row):
 
 def run(args):
     check_args(args)
-    ckpt = load_checkpoint_file(args.checkpoint)
-    trained = saved_args(ckpt)
-    data = datasets.trained_data_args(trained, args.data_set, args.data_path)
+    source, _ = study.open_source(args.checkpoint)
+    data = source.held.data_args(args.data_set, args.data_path)
     settings = {k: getattr(args, k) for k in ("rounds", "prune", "finetune_epochs", "train_args",
                                               "distill_epochs", "kd_alpha", "kd_temperature", "data_set",
                                               "data_path")}
-    settings["source_sha256"] = sha256_file(args.checkpoint)
+    settings["source_sha256"] = source.sha256
     evaluator = study.Evaluator(data)  # before the folder: a data error leaves none
     results = study.Results(args.output_dir, settings, ("round",))
-    sds, _, arch = read_source(ckpt)
-    params, macs = models.count_arch(arch, data.input_size)
+    params, macs = models.count_arch(source.arch, data.input_size)
     source_row = {"round": "source", "params": params, "macs": macs, "acc_pruned": None,
-                  "acc_finetuned": evaluator.accuracy(arch, sds["model"])}
+                  "acc_finetuned": evaluator.accuracy(source.arch, source.sds["model"])}
     current, snapshots = args.checkpoint, []
     for r in range(1, args.rounds + 1):
         folder = os.path.join(args.output_dir, f"round{r}")

@@ -1,14 +1,12 @@
 """The keep plan: which channels of every group survive, from the group scores and the rules.
 
-Rules (docs/design.md section 6): --dims / --hidden_ratio / --mlp_ratio / --group_ratio fix
-some widths; --target_params / --target_macs / --ratio then rank the remaining groups in one
-global list. Ranking inside a group: higher score first; equal scores keep the lower channel
+Rules (spec.KeepRules, docs/design.md section 6): dims / hidden_ratio / mlp_ratio /
+group_ratio fix some widths; target_params / target_macs / ratio then rank the remaining groups
+in one global list. Ranking inside a group: higher score first; equal scores keep the lower channel
 index (a stable sort), so all-zero scores keep channels 0..k-1. Kept indices are always sorted.
 """
 import fnmatch
 import math
-from dataclasses import dataclass
-
 import torch
 
 from errors import UserError
@@ -76,26 +74,6 @@ def round_width(k, width, round_to):
     return min(k, width)
 
 
-@dataclass
-class Targets:
-    """Global targets, all optional: params <= params, MACs <= macs, kept share <= 1 - ratio."""
-    params: int | None = None
-    macs: int | None = None
-    ratio: float | None = None
-
-    def any(self):
-        return any(v is not None for v in (self.params, self.macs, self.ratio))
-
-
-def _stage_of(groups):
-    """Stage index of every group: residual groups in order, hidden groups the stage they precede."""
-    stage, out = 0, {}
-    for g in groups:
-        out[g.name] = stage
-        stage += g.kind == "residual"
-    return out
-
-
 def _per_stage(values, n_stages, flag):
     if values is None:
         return None
@@ -107,84 +85,75 @@ def _per_stage(values, n_stages, flag):
     return values
 
 
-def fixed_widths(groups, dims=None, hidden_ratio=None, round_to=1, mlp_ratio=None, follow_dims=True,
-                 group_ratio=None):
-    """Widths set explicitly: --dims for residual groups, --hidden_ratio / --mlp_ratio for hidden.
+def _dims_widths(residual, dims):
+    if len(dims) != len(residual):
+        raise UserError(f"--dims takes {len(residual)} values for this model "
+                        f"(one per stage: {', '.join(g.name for g in residual)}), got {len(dims)}")
+    widths = {}
+    for g, d in zip(residual, dims):
+        if d < 1:
+            raise UserError(f"--dims: {g.name} would keep {d} channels; at least 1 is needed")
+        if d > g.width:
+            raise UserError(f"--dims: {g.name} has only {g.width} channels, cannot keep {d}")
+        if d < min_width(g):
+            raise UserError(f"--dims: {g.name} needs at least {min_width(g)} channels "
+                            "to keep every multi-scale branch")
+        widths[g.name] = int(d)
+    return widths
 
-    With --dims alone (and follow_dims), each block's MLP keeps its source ratio to the residual
-    width (a 4x MLP stays 4x), so --dims alone gives the Efficient ConvNeXt shapes.
+
+def fixed_widths(groups, rules, follow_dims=True):
+    """Widths set explicitly: dims for residual groups, hidden_ratio / mlp_ratio for hidden
+    ones, group_ratio for any group (it overrides the others).
+
+    With dims alone (and follow_dims), each block's MLP keeps its source ratio to the residual
+    width (a 4x MLP stays 4x), so dims alone gives the Efficient ConvNeXt shapes. Per-stage
+    values are matched to each group's `stage`.
 
     Args:
-        groups: channel groups, in models.channel_groups order.
-        dims: target width per residual group (taken exactly as given), or None.
-        hidden_ratio: one share, or one per stage, of each block's hidden channels, or None.
-        round_to: hidden widths round up to a multiple of this.
-        mlp_ratio: one multiple, or one per stage, of the stage's (new) residual width that
-            each block's hidden width becomes (4 gives the Efficient ConvNeXt shapes), or None.
+        groups: channel groups (models.channel_groups).
+        rules: spec.KeepRules.
         follow_dims: with dims and no hidden rule, scale each MLP with its stage's residual.
-        group_ratio: [(glob pattern, share)]: prune that share of every group whose name
-            matches (kept = floor((1 - share) x width), as Li et al.'s scripts; 0 leaves the
-            group whole); later patterns win, and they override the rules above.
     Returns:
         dict group name -> width, for the groups these rules fix.
     """
-    residual = [g for g in groups if g.kind == "residual"]
+    residual = {g.stage: g for g in groups if g.kind == "residual"}
+    hidden = [g for g in groups if g.kind == "hidden"]
+    n_stages = 1 + max(g.stage for g in groups)
     widths = {}
-    if (dims is not None or mlp_ratio is not None) and not residual:
+    if (rules.dims is not None or rules.mlp_ratio is not None) and not residual:
         raise UserError("--dims / --mlp_ratio: this model has no residual channel groups (its "
                         "streams stay whole); use --group_ratio, --hidden_ratio or a global target")
-    if dims is not None:
-        dims = list(dims)
-        if len(dims) != len(residual):
-            raise UserError(f"--dims takes {len(residual)} values for this model "
-                            f"(one per stage: {', '.join(g.name for g in residual)}), got {len(dims)}")
-        for g, d in zip(residual, dims):
-            if d < 1:
-                raise UserError(f"--dims: {g.name} would keep {d} channels; at least 1 is needed")
-            if d > g.width:
-                raise UserError(f"--dims: {g.name} has only {g.width} channels, cannot keep {d}")
-            if d < min_width(g):
-                raise UserError(f"--dims: {g.name} needs at least {min_width(g)} channels "
-                                "to keep every multi-scale branch")
-            widths[g.name] = int(d)
-    if hidden_ratio is not None and mlp_ratio is not None:
-        raise UserError("give --hidden_ratio or --mlp_ratio, not both")
-    stage = _stage_of(groups)
-    ratios = _per_stage(hidden_ratio, max(len(residual), 1), "--hidden_ratio")
-    for r in ratios or ():
-        if not 0 < r <= 1:
-            raise UserError(f"--hidden_ratio must be in (0, 1], got {r}")
-    mults = _per_stage(mlp_ratio, len(residual), "--mlp_ratio")
-    for r in mults or ():
-        if not r > 0:
-            raise UserError(f"--mlp_ratio must be positive, got {r}")
-    follow = follow_dims and dims is not None and ratios is None and mults is None
-    for g in groups:
-        if g.kind != "hidden" or (ratios is None and mults is None and not follow):
-            continue
-        s = stage[g.name]
-        if follow:
-            res = residual[s]
-            widths[g.name] = round_width(round(g.width * widths[res.name] / res.width), g.width, round_to)
-            continue
+    if (rules.hidden_ratio is not None or rules.mlp_ratio is not None) and not hidden:
+        raise UserError("--hidden_ratio / --mlp_ratio: this model has no hidden (MLP or inner) "
+                        "groups; use --group_ratio or a global target")
+    if rules.dims is not None:
+        widths.update(_dims_widths([residual[s] for s in sorted(residual)], rules.dims))
+    ratios = _per_stage(rules.hidden_ratio, n_stages, "--hidden_ratio")
+    mults = _per_stage(rules.mlp_ratio, n_stages, "--mlp_ratio")
+    follow = follow_dims and rules.dims is not None and ratios is None and mults is None
+    for g in hidden:
         if ratios is not None:
-            widths[g.name] = round_width(round(ratios[s] * g.width), g.width, round_to)
+            widths[g.name] = round_width(round(ratios[g.stage] * g.width), g.width, rules.round_to)
             continue
-        res = residual[s]
-        want = round_width(round(mults[s] * widths.get(res.name, res.width)), 10 ** 12, round_to)
+        if not (follow or mults):
+            continue
+        res = residual[g.stage]
+        if follow:
+            widths[g.name] = round_width(round(g.width * widths[res.name] / res.width), g.width, rules.round_to)
+            continue
+        want = round_width(round(mults[g.stage] * widths.get(res.name, res.width)), 10 ** 12, rules.round_to)
         if want > g.width:
-            raise UserError(f"--mlp_ratio {mults[s]:g}: {g.name} has only {g.width} channels, "
+            raise UserError(f"--mlp_ratio {mults[g.stage]:g}: {g.name} has only {g.width} channels, "
                             f"cannot keep {want}")
         widths[g.name] = want
-    widths.update(_group_ratio_widths(groups, group_ratio or (), round_to))
+    widths.update(_group_ratio_widths(groups, rules.group_ratio or (), rules.round_to))
     return widths
 
 
 def _group_ratio_widths(groups, group_ratio, round_to):
     widths = {}
     for pattern, share in group_ratio:
-        if not 0 <= share < 1:
-            raise UserError(f"--group_ratio {pattern}={share:g}: the share must be in [0, 1)")
         matched = [g for g in groups if fnmatch.fnmatchcase(g.name, pattern)]
         if not matched:
             raise UserError(f"--group_ratio {pattern}={share:g} matches no group "
@@ -204,46 +173,43 @@ def _need_scores(group, scores):
     return scores[group.name].score
 
 
-def plan_keep(groups, scores, dims=None, hidden_ratio=None, round_to=1, targets=None, cost_model=None,
-              mlp_ratio=None, group_ratio=None):
+def plan_keep(groups, scores, rules, *, cost_model=None):
     """Kept channel indices per group from the composable keep rules.
 
-    Groups fixed by --dims / --hidden_ratio / --mlp_ratio keep their best channels; if targets
-    are given, the remaining groups are ranked together (one global ranking of their scores,
-    comparable because every producer is max-normalised) and channels are removed, worst
-    first, until every target is met. Groups untouched by any rule keep everything.
+    Groups fixed by dims / hidden_ratio / mlp_ratio / group_ratio keep their best channels;
+    with a global target, the remaining groups are ranked together (one list of their
+    scores: comparable across groups as far as the aggregation's normalisation makes them,
+    raw with normalize none) and channels are removed, worst first, until every target is
+    met. Groups untouched by any rule keep everything.
 
     Args:
         groups: channel groups.
         scores: dict group name -> GroupScores or None (from score_groups).
-        dims, hidden_ratio, round_to, mlp_ratio, group_ratio: see fixed_widths.
-        targets: Targets or None.
-        cost_model: CostModel, needed for params / MACs targets.
+        rules: spec.KeepRules.
+        cost_model: costs.CostModel, needed for params / MACs targets.
     Returns:
         dict group name -> sorted int64 tensor of kept indices (every group).
     """
-    # MLPs follow --dims unless a target ranks them globally or the criterion cannot score
+    # MLPs follow dims unless a target ranks them globally or the criterion cannot score
     # them (slimming: no per-channel scale in an MLP), in which case they stay whole
-    targeted = targets is not None and targets.any()
     scorable = all(scores.get(g.name) is not None for g in groups if g.kind == "hidden")
-    fixed = fixed_widths(groups, dims, hidden_ratio, round_to, mlp_ratio,
-                         follow_dims=scorable and not targeted, group_ratio=group_ratio)
+    fixed = fixed_widths(groups, rules, follow_dims=scorable and not rules.targeted)
     keep = {}
     for g in groups:
         if fixed.get(g.name, g.width) < g.width:
             keep[g.name] = select(g, ranking(_need_scores(g, scores)), fixed[g.name])
         else:
             keep[g.name] = torch.arange(g.width)
-    if targeted:
+    if rules.targeted:
         free = [g for g in groups if g.name not in fixed]
         if not free:
             raise UserError("--dims and --hidden_ratio / --mlp_ratio already fix every group: "
                             "nothing is left for --target_params / --target_macs / --ratio")
-        keep.update(_global_keep(free, scores, keep, round_to, targets, cost_model))
+        keep.update(_global_keep(free, scores, keep, rules, cost_model))
     return keep
 
 
-def _global_keep(free, scores, keep, round_to, targets, cost_model):
+def _global_keep(free, scores, keep, rules, cost_model):
     """Binary search on how many channels to drop from the global worst-first order."""
     orders = [ranking(_need_scores(g, scores)) for g in free]
     entries = []  # (score, -rank, group position): ascending = removed first
@@ -253,7 +219,8 @@ def _global_keep(free, scores, keep, round_to, targets, cost_model):
     entries.sort()
     group_of = torch.tensor([e[2] for e in entries], dtype=torch.int64)
     total = sum(g.width for g in free)
-    if (targets.params is not None or targets.macs is not None) and cost_model is None:
+    round_to = rules.round_to
+    if (rules.target_params is not None or rules.target_macs is not None) and cost_model is None:
         raise ValueError("params / MACs targets need a cost model")
 
     def candidate(m):
@@ -262,21 +229,21 @@ def _global_keep(free, scores, keep, round_to, targets, cost_model):
                 for g, order, r in zip(free, orders, removed)}
 
     def meets(cand):
-        if targets.ratio is not None:
-            if sum(v.numel() for v in cand.values()) > (1 - targets.ratio) * total + 1e-9:
+        if rules.ratio is not None:
+            if sum(v.numel() for v in cand.values()) > (1 - rules.ratio) * total + 1e-9:
                 return False
-        if targets.params is None and targets.macs is None:
+        if rules.target_params is None and rules.target_macs is None:
             return True
         params, macs = cost_model({**keep, **cand})
-        return ((targets.params is None or params <= targets.params)
-                and (targets.macs is None or macs <= targets.macs))
+        return ((rules.target_params is None or params <= rules.target_params)
+                and (rules.target_macs is None or macs <= rules.target_macs))
 
     lo, hi = 0, len(entries)
     if meets(candidate(lo)):
         return candidate(lo)
     smallest = candidate(hi)
     if not meets(smallest):
-        raise UserError(_unmet_message(targets, smallest, keep, total, cost_model))
+        raise UserError(_unmet_message(rules, smallest, keep, total, cost_model))
     while hi - lo > 1:  # invariant: candidate(lo) misses a target, candidate(hi) meets all
         mid = (lo + hi) // 2
         if meets(candidate(mid)):
@@ -286,12 +253,12 @@ def _global_keep(free, scores, keep, round_to, targets, cost_model):
     return candidate(hi)
 
 
-def _unmet_message(targets, smallest, keep, total, cost_model):
+def _unmet_message(rules, smallest, keep, total, cost_model):
     parts = []
-    if targets.params is not None or targets.macs is not None:
+    if rules.target_params is not None or rules.target_macs is not None:
         params, macs = cost_model({**keep, **smallest})
         parts.append(f"the smallest reachable shape has {params:,} params and {macs:,} MACs")
-    if targets.ratio is not None:
+    if rules.ratio is not None:
         kept = sum(v.numel() for v in smallest.values())
         parts.append(f"at most {1 - kept / total:.4f} of the ranked channels can go")
     return "target cannot be met: " + "; ".join(parts) + " (every group keeps >= 1 channel)"

@@ -1,21 +1,21 @@
 """Group scoring: one score per channel of a channel group (docs/design.md section 6).
 
-Every group is scored from a stack of score rows, one per source, each [width] long:
-- scope `producers` (default): one row per producer, scored with the criterion part by part
-  (the pieces concatenated in channel order). Layer scale is folded into the rows of the
-  producer that carries it (gamma * pwconv2, the weight that writes into the residual
-  stream) unless raw weights are asked for;
-- scope `group`: one row per tensor slice the group cuts that holds weights or scale factors
-  (producer rows, consumer columns, norm and layer-scale vectors; biases and BatchNorm
-  running statistics are not scored), as Torch-Pruning's group magnitude does;
-- `slimming` reads the group's scale factors, `taylor` the calibration saliency |w * dL/dw|
-  of every slice `group` scope reads, `activation` the mean |input| of every layer that reads
-  the group's channels (pruning/calibration.py measures both).
-Each row is normalised over the channels it covers (--normalize), then the rows are reduced to
-one score per channel (--reduce; a slice that covers only some channels, a multi-scale
-branch, counts only there); pruning/plan.py turns the scores into kept channels.
+Every group is scored from a stack of score rows, one per source, each [width] long; which
+rows depends on what the criterion reads (criteria.Criterion.reads):
+- weights, scope `producers`: one row per producer, scored part by part (the pieces
+  concatenated in channel order). Layer scale is folded into the rows of the producer that
+  carries it (gamma * pwconv2, the weight that writes into the residual stream) unless raw
+  weights are asked for;
+- weights, scope `group`: one row per tensor slice the group cuts that holds weights or scale
+  factors (producer rows, consumer columns, norm and layer-scale vectors; biases and
+  BatchNorm running statistics are not scored), as Torch-Pruning's group magnitude does;
+- scales: one row per per-channel scale factor of the group (slimming);
+- saliency: the calibration |w * dL/dw| of every slice scope `group` reads (taylor);
+- activation: the mean |input| of every layer that reads the group's channels.
+Each row is normalised over the channels it covers (Aggregation.normalize), then the rows are
+reduced to one score per channel (Aggregation.reduce; a slice that covers only some channels,
+a multi-scale branch, counts only there); pruning/plan.py turns the scores into kept channels.
 """
-import inspect
 import zlib
 from dataclasses import dataclass, field
 
@@ -24,7 +24,9 @@ import torch
 from errors import UserError
 from models.groups import part_stop
 
-from .criteria import get_criterion
+from .criteria import NORMALIZATIONS as NORMALIZATION_NAMES
+from .criteria import REDUCTIONS as REDUCTION_NAMES
+from .criteria import Aggregation, get_criterion
 
 
 def _divide_by(stat):
@@ -57,24 +59,7 @@ REDUCTIONS = {
     "max": lambda s: s.nan_to_num(nan=-torch.inf).max(dim=0).values,
     "first": _first,
 }
-SCOPES = ("producers", "group")
-
-# The aggregation (scope, normalize, reduce) prune.py uses when the command line leaves it out,
-# chosen per criterion from the DIGITS comparison over three dense ConvNeXt-T checkpoints
-# (README, "Pruning studies"): the whole group with mean-normalised rows and the max over rows
-# raised opnorm's and fpgm's accuracy right after pruning at 13M and 3M on average; l1 and l2
-# did better with the producers alone. taylor always reads the whole group.
-BASE_AGGREGATION = ("producers", "max", "mean")
-DEFAULT_AGGREGATION = {
-    "opnorm": ("group", "mean", "max"),
-    "fpgm": ("group", "mean", "max"),
-    "taylor": ("producers", "mean", "max"),
-}
-
-
-def default_aggregation(criterion):
-    """(scope, normalize, reduce) for a criterion whose flags are not given."""
-    return DEFAULT_AGGREGATION.get(criterion, BASE_AGGREGATION)
+assert tuple(NORMALIZATIONS) == NORMALIZATION_NAMES and tuple(REDUCTIONS) == REDUCTION_NAMES
 
 
 @dataclass
@@ -90,17 +75,16 @@ def _seed_for(seed, key):
     return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63)
 
 
-def _call(scorer, tensor, seed, key, seed_key):
-    """Run one scorer on one tensor (`key` names it in errors).
+def _call(crit, tensor, seed, key, seed_key):
+    """Run one criterion's score function on one tensor (`key` names it in errors).
 
-    Seeded scorers get a seed derived from `seed_key`: the group name and the channel offset,
+    Seeded criteria get a seed derived from `seed_key`: the group name and the channel offset,
     so every full-width source of a group draws the same numbers and the reduction keeps them
     uniform.
     """
-    seeded = "seed" in inspect.signature(scorer).parameters
-    kwargs = {"seed": _seed_for(seed, seed_key)} if seeded else {}
+    kwargs = {"seed": _seed_for(seed, seed_key)} if crit.seeded else {}
     try:
-        scores = scorer(tensor, **kwargs)
+        scores = torch.as_tensor(crit.score(tensor, **kwargs))
     except ValueError as e:
         raise UserError(f"cannot score {key}: {e}") from None
     return scores.to(torch.float64)
@@ -138,14 +122,14 @@ def _scaled(rows, scale, part, width):
     return rows * s.reshape(-1, *([1] * (rows.dim() - 1)))
 
 
-def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_key=""):
+def score_producer(sd, producer, width, crit, *, raw_weights=False, seed=0, seed_key=""):
     """Score one producer's rows, part by part, concatenated in channel order (not normalised).
 
     Args:
         sd: state dict.
         producer: models.groups.Producer.
         width: channels of the group.
-        scorer: a criterion function.
+        crit: a Criterion that reads weights.
         raw_weights: ignore the producer's scale (score the stored weights as they are).
         seed: base seed for seeded criteria.
         seed_key: name the seeds derive from (the group's name).
@@ -157,7 +141,7 @@ def score_producer(sd, producer, width, scorer, raw_weights=False, seed=0, seed_
         rows = _rows(sd, part, width)
         if producer.scale is not None and not raw_weights:
             rows = _scaled(rows, sd[producer.scale], part, width)
-        pieces.append(_call(scorer, rows, seed, part.key, f"{seed_key}#{i}"))
+        pieces.append(_call(crit, rows, seed, part.key, f"{seed_key}#{i}"))
     return torch.cat(pieces)
 
 
@@ -167,7 +151,7 @@ def group_slices(group):
     return [p for p in group.slices if p.key.endswith(".weight") or p.key in scales]
 
 
-def _slice_rows(tensors, group, scorer, seed, fold_scales):
+def _slice_rows(tensors, group, crit, seed, fold_scales):
     """One row per scored slice; with fold_scales, a producer's scale multiplies its rows."""
     scale_of = {part.key: prod.scale for prod in group.producers if prod.scale for part in prod.parts}
     rows = {}
@@ -176,7 +160,7 @@ def _slice_rows(tensors, group, scorer, seed, fold_scales):
         if fold_scales and part.key in scale_of:
             t = _scaled(t, tensors[scale_of[part.key]], part, group.width)
         t = t.reshape(t.shape[0], -1)  # a 1-D vector becomes [n, 1]: one value per channel
-        values = _call(scorer, t, seed, part.key, f"{group.name}@{part.start}")
+        values = _call(crit, t, seed, part.key, f"{group.name}@{part.start}")
         rows[f"{part.key}[axis {part.axis}]"] = _placed(values, part, group.width)
     return rows
 
@@ -192,70 +176,72 @@ def _activation_rows(activity, group):
     return rows
 
 
-def _source_rows(sd, group, scorer, scope, raw_weights, seed, evidence):
+def _source_rows(sd, group, crit, scope, raw_weights, seed, evidence):
     """Label -> [width] row (NaN outside the channels the source covers), not yet normalised."""
-    kind = getattr(scorer, "evidence", None)
-    if kind is not None:
-        if evidence is None or kind not in evidence:
-            raise UserError(f"criterion {scorer.__name__} needs calibration data "
-                            "(--calib_batches with --data_set)")
-        if kind == "activation":
-            return _activation_rows(evidence[kind], group)
-        return _slice_rows(evidence[kind], group, scorer, seed, fold_scales=False)
-    if getattr(scorer, "uses_scales", False):
+    if crit.evidence is not None:
+        if evidence is None or crit.evidence not in evidence:
+            raise UserError(f"criterion {crit.name} needs calibration data ({crit.evidence} of "
+                            "--calib_batches training batches)")
+        if crit.reads == "activation":
+            return _activation_rows(evidence["activation"], group)
+        return _slice_rows(evidence[crit.evidence], group, crit, seed, fold_scales=False)
+    if crit.reads == "scales":
         rows = {}
         for key in group.scales:
             if key not in sd:
                 raise UserError(f"the checkpoint lacks {key}, which its channel groups name")
-            rows[key] = _call(scorer, sd[key], seed, key, f"{group.name}#0")
+            rows[key] = _call(crit, sd[key], seed, key, f"{group.name}#0")
         return rows
     if scope == "group":
-        return _slice_rows(sd, group, scorer, seed, fold_scales=not raw_weights)
+        return _slice_rows(sd, group, crit, seed, fold_scales=not raw_weights)
     return {"+".join(p.key for p in prod.parts):
-            score_producer(sd, prod, group.width, scorer, raw_weights, seed, group.name)
+            score_producer(sd, prod, group.width, crit, raw_weights=raw_weights, seed=seed, seed_key=group.name)
             for prod in group.producers}
 
 
-def score_group(sd, group, criterion, reduce="mean", raw_weights=False, seed=0, normalize="max",
-                scope="producers", evidence=None):
+def aggregation_for(crit, aggregation=None):
+    """The aggregation a criterion scores with: `aggregation`'s fields, the rest its defaults;
+    UserError for a scope the criterion cannot read."""
+    agg = (aggregation or Aggregation()).filled(crit.aggregation)
+    if crit.reads != "weights" and agg.scope != crit.aggregation.scope:
+        raise UserError(f"criterion {crit.name} reads {crit.reads}: its scope is {crit.aggregation.scope}, "
+                        f"not {agg.scope}")
+    return agg
+
+
+def score_group(sd, group, criterion, *, aggregation=None, raw_weights=False, seed=0, evidence=None):
     """Score every channel of a group.
 
     Args:
         sd: state dict (CPU tensors).
         group: models.groups.Group.
-        criterion: name of a criterion in pruning.criteria.CRITERIA.
-        reduce: how the rows are combined: mean, sum, max or first.
+        criterion: a registered name or a criteria.Criterion.
+        aggregation: criteria.Aggregation; fields left None take the criterion's defaults
+            (the same defaults prune.py uses).
         raw_weights: score stored weights without folding in layer scale.
-        seed: base seed for seeded criteria (random).
-        normalize: how each row's scores are scaled (NORMALIZATIONS).
-        scope: "producers" or "group" (which slices a weight criterion reads; see above).
-        evidence: {"taylor": key -> |w * grad|, "activation": (key, axis) -> [channels]}
+        seed: base seed of a seeded criterion (random).
+        evidence: {"saliency": key -> |w * grad|, "activation": (key, axis) -> [channels]}
             from pruning/calibration.py, for the data-driven criteria.
     Returns:
         GroupScores, or None when the criterion has nothing to score in this group
         (slimming on a group without scale factors).
     """
-    scorer = get_criterion(criterion)
-    for value, choices, what in ((reduce, REDUCTIONS, "reduction"), (normalize, NORMALIZATIONS, "normalisation"),
-                                 (scope, SCOPES, "scope")):
-        if value not in choices:
-            raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-    rows = _source_rows(sd, group, scorer, scope, raw_weights, seed, evidence)
+    crit = get_criterion(criterion)
+    agg = aggregation_for(crit, aggregation)
+    rows = _source_rows(sd, group, crit, agg.scope, raw_weights, seed, evidence)
     if not rows:
         return None
     for label, s in rows.items():
         if s.shape != (group.width,):
             raise UserError(f"{label} gives {tuple(s.shape)} scores for group {group.name} "
                             f"of width {group.width}")
-    rows = {label: _normalised(s, normalize) for label, s in rows.items()}
-    score = REDUCTIONS[reduce](torch.stack(list(rows.values())))
+    rows = {label: _normalised(s, agg.normalize) for label, s in rows.items()}
+    score = REDUCTIONS[agg.reduce](torch.stack(list(rows.values())))
     if bool(torch.isnan(score).any()):
-        raise UserError(f"criterion {criterion} leaves channels of {group.name} unscored")
+        raise UserError(f"criterion {crit.name} leaves channels of {group.name} unscored")
     return GroupScores(score=score, sources=rows)
 
 
-def score_groups(sd, groups, criterion, reduce="mean", raw_weights=False, seed=0, normalize="max",
-                 scope="producers", evidence=None):
-    """score_group for every group: dict group name -> GroupScores (or None)."""
-    return {g.name: score_group(sd, g, criterion, reduce, raw_weights, seed, normalize, scope, evidence)
-            for g in groups}
+def score_groups(sd, groups, criterion, **options):
+    """score_group for every group (same keyword options): dict group name -> GroupScores or None."""
+    return {g.name: score_group(sd, g, criterion, **options) for g in groups}

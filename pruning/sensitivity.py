@@ -25,9 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import datasets  # noqa: E402
 import models  # noqa: E402
-from checkpoint import saved_args  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
-from pruning import prune, study  # noqa: E402
+from pruning import study  # noqa: E402
 
 
 def get_args_parser():
@@ -64,7 +63,7 @@ def check_sets(sets, groups):
 
 
 def plan_cells(args, c_argv):
-    if len(args.seeds) > 1 and not study.seeded(c_argv):
+    if len(args.seeds) > 1 and not study.uses_seed(c_argv):
         raise UserError(f"--seeds: {c_argv[1]} gives the same scores for every seed; give one seed "
                         "or a seeded criterion (random, taylor, activation)")
     seeds = args.seeds
@@ -72,23 +71,19 @@ def plan_cells(args, c_argv):
     for seed in seeds:  # outermost: each seed's calibration is measured once
         for pattern in args.sets:
             for ratio in sorted(args.ratios):
-                settings = study.prune_args(args.checkpoint, c_argv + [
-                    "--group_ratio", f"{pattern}={ratio}", "--seed", str(seed),
-                    "--input_size", str(args.input_size)]
-                    + study.calibration_flags(c_argv, args.data_set, args.data_path))
-                cells.append((pattern, ratio, seed, settings))
+                spec = study.cell_spec(args.checkpoint, c_argv + [
+                    "--group_ratio", f"{pattern}={ratio}", "--input_size", str(args.input_size)]
+                    + study.seed_flags(c_argv, seed) + study.calibration_flags(c_argv, args.data_set, args.data_path))
+                cells.append((pattern, ratio, seed, spec))
     return cells
 
 
 def run_cells(cells, source, results, evaluator, input_size):
     evidence = {}
-    for n, (pattern, ratio, seed, settings) in enumerate(cells, start=1):
+    for n, (pattern, ratio, seed, spec) in enumerate(cells, start=1):
         if results.has(set=pattern, ratio=ratio, seed=seed):
             continue
-        if seed not in evidence:
-            evidence = {seed: prune.calibrate(settings, source)}
-        with prune.one_thread():  # scoring: many small ops (see prune.one_thread)
-            pruned, _, _ = prune.prune_source(settings, source, evidence[seed])
+        pruned = study.prune_cell(source, spec, evidence)
         params, _ = models.count_arch(pruned["arch"], input_size)
         acc = evaluator.accuracy(pruned["arch"], pruned["model"])
         results.add({"set": pattern, "ratio": ratio, "seed": seed, "params": params, "acc": acc})
@@ -132,11 +127,11 @@ def plot(curve_of, base, path, criterion, streams):
 def run(args):
     check_args(args)
     c_argv = study.criterion_argv(args.criterion)
-    source, args.input_size = study.open_source(args.checkpoint, c_argv)
+    source, args.input_size = study.open_source(args.checkpoint)
     args.sets = args.sets or [g.name for g in source.groups]
     check_sets(args.sets, source.groups)
     cells = plan_cells(args, c_argv)
-    data = datasets.trained_data_args(saved_args(source.ckpt), args.data_set, args.data_path, args.input_size)
+    data = source.held.data_args(args.data_set, args.data_path, args.input_size)
     settings = {k: getattr(args, k) for k in ("criterion", "sets", "ratios", "seeds", "data_set",
                                               "data_path", "eval_subset")}
     settings.update(source_sha256=source.sha256, input_size=args.input_size)

@@ -1,13 +1,13 @@
 """What the pruning studies share (scripts/compare_criteria.py, pruning/sensitivity.py,
-pruning/iterative.py): the evaluation set held in memory, in-memory pruning through
-pruning/prune.py's own settings, and a results file that survives kills.
+pruning/iterative.py): the evaluation set held in memory, cell specs parsed by prune.py's own
+parser (pruning/cli.py) and pruned in memory by pruning.prune, and a results file that survives
+kills.
 
 A study folder holds `study.json` (the settings that define the rows) and `results.jsonl`
 (one finished row per line, flushed and fsynced). Rerunning the same command in the same
 folder skips the rows already there, so a killed study loses at most the row in progress;
 different settings in the same folder are refused instead of mixed.
 """
-import inspect
 import json
 import math
 import os
@@ -24,7 +24,7 @@ from engine import evaluate
 from errors import UserError
 from files import atomic_open
 
-from . import prune
+from . import api, cli
 from .calibration import stacked_batches
 from .criteria import get_criterion
 
@@ -45,10 +45,10 @@ def check_common(args):
         raise UserError(f"--eval_subset must be >= 1, got {subset}")
 
 
-def open_source(checkpoint, criterion_argv=()):
-    """(the source as prune.py reads it, its input size)."""
-    probe = prune_args(checkpoint, [*criterion_argv, "--ratio", "0.5"])
-    return prune.load_source(probe), probe.input_size
+def open_source(checkpoint):
+    """(the api.Source of a study's checkpoint, its input size)."""
+    source = api.open_source(checkpoint)
+    return source, source.held.input_size()
 
 
 def finetune(start, out, epochs, data, train_args, what, extra=()):
@@ -68,7 +68,7 @@ class Evaluator:
     """Top-1 of a (pruned) state dict on the evaluation split, or a fixed subset of it.
 
     Args:
-        args: data flags (datasets.trained_data_args).
+        args: data flags (checkpoint.Held.data_args).
         subset: evaluate on this many images, a fixed seeded choice (None: all).
         batch_size: images per forward pass.
     """
@@ -112,15 +112,19 @@ def criterion_argv(spec):
     return argv
 
 
-def seeded(criterion_args):
+def uses_seed(criterion_args):
     """Whether --seed changes the criterion's scores (its draws or its calibration images)."""
-    fn = get_criterion(criterion_args[1])
-    return "seed" in inspect.signature(fn).parameters or getattr(fn, "evidence", None) is not None
+    return get_criterion(criterion_args[1]).uses_seed
+
+
+def seed_flags(criterion_args, seed):
+    """prune.py's --seed for a criterion whose scores depend on it, else none."""
+    return ["--seed", str(seed)] if uses_seed(criterion_args) else []
 
 
 def calibration_flags(criterion_args, data_set, data_path):
     """prune.py's data flags for a data-driven criterion (the study's data), else none."""
-    if getattr(get_criterion(criterion_args[1]), "evidence", None) is None:
+    if get_criterion(criterion_args[1]).evidence is None:
         return []
     return (["--data_set", data_set] if data_set else []) + (["--data_path", data_path] if data_path else [])
 
@@ -146,11 +150,20 @@ def last_top1(folder):
     return last["test_acc1"]
 
 
-def prune_args(checkpoint, argv):
-    """pruning/prune.py's settings for one study cell, checked as its command line is."""
-    args = prune.get_args_parser().parse_args(["--checkpoint", checkpoint, "--dry_run", *argv])
-    prune.check_args(args)
-    return args
+def cell_spec(checkpoint, argv):
+    """The resolved PruneSpec of one study cell: prune.py's flags, checked as its command line is."""
+    args = cli.get_args_parser().parse_args(["--checkpoint", checkpoint, "--dry_run", *argv])
+    return cli.check_args(args).resolved()
+
+
+def prune_cell(source, spec, evidence):
+    """The pruned checkpoint of one cell; `evidence` caches each (criterion, seed)'s calibration
+    ({key: Evidence}, holding one entry at a time)."""
+    key = (spec.criterion.name, spec.seed, spec.calibration)
+    if key not in evidence:
+        evidence.clear()
+        evidence[key] = api.calibrate(spec, source)
+    return api.prune(source, spec, evidence=evidence[key]).checkpoint
 
 
 class Results:

@@ -9,7 +9,7 @@ import hashlib
 import torch
 
 import models
-from checkpoint import args_to_dict, held_model, model_state
+from checkpoint import Held, args_to_dict, read_held
 from errors import UserError
 
 from models.groups import part_stop
@@ -68,23 +68,25 @@ def sha256_file(path):
 
 
 def read_source(ckpt, model_name=None, use_ema=False):
-    """The state dicts and shape of a loaded checkpoint.
+    """The state dicts and shape of a checkpoint.
 
     Args:
-        ckpt: what utils.load_checkpoint_file returned.
+        ckpt: a loaded checkpoint, or its checkpoint.Held (read with `model_name`).
         model_name: a registered model of ours whose shape the weights must have, or None to
             use the checkpoint's `arch`, else the shape inferred from the tensors.
         use_ema: score the `model_ema` weights instead of `model`.
     Returns:
         (state dicts by checkpoint key, the key whose weights are scored, arch).
     """
-    sds = {"model": model_state(ckpt)}
+    held = ckpt if isinstance(ckpt, Held) else read_held(ckpt, model_name)
+    ckpt = held.ckpt
+    sds = {"model": held.state}
     ema = ckpt.get("model_ema") if isinstance(ckpt, dict) else None
     if isinstance(ema, dict) and ema:
         sds["model_ema"] = ema
     if use_ema and "model_ema" not in sds:
         raise UserError("--use_ema: the checkpoint has no model_ema weights")
-    arch = _resolve_arch(sds["model"], ckpt, model_name)
+    arch = _resolve_arch(held)
     what = f"--model {model_name}" if model_name else "the checkpoint's own `arch` entry"
     meta = models.meta_model(arch)
     models.check_arch_matches(meta, sds["model"], model_name=what)
@@ -96,10 +98,10 @@ def read_source(ckpt, model_name=None, use_ema=False):
     return sds, ("model_ema" if use_ema else "model"), arch
 
 
-def _resolve_arch(sd, ckpt, model_name):
-    arch, name = held_model(ckpt, sd, model_name)
-    if arch is not None:
-        return dict(arch)
+def _resolve_arch(held):
+    if held.arch is not None:
+        return dict(held.arch)
+    name, sd = held.name, held.state
     if name not in models.OUR_MODELS:
         raise UserError(f"--model {name}: pruning needs one of this toolkit's models (see the "
                         "README's model zoo), whose channel groups it knows")

@@ -35,7 +35,7 @@ import torch.nn as nn  # noqa: E402
 import models  # noqa: E402
 from models.complexity import count_params, forward_cost, in_chans_of  # noqa: E402
 import utils  # noqa: E402
-from checkpoint import build_held_model, load_checkpoint_file, load_model_state, model_state  # noqa: E402
+from checkpoint import load_held_model  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -150,11 +150,7 @@ def timm_convnext_like(name):
 
 def from_checkpoint(path):
     """Rebuild a checkpoint's exact shape from its `arch` (or its tensors) and load its weights."""
-    ckpt = load_checkpoint_file(path)
-    state = model_state(ckpt)
-    model, _ = build_held_model(ckpt, state)
-    load_model_state(model, state, path)
-    return model
+    return load_held_model(path)[0]
 
 
 # --- measuring ----------------------------------------------------------------------------

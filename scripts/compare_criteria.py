@@ -28,9 +28,9 @@ sys.path.insert(0, ROOT)
 
 import datasets  # noqa: E402
 import models  # noqa: E402
-from checkpoint import save_checkpoint_file, saved_args  # noqa: E402
+from checkpoint import save_checkpoint_file  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
-from pruning import prune, study  # noqa: E402
+from pruning import study  # noqa: E402
 
 def get_args_parser():
     p = ArgumentParser("compare_criteria", description=__doc__)
@@ -83,13 +83,13 @@ def plan_cells(args, source):
     criteria = [(crit, study.criterion_argv(crit)) for crit in args.criteria]
     budgets = [(budget, budget_argv(budget, source.arch, args.input_size)) for budget in args.budgets]
     for crit, c_argv in criteria:
-        seeds = args.seeds if (study.seeded(c_argv) or args.finetune_epochs) else args.seeds[:1]
+        seeds = args.seeds if (study.uses_seed(c_argv) or args.finetune_epochs) else args.seeds[:1]
         for seed in seeds:  # seeds outside budgets: each seed's calibration is measured once
             for budget, b_argv in budgets:
-                settings = study.prune_args(args.checkpoint, c_argv + b_argv + [
-                    "--seed", str(seed), "--input_size", str(args.input_size)]
-                    + study.calibration_flags(c_argv, args.data_set, args.data_path))
-                cells.append((crit, budget, seed, settings))
+                spec = study.cell_spec(args.checkpoint, c_argv + b_argv + study.seed_flags(c_argv, seed)
+                                       + ["--input_size", str(args.input_size)]
+                                       + study.calibration_flags(c_argv, args.data_set, args.data_path))
+                cells.append((crit, budget, seed, spec))
     return cells
 
 
@@ -118,15 +118,11 @@ def finetune(args, folder, cell_name, pruned, seed):
 
 def run_cells(args, source, cells, results, evaluator):
     evidence = {}
-    for n, (crit, budget, seed, settings) in enumerate(cells, start=1):
+    for n, (crit, budget, seed, spec) in enumerate(cells, start=1):
         if results.has(criterion=crit, budget=budget, seed=seed):
             continue
         start = time.time()
-        calib_key = (crit, seed)
-        if calib_key not in evidence:
-            evidence = {calib_key: prune.calibrate(settings, source)}  # one criterion's at a time
-        with prune.one_thread():  # scoring: many small ops (see prune.one_thread)
-            pruned, _, _ = prune.prune_source(settings, source, evidence[calib_key])
+        pruned = study.prune_cell(source, spec, evidence)
         params, macs = models.count_arch(pruned["arch"], args.input_size)
         acc = evaluator.accuracy(pruned["arch"], pruned["model"])
         name = f"{crit.replace(':', '_').replace(',', '_').replace('=', '-')}_{budget.replace('=', '-')}_seed{seed}"
@@ -196,15 +192,14 @@ def plot(args, summary, path):
 def run(args):
     check_args(args)
     source, args.input_size = study.open_source(args.checkpoint)
-    args.data = datasets.trained_data_args(saved_args(source.ckpt), args.data_set, args.data_path,
-                                           args.input_size)
+    args.data = source.held.data_args(args.data_set, args.data_path, args.input_size)
     cells = plan_cells(args, source)
     settings = {k: getattr(args, k) for k in ("criteria", "budgets", "seeds", "data_set", "data_path",
                                               "eval_subset", "finetune_epochs", "train_args")}
     settings.update(source_sha256=source.sha256, input_size=args.input_size)
     evaluator = study.Evaluator(args.data, args.eval_subset)  # data errors first: they leave no folder
     results = study.Results(args.output_dir, settings, ("criterion", "budget", "seed"))
-    once = [c for c in args.criteria if not study.seeded(study.criterion_argv(c))]
+    once = [c for c in args.criteria if not study.uses_seed(study.criterion_argv(c))]
     if once and len(args.seeds) > 1 and not args.finetune_epochs:
         print(f"deterministic criteria ({', '.join(once)}) run once per budget; the seeds apply to the "
               "seeded ones and to fine-tuning")

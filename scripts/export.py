@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 import models  # noqa: E402
-from checkpoint import build_held_model, load_checkpoint_file, load_model_state, model_state, saved_args  # noqa: E402
+from checkpoint import load_held_model  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 from files import atomic_path  # noqa: E402
 
@@ -88,11 +88,8 @@ def runtime():
 
 def load_model(args):
     """(model in eval mode, display name, the checkpoint's training args)."""
-    ckpt = load_checkpoint_file(args.checkpoint)
-    state = model_state(ckpt)
-    model, name = build_held_model(ckpt, state, args.model)
-    load_model_state(model, state, args.checkpoint)
-    return model.eval(), name, saved_args(ckpt)
+    model, held = load_held_model(args.checkpoint, args.model)
+    return model.eval(), held.label, held
 
 
 def parity_images(args, data_args, n):
@@ -156,9 +153,9 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_args(args)
     onnx, ort = runtime()
-    model, name, trained = load_model(args)
+    model, name, held = load_model(args)
     # DIGITS only names the transform when no --data_set is given (the images are random)
-    data_args = datasets.trained_data_args(trained, args.data_set or "DIGITS", args.data_path, args.input_size)
+    data_args = held.data_args(args.data_set or "DIGITS", args.data_path, args.input_size)
     data_args.eval_data_path = args.eval_data_path
     size = data_args.input_size
     models.check_input_size(model, size, name)
@@ -169,7 +166,7 @@ def main(argv=None):
         add_metadata(onnx, tmp, {"input_size": size, "crop_pct": data_args.crop_pct,
                                  "imagenet_default_mean_and_std": data_args.imagenet_default_mean_and_std,
                                  "arch": getattr(model, "arch", None), "model": name,
-                                 "data_set": trained.get("data_set"), "folded": args.fold})
+                                 "data_set": held.trained.get("data_set"), "folded": args.fold})
         diff, scale, agree = parity(ort, tmp, model, images)
         allowed = args.tolerance * max(1.0, scale)
         print(f"parity on {len(images)} {source}: max |logit difference| {diff:.3g} (largest |logit| "

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402  (after the repo root is on the path)
 import models  # noqa: E402
-from checkpoint import build_held_model, load_checkpoint_file, load_model_state, model_state, saved_args  # noqa: E402
+from checkpoint import Held, load_held_model  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 
 logger = logging.getLogger("inference")
@@ -48,7 +48,7 @@ def get_args_parser():
     return parser
 
 
-def read_class_names(args, train_args, num_classes):
+def read_class_names(args, held, num_classes):
     """Class names from the file, the data set, the checkpoint's data set, or indices."""
     if args.class_names:
         if not os.path.isfile(args.class_names):
@@ -59,19 +59,17 @@ def read_class_names(args, train_args, num_classes):
         names = datasets.class_names(datasets.default_data_args(
             data_set=args.data_set, data_path=args.data_path, nb_classes=num_classes))
     else:
-        names = _names_from_training(train_args, num_classes)
+        names = _names_from_training(held, num_classes)
     if len(names) != num_classes:
         raise UserError(f"{len(names)} class names given but the model has {num_classes} classes")
     return names
 
 
-def _names_from_training(train_args, num_classes):
+def _names_from_training(held, num_classes):
     """The names of the data set the checkpoint was trained on, if it can still be read."""
-    if train_args.get("data_set"):
-        data_args = datasets.default_data_args(**{k: train_args[k] for k in (
-            "data_set", "data_path", "eval_data_path", "nb_classes") if k in train_args})
+    if held.trained.get("data_set"):
         try:
-            return datasets.class_names(data_args)
+            return datasets.class_names(held.data_args())
         except UserError as e:
             logger.warning("class names unavailable (%s); printing class indices", e)
     return [f"class {i}" for i in range(num_classes)]
@@ -104,26 +102,24 @@ def class_probabilities(model, batch):
     return model(batch).float().softmax(dim=-1)[0].cpu()
 
 
-def _transform(args, train_args):
-    return datasets.build_transform(False, datasets.trained_data_args(train_args, input_size=args.input_size))
+def _transform(args, held):
+    return datasets.build_transform(False, held.data_args(input_size=args.input_size))
 
 
 def torch_probabilities(args):
-    """(class probabilities, training args) with a PyTorch checkpoint."""
-    ckpt = load_checkpoint_file(args.checkpoint)
-    state_dict, train_args = model_state(ckpt, "model|state_dict"), saved_args(ckpt)
-    model, name = build_held_model(ckpt, state_dict, args.model)
-    models.check_input_size(model, args.input_size or train_args.get("input_size") or 224, f"`{name}`")
+    """(class probabilities, what the checkpoint holds) with a PyTorch checkpoint."""
+    model, held = load_held_model(args.checkpoint, args.model, "model|state_dict")
+    name = held.label
+    models.check_input_size(model, held.input_size(args.input_size), f"`{name}`")
     print(f"Build `{name}` model successfully.")
     device = pick_device(args.device)
-    load_model_state(model, state_dict, args.checkpoint)
     model.eval()
     if args.fold:
         model = models.fold(model)
     model = model.to(device)
     print(f"Load `{name}` model weights `{os.path.abspath(args.checkpoint)}` successfully.")
-    batch = load_image(args.image, _transform(args, train_args)).to(device)
-    return class_probabilities(model, batch), train_args
+    batch = load_image(args.image, _transform(args, held)).to(device)
+    return class_probabilities(model, batch), held
 
 
 def onnx_probabilities(args):
@@ -142,10 +138,11 @@ def onnx_probabilities(args):
         session = onnxruntime.InferenceSession(args.checkpoint, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnx / onnxruntime raise their own types for damaged files
         raise UserError(f"cannot read ONNX file {args.checkpoint}: {first_line(e)}") from None
-    batch = load_image(args.image, _transform(args, meta))
+    held = Held(None, {}, meta.get("arch"), meta.get("model"), meta)  # the export records the data flags
+    batch = load_image(args.image, _transform(args, held))
     logits = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
     print(f"Load ONNX model `{os.path.abspath(args.checkpoint)}` ({meta.get('model', 'unnamed')}) successfully.")
-    return torch.from_numpy(logits).float().softmax(dim=-1)[0], meta
+    return torch.from_numpy(logits).float().softmax(dim=-1)[0], held
 
 
 def run(args):
@@ -156,10 +153,10 @@ def run(args):
     if args.input_size is not None and args.input_size < 1:
         raise UserError(f"--input_size must be >= 1, got {args.input_size}")
     if args.checkpoint.endswith(".onnx"):
-        probs, train_args = onnx_probabilities(args)
+        probs, held = onnx_probabilities(args)
     else:
-        probs, train_args = torch_probabilities(args)
-    names = read_class_names(args, train_args, probs.numel())
+        probs, held = torch_probabilities(args)
+    names = read_class_names(args, held, probs.numel())
     top = probs.topk(min(TOP_K, probs.numel()))
     for p, i in zip(top.values.tolist(), top.indices.tolist()):
         print(f"{names[i]:<75} ({p * 100:.2f}%)")

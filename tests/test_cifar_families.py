@@ -13,8 +13,10 @@ sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
 from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
 from errors import UserError  # noqa: E402
-from pruning.prune import main as prune_main  # noqa: E402
-from pruning.plan import Targets, plan_keep  # noqa: E402
+from pruning.cli import main as prune_main  # noqa: E402
+from pruning.plan import plan_keep  # noqa: E402
+from pruning.spec import KeepRules  # noqa: E402
+from pruning.criteria import Aggregation  # noqa: E402
 from pruning.scoring import score_groups  # noqa: E402
 from pruning.surgery import prune_state_dict  # noqa: E402
 
@@ -121,8 +123,7 @@ def test_pruning_channels_that_carry_nothing_keeps_the_logits(family):
 def test_slimming_threshold_equals_an_independent_percentile():
     model = randomised(models.default_arch("vgg19_bn_cifar"), seed=3)
     sd, groups = model.state_dict(), models.channel_groups(model.arch)
-    keep = plan_keep(groups, score_groups(sd, groups, "slimming", normalize="none"),
-                     targets=Targets(ratio=0.7))
+    keep = plan_keep(groups, score_groups(sd, groups, "slimming", aggregation=Aggregation(normalize="none")), KeepRules(ratio=0.7))
     # the seed: every |BN weight| in one list, threshold at the 70% position, keep those above
     scales = [sd[f"feature.{i}.weight"].abs().numpy() for i in _bn_indices(model.arch["cfg"])]
     flat = np.sort(np.concatenate(scales))
@@ -147,14 +148,14 @@ def test_group_ratio_patterns_later_wins_and_zero_skips():
     sd, groups = model.state_dict(), models.channel_groups(model.arch)
     ratios = [("layer1.*", 0.1), ("layer2.*", 0.2), ("layer3.*", 0.3), ("layer1.7", 0),
               ("layer2.0", 0), ("layer3.0", 0), ("layer3.8", 0)]
-    keep = plan_keep(groups, score_groups(sd, groups, "l1"), group_ratio=ratios)
+    keep = plan_keep(groups, score_groups(sd, groups, "l1"), KeepRules(group_ratio=ratios))
     widths = {g.name: len(keep[g.name]) for g in groups}
     assert widths["layer1.0"] == 14 and widths["layer2.1"] == 25 and widths["layer3.4"] == 44
     assert widths["layer1.7"] == 16 and widths["layer2.0"] == 32 and widths["layer3.8"] == 64
     with pytest.raises(UserError, match="matches no group"):
-        plan_keep(groups, score_groups(sd, groups, "l1"), group_ratio=[("stages.*", 0.5)])
+        plan_keep(groups, score_groups(sd, groups, "l1"), KeepRules(group_ratio=[("stages.*", 0.5)]))
     with pytest.raises(UserError, match=r"must be in \[0, 1\)"):
-        plan_keep(groups, score_groups(sd, groups, "l1"), group_ratio=[("layer1.*", 1.0)])
+        plan_keep(groups, score_groups(sd, groups, "l1"), KeepRules(group_ratio=[("layer1.*", 1.0)]))
 
 
 def test_vgg16_seed_recipe_names():
@@ -162,8 +163,8 @@ def test_vgg16_seed_recipe_names():
     groups = models.channel_groups(model.arch)
     names = [g.name for g in groups]
     assert names[:3] == ["conv1_1", "conv1_2", "conv2_1"] and names[-1] == "conv5_3"
-    keep = plan_keep(groups, score_groups(model.state_dict(), groups, "l1"),
-                     group_ratio=[("conv1_1", 0.25), ("conv4_*", 0.25), ("conv5_*", 0.25)])
+    rules = KeepRules(group_ratio=[("conv1_1", 0.25), ("conv4_*", 0.25), ("conv5_*", 0.25)])
+    keep = plan_keep(groups, score_groups(model.state_dict(), groups, "l1"), rules)
     assert [len(keep[n]) for n in ("conv1_1", "conv1_2", "conv4_1", "conv5_3")] == [48, 64, 384, 384]
 
 

@@ -140,9 +140,12 @@ def test_random_is_seeded():
 def test_registry():
     assert set(CRITERIA) == {"opnorm", "opnorm_abs", "l1", "l2", "fpgm", "random", "slimming",
                              "taylor", "activation"}
-    assert get_criterion("l1") is l1
+    assert get_criterion("l1").score is l1 and get_criterion(get_criterion("l1")) is get_criterion("l1")
     with pytest.raises(UserError, match="unknown criterion"):
         get_criterion("hrank")
+    assert get_criterion("random").seeded and not get_criterion("random").uses_values
+    assert get_criterion("taylor").evidence == "saliency" and get_criterion("taylor").uses_seed
+    assert get_criterion("taylor").aggregation.scope == "group"  # what its rows really are
 
 
 def test_opnorm_abs_does_not_favour_filter_0():
@@ -170,4 +173,4 @@ def test_non_finite_weights_are_refused(name):
     w = torch.randn(4, 3)
     w[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        CRITERIA[name](w)
+        CRITERIA[name].score(w)

@@ -18,7 +18,7 @@ import export  # noqa: E402
 import inference  # noqa: E402
 import models  # noqa: E402
 from checkpoint import save_checkpoint_file  # noqa: E402
-from pruning.prune import main as prune_main  # noqa: E402
+from pruning.cli import main as prune_main  # noqa: E402
 
 ARCHS = {
     "convnext": {"family": "convnext", "depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "num_classes": 10},

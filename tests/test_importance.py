@@ -11,8 +11,9 @@ sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
 from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
 from pruning.calibration import measure  # noqa: E402
-from pruning.prune import main as prune_main  # noqa: E402
+from pruning.cli import main as prune_main  # noqa: E402
 from pruning.scoring import score_group, score_groups  # noqa: E402
+from pruning.criteria import Aggregation, get_criterion  # noqa: E402
 
 ARCH = {"family": "vgg_cifar", "cfg": [4, "M", 6], "num_classes": 3, "in_chans": 3}
 
@@ -41,23 +42,23 @@ def test_group_magnitude_is_a_sum_over_every_slice(vgg):
     first, second = groups["conv1_1"], groups["conv2_1"]
     hand = (sd["feature.0.weight"].flatten(1).norm(dim=1) + sd["feature.1.weight"].abs()
             + sd["feature.4.weight"].transpose(0, 1).flatten(1).norm(dim=1)).double()
-    got = score_group(sd, first, "l2", scope="group", normalize="none", reduce="sum")
+    got = score_group(sd, first, "l2", aggregation=Aggregation(scope="group", normalize="none", reduce="sum"))
     assert torch.allclose(got.score, hand)
     assert len(got.sources) == 3  # biases and running statistics are not scored
     rows = [sd["feature.4.weight"].flatten(1).abs().sum(1), sd["feature.5.weight"].abs(),
             sd["classifier.weight"].abs().sum(0)]
     hand = torch.stack([r.double() / r.double().mean() for r in rows]).mean(0)
-    got = score_group(sd, second, "l1", scope="group", normalize="mean", reduce="mean")
+    got = score_group(sd, second, "l1", aggregation=Aggregation(scope="group", normalize="mean", reduce="mean"))
     assert torch.allclose(got.score, hand)
     # the default scope reads the producer alone
-    assert torch.allclose(score_group(sd, first, "l2", normalize="none").score,
+    assert torch.allclose(score_group(sd, first, "l2", aggregation=Aggregation(normalize="none")).score,
                           sd["feature.0.weight"].flatten(1).norm(dim=1).double())
 
 
 def test_taylor_is_weight_times_gradient_over_the_group(vgg):
     model, groups = vgg
     data = batches()
-    evidence = measure(ARCH, model.state_dict(), data, ("taylor",))
+    evidence = measure(ARCH, model.state_dict(), data, ("saliency",))
     model.zero_grad()
     total = sum(len(y) for _, y in data)
     for x, y in data:
@@ -66,8 +67,7 @@ def test_taylor_is_weight_times_gradient_over_the_group(vgg):
     sal = {k: (v * v.grad).abs().double() for k, v in p.items()}
     hand = (sal["feature.0.weight"].flatten(1).sum(1) + sal["feature.1.weight"]
             + sal["feature.4.weight"].transpose(0, 1).flatten(1).sum(1))
-    got = score_group(model.state_dict(), groups["conv1_1"], "taylor", normalize="none", reduce="sum",
-                      evidence=evidence)
+    got = score_group(model.state_dict(), groups["conv1_1"], "taylor", evidence=evidence, aggregation=Aggregation(normalize="none", reduce="sum"))
     assert torch.allclose(got.score, hand, rtol=1e-5, atol=1e-12)
 
 
@@ -80,8 +80,7 @@ def test_activation_is_mean_abs_input_of_the_consumers(vgg):
         head_in = torch.cat([model.feature(x).mean((2, 3)) for x, _ in data])
     hand1 = pooled.abs().mean((0, 2, 3)).double()
     hand2 = head_in.abs().mean(0).double()
-    scores = score_groups(model.state_dict(), list(groups.values()), "activation", normalize="none",
-                          evidence=evidence)
+    scores = score_groups(model.state_dict(), list(groups.values()), "activation", evidence=evidence, aggregation=Aggregation(normalize="none"))
     assert torch.allclose(scores["conv1_1"].score, hand1, rtol=1e-5)
     assert torch.allclose(scores["conv2_1"].score, hand2, rtol=1e-5)
 
@@ -100,12 +99,12 @@ def test_multiscale_branches_are_scored_where_they_cover():
     sd = model.state_dict()
     groups = models.channel_groups(arch)
     for criterion in ("l1", "opnorm", "random"):
-        scores = score_groups(sd, groups, criterion, scope="group")
+        scores = score_groups(sd, groups, criterion, aggregation=Aggregation(scope="group"))
         assert all(bool(torch.isfinite(s.score).all()) for s in scores.values())
     gen = torch.Generator().manual_seed(0)
     x = [(torch.randn(2, 3, 32, 32, generator=gen), torch.tensor([0, 1]))]
     for kind in ("taylor", "activation"):
-        evidence = measure(arch, sd, x, (kind,))
+        evidence = measure(arch, sd, x, (get_criterion(kind).evidence,))
         scores = score_groups(sd, groups, kind, evidence=evidence)
         assert all(bool(torch.isfinite(s.score).all()) for s in scores.values())
 
@@ -125,14 +124,14 @@ def test_cli_taylor_calibrates_on_the_checkpoints_data(digits_vgg, tmp_path, cap
     out = tmp_path / "out.pth"
     assert prune_main(["--checkpoint", str(digits_vgg), "--output", str(out), "--criterion", "taylor",
                        "--calib_batches", "2", "--calib_batch_size", "8", "--ratio", "0.25"]) == 0
-    assert "calibration: 16 training images in 2 batches" in capsys.readouterr().out
+    assert "calibration: 16 DIGITS training images in 2 batches" in capsys.readouterr().out
     pruned = load_checkpoint_file(out)
     assert pruned["pruning"]["options"]["calib_batches"] == 2
     assert sum(v for v in pruned["arch"]["cfg"] if v != "M") == 12
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--criterion", "l1", "--calib_batches", "4"], "--calib_batches is read only by"),
+    (["--criterion", "l1", "--calib_batches", "4"], "calibration (--calib_batches, --calib_batch_size, --data_set, --data_path) does not apply"),
     (["--criterion", "activation", "--calib_batches", "0"], "--calib_batches must be >= 1"),
     (["--criterion", "l1", "--scope", "everything"], "invalid choice"),
 ])

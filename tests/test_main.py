@@ -56,15 +56,6 @@ def _isolate():
     root.setLevel(level)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One real epoch of the 3M Efficient ConvNeXt variant, checkpoints in out/."""
-    out = tmp_path_factory.mktemp("train") / "out"
-    proc = run_main("--model", MODEL, "--epochs", 1, "--output_dir", out, *FAST)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
-
-
 # ----------------------------------------------------------------------------- parser
 
 def test_official_flags_and_defaults():

@@ -36,12 +36,9 @@ def read_log(folder):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One epoch of the 3M variant at 32 px; the checkpoint records input_size 32."""
-    out = tmp_path_factory.mktemp("safety") / "out"
-    proc = run_main("--model", MODEL, "--epochs", 1, "--output_dir", out, *FAST)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def trained_dir(trained):
+    """The shared one-epoch run folder (conftest.trained); the checkpoint records input_size 32."""
+    return trained[0]
 
 
 # ----------------------------------------------------------------------------- bad flags
@@ -126,34 +123,34 @@ def test_non_checkpoints_in_every_entry_point(tmp_path, capsys, content):
 
 # ----------------------------------------------------------------------------- no silent wrong numbers
 
-def test_eval_takes_the_input_size_the_checkpoint_was_trained_at(trained, capsys):
-    [log] = read_log(trained)
-    assert main.cli(["--eval", "true", "--resume", str(trained / "checkpoint-0.pth"), *DATA]) == 0
+def test_eval_takes_the_input_size_the_checkpoint_was_trained_at(trained_dir, capsys):
+    [log] = read_log(trained_dir)
+    assert main.cli(["--eval", "true", "--resume", str(trained_dir / "checkpoint-0.pth"), *DATA]) == 0
     out = capsys.readouterr().out
     assert "Input size 32 px, as the checkpoint was trained" in out
     acc = float(re.findall(r"^\* Acc@1 ([\d.]+)", out, re.M)[-1])
     assert acc == pytest.approx(log["test_acc1"], abs=1e-3)
 
 
-def test_eval_with_auto_resume_takes_the_newest_checkpoint(trained, capsys):
-    [log] = read_log(trained)
-    assert main.cli(["--eval", "true", "--output_dir", str(trained), *DATA]) == 0
+def test_eval_with_auto_resume_takes_the_newest_checkpoint(trained_dir, capsys):
+    [log] = read_log(trained_dir)
+    assert main.cli(["--eval", "true", "--output_dir", str(trained_dir), *DATA]) == 0
     out = capsys.readouterr().out
     assert "Auto resume checkpoint" in out
     assert float(re.findall(r"^\* Acc@1 ([\d.]+)", out, re.M)[-1]) == pytest.approx(log["test_acc1"], abs=1e-3)
 
 
-def test_eval_of_the_folded_form_gives_the_same_accuracy(trained, capsys):
-    [log] = read_log(trained)
-    assert main.cli(["--eval", "true", "--fold", "true", "--resume", str(trained / "checkpoint-0.pth"),
+def test_eval_of_the_folded_form_gives_the_same_accuracy(trained_dir, capsys):
+    [log] = read_log(trained_dir)
+    assert main.cli(["--eval", "true", "--fold", "true", "--resume", str(trained_dir / "checkpoint-0.pth"),
                      *DATA]) == 0
     out = capsys.readouterr().out
     assert "folded (inference) form" in out
     assert float(re.findall(r"^\* Acc@1 ([\d.]+)", out, re.M)[-1]) == pytest.approx(log["test_acc1"], abs=1e-3)
 
 
-def test_eval_at_another_size_warns(trained, capsys):
-    assert main.cli(["--eval", "true", "--resume", str(trained / "checkpoint-0.pth"), *DATA,
+def test_eval_at_another_size_warns(trained_dir, capsys):
+    assert main.cli(["--eval", "true", "--resume", str(trained_dir / "checkpoint-0.pth"), *DATA,
                      "--input_size", "64"]) == 0
     assert "trained at 32 px: its accuracy at this size may be far lower" in capsys.readouterr().out
 
@@ -171,8 +168,8 @@ def test_logged_metrics_do_not_depend_on_print_freq(tmp_path):
         assert logs[0][key] == pytest.approx(logs[1][key], rel=1e-5), key
 
 
-def test_nan_weights_are_refused_by_eval(trained, tmp_path, capsys):
-    ckpt = load_checkpoint_file(trained / "checkpoint-0.pth")
+def test_nan_weights_are_refused_by_eval(trained_dir, tmp_path, capsys):
+    ckpt = load_checkpoint_file(trained_dir / "checkpoint-0.pth")
     ckpt["model"]["head.weight"][0, 0] = float("nan")
     save_checkpoint_file(ckpt, tmp_path / "nan.pth")
     assert main.cli(["--eval", "true", "--resume", str(tmp_path / "nan.pth"), *DATA]) == 2
@@ -181,11 +178,11 @@ def test_nan_weights_are_refused_by_eval(trained, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- files
 
-def test_a_foreign_output_dir_is_refused_and_left_untouched(trained, tmp_path, capsys):
+def test_a_foreign_output_dir_is_refused_and_left_untouched(trained_dir, tmp_path, capsys):
     out = tmp_path / "reused"
     out.mkdir()
     for name in ("checkpoint-5.pth", "checkpoint-best.pth"):
-        (out / name).write_bytes((trained / "checkpoint-0.pth").read_bytes())
+        (out / name).write_bytes((trained_dir / "checkpoint-0.pth").read_bytes())
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert main.cli(["--model", MODEL, "--epochs", "1", "--output_dir", str(out), "--auto_resume", "false",
                      *FAST]) == 2
@@ -193,9 +190,9 @@ def test_a_foreign_output_dir_is_refused_and_left_untouched(trained, tmp_path, c
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
-def test_auto_resume_of_another_model_says_where_the_checkpoint_came_from(trained, capsys):
+def test_auto_resume_of_another_model_says_where_the_checkpoint_came_from(trained_dir, capsys):
     assert main.cli(["--model", "convnext_tiny_13M_pruned_cifar10", "--epochs", "3",
-                     "--output_dir", str(trained), *FAST]) == 2
+                     "--output_dir", str(trained_dir), *FAST]) == 2
     err = capsys.readouterr().err
     assert "picked by auto-resume from --output_dir" in err and "--auto_resume false" in err
 

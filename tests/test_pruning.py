@@ -7,8 +7,10 @@ import models
 from models import count_arch
 from pruning.costs import CostModel
 from pruning.criteria import l1, opnorm
-from pruning.plan import Targets, fixed_widths, min_width, plan_keep, ranking, select
+from pruning.criteria import Aggregation
+from pruning.plan import fixed_widths, min_width, plan_keep, ranking, select
 from pruning.scoring import score_group, score_groups
+from pruning.spec import KeepRules
 from pruning.surgery import new_arch, prune_checkpoint, prune_state_dict, read_source
 from errors import UserError
 
@@ -56,7 +58,7 @@ def test_keep_all_is_identity(small):
     assert out.keys() == sd.keys() and all(torch.equal(out[k], sd[k]) for k in sd)
     assert torch.equal(logits(rebuild(out)), logits(model))
     scores = score_groups(sd, groups, "opnorm")
-    planned = plan_keep(groups, scores, dims=SMALL["dims"], hidden_ratio=[1.0])
+    planned = plan_keep(groups, scores, KeepRules(dims=SMALL["dims"], hidden_ratio=[1.0]))
     assert all(torch.equal(planned[g.name], torch.arange(g.width)) for g in groups)
 
 
@@ -76,7 +78,7 @@ def test_removing_dead_hidden_channels_keeps_logits(small):
     model.load_state_dict(sd)
     before = logits(model)
     # l1 ranks the all-zero rows last, so keeping 2/3 removes exactly the dead channels
-    keep = plan_keep(groups, score_groups(sd, groups, "l1"), hidden_ratio=[2 / 3])
+    keep = plan_keep(groups, score_groups(sd, groups, "l1"), KeepRules(hidden_ratio=[2 / 3]))
     for name, rows in dead.items():
         assert set(keep[name].tolist()).isdisjoint(rows)
     pruned = rebuild(prune_state_dict(sd, groups, keep))
@@ -114,13 +116,15 @@ def test_layer_scale_folded_unless_raw(small):
 def test_reductions(small):
     _, sd, groups = small
     g = next(g for g in groups if g.name == "stages.0.residual")
-    per = torch.stack(list(score_group(sd, g, "opnorm").sources.values()))
+    producers = dict(scope="producers", normalize="max")
+    per = torch.stack(list(score_group(sd, g, "opnorm", aggregation=Aggregation(**producers)).sources.values()))
     assert per.shape == (len(g.producers), g.width)
     assert torch.equal(per.max(dim=1).values, torch.ones(3, dtype=torch.float64))
-    assert torch.allclose(score_group(sd, g, "opnorm").score, per.mean(0))
-    assert torch.allclose(score_group(sd, g, "opnorm", reduce="sum").score, per.sum(0))
-    assert torch.allclose(score_group(sd, g, "opnorm", reduce="max").score, per.max(0).values)
-    assert torch.allclose(score_group(sd, g, "opnorm", reduce="first").score, opnorm(
+    assert torch.allclose(score_group(sd, g, "opnorm", aggregation=Aggregation(**producers, reduce="mean")).score,
+                          per.mean(0))
+    assert torch.allclose(score_group(sd, g, "opnorm", aggregation=Aggregation(**producers, reduce="sum")).score, per.sum(0))
+    assert torch.allclose(score_group(sd, g, "opnorm", aggregation=Aggregation(**producers, reduce="max")).score, per.max(0).values)
+    assert torch.allclose(score_group(sd, g, "opnorm", aggregation=Aggregation(**producers, reduce="first")).score, opnorm(
         sd["downsample_layers.0.0.weight"]))
 
 
@@ -135,17 +139,17 @@ def test_ties_keep_lower_index_and_sorted_output(small):
 
 def test_random_and_slimming(small):
     _, sd, groups = small
-    a = plan_keep(groups, score_groups(sd, groups, "random", seed=3), hidden_ratio=[0.5])
-    b = plan_keep(groups, score_groups(sd, groups, "random", seed=3), hidden_ratio=[0.5])
-    c = plan_keep(groups, score_groups(sd, groups, "random", seed=4), hidden_ratio=[0.5])
+    a = plan_keep(groups, score_groups(sd, groups, "random", seed=3), KeepRules(hidden_ratio=[0.5]))
+    b = plan_keep(groups, score_groups(sd, groups, "random", seed=3), KeepRules(hidden_ratio=[0.5]))
+    c = plan_keep(groups, score_groups(sd, groups, "random", seed=4), KeepRules(hidden_ratio=[0.5]))
     assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], c[k]) for k in a)
     per = score_group(sd, groups[-1], "random", seed=3).sources.values()
     assert all(torch.equal(p, next(iter(per))) for p in per)  # the mean of producers stays uniform
     slim = score_groups(sd, groups, "slimming")
-    keep = plan_keep(groups, slim, dims=[4, 8, 12, 16])
+    keep = plan_keep(groups, slim, KeepRules(dims=[4, 8, 12, 16]))
     assert rebuild(prune_state_dict(sd, groups, keep)).arch["dims"] == [4, 8, 12, 16]
     with pytest.raises(UserError, match="nothing to score"):
-        plan_keep(groups, slim, hidden_ratio=[0.5])
+        plan_keep(groups, slim, KeepRules(hidden_ratio=[0.5]))
 
 
 def test_keep_rule_errors(small):
@@ -154,21 +158,21 @@ def test_keep_rule_errors(small):
     for dims, msg in [([8, 16, 24], "takes 4 values"), ([8, 16, 24, 64], "only 32 channels"),
                       ([8, 0, 24, 32], "at least 1")]:
         with pytest.raises(UserError, match=msg):
-            plan_keep(groups, scores, dims=dims)
+            plan_keep(groups, scores, KeepRules(dims=dims))
     with pytest.raises(UserError, match="1 or 4 values"):
-        plan_keep(groups, scores, hidden_ratio=[0.5, 0.5])
+        plan_keep(groups, scores, KeepRules(hidden_ratio=[0.5, 0.5]))
     with pytest.raises(UserError, match="cannot keep"):
-        plan_keep(groups, scores, mlp_ratio=[8])
+        plan_keep(groups, scores, KeepRules(mlp_ratio=[8]))
     with pytest.raises(UserError, match="cannot be met"):
-        plan_keep(groups, scores, targets=Targets(params=100),
+        plan_keep(groups, scores, KeepRules(target_params=100),
                   cost_model=CostModel(small[0].arch, groups, 32))
 
 
 def test_round_to_and_min_one_channel(small):
     _, sd, groups = small
-    widths = fixed_widths(groups, hidden_ratio=[0.3], round_to=8)
+    widths = fixed_widths(groups, KeepRules(hidden_ratio=[0.3], round_to=8))
     assert all(w % 8 == 0 or w == g.width for g in groups for w in [widths.get(g.name, 8)])
-    widths = fixed_widths(groups, hidden_ratio=[0.001])
+    widths = fixed_widths(groups, KeepRules(hidden_ratio=[0.001]))
     assert set(widths.values()) == {1}
 
 
@@ -192,19 +196,19 @@ def test_global_targets(small):
     cost = CostModel(small[0].arch, groups, 32)
     scores = score_groups(sd, groups, "opnorm")
     full_params, full_macs = cost({})
-    keep = plan_keep(groups, scores, targets=Targets(params=full_params // 2), cost_model=cost)
+    keep = plan_keep(groups, scores, KeepRules(target_params=full_params // 2), cost_model=cost)
     params, _ = cost(keep)
     assert params <= full_params // 2
     assert params > full_params // 2 - 2000  # stops close to the target, not far below
-    keep = plan_keep(groups, scores, targets=Targets(macs=full_macs // 3), round_to=4, cost_model=cost)
+    keep = plan_keep(groups, scores, KeepRules(target_macs=full_macs // 3, round_to=4), cost_model=cost)
     assert cost(keep)[1] <= full_macs // 3
     assert all(len(k) % 4 == 0 or len(k) == g.width for g, k in zip(groups, keep.values()))
-    keep = plan_keep(groups, scores, dims=[4, 8, 12, 16], targets=Targets(ratio=0.5))
+    keep = plan_keep(groups, scores, KeepRules(dims=[4, 8, 12, 16], ratio=0.5))
     hidden = [g for g in groups if g.kind == "hidden"]
     assert sum(len(keep[g.name]) for g in hidden) <= 0.5 * sum(g.width for g in hidden)
     assert [len(keep[f"stages.{s}.residual"]) for s in range(4)] == [4, 8, 12, 16]
     with pytest.raises(UserError, match="fix every group"):
-        plan_keep(groups, scores, dims=[4, 8, 12, 16], hidden_ratio=[1], targets=Targets(ratio=0.5))
+        plan_keep(groups, scores, KeepRules(dims=[4, 8, 12, 16], hidden_ratio=[1], ratio=0.5))
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +228,7 @@ def tiny_cifar():
 @pytest.mark.parametrize("mlp_rule", [{}, {"mlp_ratio": [4]}], ids=["dims alone", "mlp_ratio 4"])
 def test_efficient_convnext_variants(tiny_cifar, variant, dims, params, mlp_rule):
     sd, groups, scores = tiny_cifar
-    keep = plan_keep(groups, scores, dims=dims, **mlp_rule)  # --dims alone: MLPs stay 4x
+    keep = plan_keep(groups, scores, KeepRules(dims=dims, **mlp_rule))  # --dims alone: MLPs stay 4x
     out = prune_state_dict(sd, groups, keep)
     assert sum(v.numel() for v in out.values()) == params
     model = timm.create_model(variant)
@@ -234,20 +238,20 @@ def test_efficient_convnext_variants(tiny_cifar, variant, dims, params, mlp_rule
 
 def test_hidden_ratio_1_keeps_every_mlp_whole(tiny_cifar):
     sd, groups, scores = tiny_cifar
-    keep = plan_keep(groups, scores, dims=[32, 64, 128, 256], hidden_ratio=[1])
+    keep = plan_keep(groups, scores, KeepRules(dims=[32, 64, 128, 256], hidden_ratio=[1]))
     assert all(len(keep[g.name]) == g.width for g in groups if g.kind == "hidden")
 
 
 def test_hidden_ratio_per_stage_gives_13m(tiny_cifar):
     sd, groups, scores = tiny_cifar
-    keep = plan_keep(groups, scores, dims=[96, 192, 384, 192], hidden_ratio=[1, 1, 1, 0.25])
+    keep = plan_keep(groups, scores, KeepRules(dims=[96, 192, 384, 192], hidden_ratio=[1, 1, 1, 0.25]))
     assert sum(v.numel() for v in prune_state_dict(sd, groups, keep).values()) == 13_564_330
 
 
 def test_multiscale_branches_stay_in_their_branch():
     model = randomised(MULTISCALE)
     sd, groups = model.state_dict(), models.channel_groups(model.arch)
-    keep = plan_keep(groups, score_groups(sd, groups, "opnorm"), dims=[5, 7, 9, 3], hidden_ratio=[0.5])
+    keep = plan_keep(groups, score_groups(sd, groups, "opnorm"), KeepRules(dims=[5, 7, 9, 3], hidden_ratio=[0.5]))
     out = prune_state_dict(sd, groups, keep)
     arch = models.infer_arch(out)
     for s, stage in enumerate(MULTISCALE["dw_branches"]):
@@ -264,19 +268,19 @@ def test_multiscale_branches_stay_in_their_branch():
     assert torch.isfinite(logits(rebuild(out))).all()
     assert min_width(groups[-1]) == 3
     with pytest.raises(UserError, match="multi-scale branch"):
-        plan_keep(groups, score_groups(sd, groups, "l1"), dims=[5, 7, 9, 2])
+        plan_keep(groups, score_groups(sd, groups, "l1"), KeepRules(dims=[5, 7, 9, 2]))
 
 
 def test_isotropic():
     model = randomised(ISOTROPIC)
     sd, groups = model.state_dict(), models.channel_groups(model.arch)
-    keep = plan_keep(groups, score_groups(sd, groups, "fpgm"), dims=[10], hidden_ratio=[0.5])
+    keep = plan_keep(groups, score_groups(sd, groups, "fpgm"), KeepRules(dims=[10], hidden_ratio=[0.5]))
     out = prune_state_dict(sd, groups, keep)
     pruned = rebuild(out)
     assert pruned.arch["dim"] == 10 and pruned.arch["hidden"] == [32, 32, 32]
     assert torch.isfinite(logits(pruned)).all()
     with pytest.raises(UserError, match="takes 1 values"):
-        plan_keep(groups, score_groups(sd, groups, "l1"), dims=[8, 8])
+        plan_keep(groups, score_groups(sd, groups, "l1"), KeepRules(dims=[8, 8]))
 
 
 def test_checkpoint_surgery_with_ema(small):
@@ -289,7 +293,7 @@ def test_checkpoint_surgery_with_ema(small):
     scores = score_groups(sds[scored], groups, "l2")
     plain = score_groups(sd, groups, "l2")
     assert not torch.equal(scores["stages.0.residual"].score, plain["stages.0.residual"].score)
-    keep = plan_keep(groups, scores, dims=[4, 8, 8, 8], hidden_ratio=[0.5])
+    keep = plan_keep(groups, scores, KeepRules(dims=[4, 8, 8, 8], hidden_ratio=[0.5]))
     out = prune_checkpoint(ckpt, sds, groups, keep, arch, {"criterion": "l2"})
     assert set(out) == {"model", "model_ema", "args", "arch", "pruning"}
     assert out["arch"] == models.infer_arch(out["model"]) == models.infer_arch(out["model_ema"])

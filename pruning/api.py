@@ -1,0 +1,224 @@
+"""Pruning as a Python call: `prune(source, spec) -> Result` (prune.py and the studies are thin
+layers over it).
+
+    from pruning import KeepRules, PruneSpec, prune
+    result = prune(model, PruneSpec(criterion="opnorm", rules=KeepRules(dims=[32, 64, 128, 256])))
+    result.model          # the smaller dense model, weights loaded, eval mode
+    result.save("pruned.pth")
+
+`source` is a checkpoint path or http(s) URL, a loaded checkpoint dict, a live model of one
+of this toolkit's families, or a `Source` from `open_source` (reused across many prunings).
+Domain errors are `errors.UserError` with a plain message.
+"""
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+import torch.nn as nn
+
+import models
+from checkpoint import load_checkpoint_file, local_copy, read_held, save_checkpoint_file
+from errors import UserError
+from files import atomic_open
+
+from .calibration import calibration_batches, measure
+from .costs import CostModel
+from .plan import plan_keep
+from .scoring import score_groups
+from .spec import PruneSpec
+from .surgery import prune_checkpoint, read_source, sha256_file
+
+
+@dataclass
+class Source:
+    """A checkpoint opened for pruning.
+
+    label: how it is named (path, URL or "in-memory ..."); held: checkpoint.Held; sds: state
+    dicts by checkpoint key; scored: the key whose weights are scored; arch; groups: its
+    channel groups; sha256: of the file (None in memory).
+    """
+    label: str
+    held: object
+    sds: dict
+    scored: str
+    arch: dict
+    groups: list
+    sha256: str | None
+
+    @property
+    def ckpt(self):
+        return self.held.ckpt
+
+
+def open_source(source, *, model=None, use_ema=False):
+    """A Source from a path / URL, a checkpoint dict, a live model of ours, or a Source.
+
+    Args:
+        model: a registered model the weights must have the shape of.
+        use_ema: score the checkpoint's model_ema weights.
+    """
+    if isinstance(source, Source):
+        if use_ema and source.scored != "model_ema":
+            raise UserError("use_ema: this Source was opened without it")
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        local = local_copy(source)
+        ckpt, label, sha = load_checkpoint_file(local), os.fspath(source), sha256_file(local)
+    elif isinstance(source, dict):
+        ckpt, label, sha = source, "in-memory checkpoint", None
+    elif isinstance(source, nn.Module):
+        if not isinstance(getattr(source, "arch", None), dict):
+            raise UserError(f"a live {type(source).__name__} cannot be pruned: pruning needs one of this "
+                            "toolkit's model families (models.FAMILIES), whose channel groups it knows")
+        state = {k: v.detach().to("cpu", copy=True) for k, v in source.state_dict().items()}
+        ckpt, label, sha = {"model": state, "arch": dict(source.arch)}, f"in-memory {type(source).__name__}", None
+    else:
+        raise UserError(f"cannot prune a {type(source).__name__}: give a checkpoint path or URL, "
+                        "a checkpoint dict, or a model of this toolkit")
+    held = read_held(ckpt, model)
+    sds, scored, arch = read_source(held, model, use_ema)
+    return Source(label, held, sds, scored, arch, models.channel_groups(arch), sha)
+
+
+@dataclass
+class Evidence:
+    """Calibration measurements (calibration.measure's dict), the images and data they came from."""
+    tensors: dict
+    images: int
+    batches: int
+    data_set: str
+
+
+def calibrate(spec, source):
+    """The Evidence for a resolved spec's data-driven criterion, or None for a data-free one."""
+    crit, calib = spec.criterion, spec.calibration
+    if crit.evidence is None:
+        return None
+    if calib.data is not None:
+        batches = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in calib.data]
+        if not batches:
+            raise UserError("calibration data holds no batches")
+        name = "(batches given in Python)"
+    else:
+        data = source.held.data_args(calib.data_set, calib.data_path, spec.input_size)
+        batches, _ = calibration_batches(data, calib.batches, calib.batch_size, spec.seed)
+        name = data.data_set
+    tensors = measure(source.arch, source.sds[source.scored], batches, (crit.evidence,))
+    return Evidence(tensors, sum(len(y) for _, y in batches), len(batches), name)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch single-threaded, then restore: scoring is many small memory-bound ops, and on
+    a busy 2-core machine OpenMP threads waiting for each other made it 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class Result:
+    """A pruning's outcome.
+
+    checkpoint: the pruned checkpoint dict (weights, arch, args, `pruning` provenance);
+    keep: group name -> kept channel indices; scores: group name -> scoring.GroupScores;
+    spec: the resolved PruneSpec actually used; source: the Source;
+    evidence: the calibration Evidence of a data-driven criterion (None otherwise).
+    """
+    checkpoint: dict
+    keep: dict
+    scores: dict
+    spec: PruneSpec
+    source: Source
+    evidence: Evidence | None = None
+
+    @property
+    def arch(self):
+        return self.checkpoint["arch"]
+
+    @cached_property
+    def model(self):
+        """The pruned model with its weights, in eval mode."""
+        model = models.build_model(self.arch)
+        model.load_state_dict(self.checkpoint["model"])
+        return model.eval()
+
+    def table(self):
+        """The before/after lines: params, MACs at the spec's input size, the family's widths."""
+        size = self.spec.input_size
+        before, after = _summary(self.source.arch, size), _summary(self.arch, size)
+        rows = [("", "source", "pruned", "")]
+        for label, i in (("params", 0), (f"MACs @{size}px", 1)):
+            share = f"{after[i] / before[i]:.1%}" if before[i] else ""
+            rows.append((label, f"{before[i]:,}", f"{after[i]:,}", share))
+        rows += [(label, a, b, "") for (label, a), (_, b) in zip(before[2], after[2])]
+        w = [max(len(r[c]) for r in rows) for c in range(4)]
+        return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}".rstrip() for r in rows)
+
+    def save(self, path, overwrite=False):
+        """Write the pruned checkpoint (atomically); an existing file only with overwrite."""
+        if os.path.exists(path) and not overwrite:
+            raise UserError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        save_checkpoint_file(self.checkpoint, path)
+
+    def export_scores(self, path):
+        """Per-group scores, each source's row (null where it does not cover) and the kept
+        indices, as JSON."""
+        data = {"provenance": self.checkpoint["pruning"], "groups": {}}
+        for g in self.source.groups:
+            s = self.scores[g.name]
+            data["groups"][g.name] = {
+                "kind": g.kind, "stage": g.stage, "width": g.width, "kept": [int(i) for i in self.keep[g.name]],
+                "score": None if s is None else s.score.tolist(),
+                "sources": {} if s is None else {k: [None if math.isnan(x) else x for x in v.tolist()]
+                                                 for k, v in s.sources.items()}}
+        with atomic_open(path) as f:
+            json.dump(data, f)
+
+
+def _summary(arch, input_size):
+    params, macs = models.count_arch(arch, input_size)
+    return params, macs, models.FAMILIES[arch["family"]].widths(arch)
+
+
+def prune(source, spec, *, evidence=None):
+    """Prune `source` as `spec` says.
+
+    Args:
+        source: a checkpoint path or URL, a checkpoint dict, a live model of ours, or a Source.
+        spec: a PruneSpec.
+        evidence: an Evidence from `calibrate` to reuse (studies); None measures it.
+    Returns:
+        Result.
+    """
+    if not isinstance(spec, PruneSpec):
+        raise TypeError(f"spec must be a PruneSpec, not {type(spec).__name__}")
+    spec = spec.resolved()
+    src = open_source(source, model=spec.model, use_ema=spec.use_ema)
+    spec = replace(spec, input_size=src.held.input_size(spec.input_size))
+    models.count_arch(src.arch, spec.input_size)  # refuses an input size the model cannot take
+    if evidence is None:
+        evidence = calibrate(spec, src)
+    with one_thread():
+        scores = score_groups(src.sds[src.scored], src.groups, spec.criterion, aggregation=spec.aggregation,
+                              raw_weights=spec.raw_weights, seed=spec.seed or 0,
+                              evidence=evidence.tensors if evidence else None)
+        rules = spec.rules
+        needs_cost = rules.target_params is not None or rules.target_macs is not None
+        cost_model = CostModel(src.arch, src.groups, spec.input_size) if needs_cost else None
+        keep = plan_keep(src.groups, scores, rules, cost_model=cost_model)
+    options = spec.record()
+    if evidence is not None:
+        options["data_set"] = evidence.data_set  # the data the evidence came from, also a default one
+    provenance = {"criterion": spec.criterion.name, "options": options,
+                  "source": os.path.basename(src.label), "source_sha256": src.sha256,
+                  "scored_weights": src.scored, "torch": str(torch.__version__)}
+    pruned = prune_checkpoint(src.ckpt, src.sds, src.groups, keep, src.arch, provenance)
+    return Result(pruned, keep, scores, spec, src, evidence)

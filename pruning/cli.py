@@ -1,0 +1,215 @@
+"""Prune a checkpoint of any family into a smaller dense one (operator norm or a baseline).
+
+    python pruning/prune.py --checkpoint IN.pth --output OUT.pth --criterion opnorm \\
+        --dims 96 192 384 192
+    python pruning/prune.py --checkpoint resnet56.pth --output r56_pruned.pth --criterion l1 \\
+        --group_ratio 'layer1.*=0.1' 'layer2.*=0.2' 'layer3.*=0.3' layer1.7=0 layer2.0=0 layer3.0=0 layer3.8=0
+    python pruning/prune.py --checkpoint vgg19.pth --output vgg19_slim.pth --criterion slimming \\
+        --ratio 0.7 --normalize none
+    python pruning/prune.py --checkpoint IN.pth --list_groups
+
+Keep rules compose: --dims fixes the residual width of every stage, and each block's MLP
+keeps its source ratio to it (4x stays 4x) unless --hidden_ratio (a share of the source width;
+1 keeps every MLP whole) or --mlp_ratio (a multiple of the new residual width) says otherwise;
+--group_ratio PATTERN=R prunes share R of every group whose name matches the glob (later
+patterns win, R = 0 leaves a group whole); --target_params / --target_macs / --ratio then rank
+all groups not fixed by those in one global ranking and drop the lowest-scored channels until
+every target is met. With --normalize none that ranking compares raw scores across layers:
+`--criterion slimming --ratio 0.7 --normalize none` is network slimming's global threshold.
+Every group keeps at least one channel (and one per multi-scale branch). Equal scores keep
+the lower channel index; kept indices stay in their original order. The output loads with
+`python main.py --eval true --resume OUT.pth` (no --model needed).
+
+Efficient ConvNeXt-T shapes: 21M --dims 96 192 384 576, 16M --dims 96 192 384 384,
+13M --dims 96 192 384 192, 3M --dims 32 64 128 256 (from a 4x-MLP source such as ConvNeXt-T).
+A URL (http/https) is downloaded once to the torch hub cache. MACs are counted at the
+checkpoint's training input size unless --input_size says otherwise.
+
+(pruning/cli.py: flags -> pruning.PruneSpec -> pruning.prune -> the printed table and files.)
+"""
+import argparse
+import os
+
+import datasets
+import models
+from checkpoint import is_url
+from errors import ArgumentParser, UserError, run_cli
+
+from . import api
+from .criteria import BASE_AGGREGATION, CRITERIA, NORMALIZATIONS, REDUCTIONS, SCOPES, Aggregation
+from .spec import Calibration, KeepRules, PruneSpec
+
+
+def _count(text):
+    """A count such as 13564330, 13.5M, 4.4e9 or 2G."""
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 13564330, 13.5M, 4.4G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return int(value)
+
+
+def get_args_parser():
+    p = ArgumentParser("prune", description=__doc__)
+    p.add_argument("--checkpoint", required=True,
+                   help="source checkpoint (ours, official or Efficient ConvNeXt)")
+    p.add_argument("--output", help="pruned checkpoint to write (optional with --dry_run)")
+    p.add_argument("--criterion", default="opnorm", help="one of: " + ", ".join(CRITERIA))
+    p.add_argument("--model", default=None, help="registered model the weights must have the shape of "
+                   "(default: the checkpoint's arch, else inferred from the tensor shapes)")
+    rules = p.add_argument_group("keep rules")
+    rules.add_argument("--dims", type=int, nargs="+",
+                       help="residual width per stage (one number for isotropic)")
+    rules.add_argument("--hidden_ratio", type=float, nargs="+",
+                       help="share of MLP hidden channels kept in each block: one value or one per stage")
+    rules.add_argument("--mlp_ratio", type=float, nargs="+",
+                       help="MLP hidden width of each block = this x the stage's new residual width "
+                       "(4 gives the Efficient ConvNeXt shapes): one value or one per stage")
+    rules.add_argument("--group_ratio", type=_pattern_share, nargs="+", metavar="PATTERN=R",
+                       help="prune share R of each group whose name matches the glob PATTERN "
+                       "(later patterns win; R = 0 keeps a group whole); see --list_groups")
+    rules.add_argument("--target_params", type=_count, help="prune until params <= N (global ranking)")
+    rules.add_argument("--target_macs", type=_count, help="prune until MACs at --input_size <= N")
+    rules.add_argument("--ratio", type=float, help="prune this share of the channels of the ranked groups")
+    rules.add_argument("--round_to", type=int, default=1,
+                       help="widths chosen by --hidden_ratio, --mlp_ratio or a target round up "
+                       "to a multiple of this")
+    scoring = p.add_argument_group("scoring")
+    scoring.add_argument("--scope", default=None, choices=SCOPES,
+                         help="what a weight criterion reads: the producers' rows, or every "
+                         "weight and scale slice the group cuts (default: per criterion, "
+                         f"{_defaults_text()})")
+    scoring.add_argument("--reduce", default=None, choices=REDUCTIONS,
+                         help="combine the scored rows (default: per criterion)")
+    scoring.add_argument("--normalize", default=None, choices=NORMALIZATIONS,
+                         help="scale each row of scores before they are combined and ranked "
+                         "(none: raw scores, one global threshold across layers; default: per criterion)")
+    scoring.add_argument("--raw_weights", action="store_true",
+                         help="score stored pwconv2 rows without folding in the layer scale gamma")
+    scoring.add_argument("--use_ema", action="store_true", help="score the model_ema weights")
+    scoring.add_argument("--seed", type=int, default=None,
+                         help="draws of a seeded criterion (random) or the calibration images of a "
+                         "data-driven one (default 0); refused for the others")
+    calib = p.add_argument_group("calibration (data-driven criteria: taylor, activation)")
+    calib.add_argument("--calib_batches", type=int, default=None,
+                       help=f"training batches the data-driven criteria measure (default {Calibration().batches})")
+    calib.add_argument("--calib_batch_size", type=int, default=None,
+                       help=f"images per calibration batch (default {Calibration().batch_size})")
+    calib.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+                       help="calibration data (default: the checkpoint's training data set)")
+    calib.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="image side for MACs and calibration (default: the checkpoint's training "
+                   "size, else 224)")
+    p.add_argument("--export_scores", default=None,
+                   help="write per-group scores and each scored source's row to this JSON file")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the plan; write no checkpoint (--export_scores is still written)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--list_groups", action="store_true",
+                   help="print the checkpoint's channel groups (name, kind, width) and exit")
+    return p
+
+
+def _defaults_text():
+    named = "; ".join(f"{c.name}: {c.aggregation.scope}/{c.aggregation.normalize}/{c.aggregation.reduce}"
+                      for c in CRITERIA.values() if c.aggregation != BASE_AGGREGATION)
+    base = BASE_AGGREGATION
+    return f"scope/normalize/reduce {named}; others: {base.scope}/{base.normalize}/{base.reduce}"
+
+
+def _pattern_share(text):
+    """PATTERN=R of --group_ratio, e.g. 'layer1.*=0.1'."""
+    pattern, sep, share = text.rpartition("=")
+    try:
+        value = float(share)
+    except ValueError:
+        value = None
+    if not sep or not pattern or value is None:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=R (e.g. 'layer1.*=0.1'), got {text!r}")
+    return pattern, value
+
+
+def spec_from_args(args):
+    """The PruneSpec the flags describe (values range-checked here; options the criterion does
+    not read are refused by PruneSpec.resolved)."""
+    calib = None
+    if any(getattr(args, f) is not None for f in ("calib_batches", "calib_batch_size", "data_set", "data_path")):
+        base = Calibration()
+        calib = Calibration(batches=base.batches if args.calib_batches is None else args.calib_batches,
+                            batch_size=base.batch_size if args.calib_batch_size is None else args.calib_batch_size,
+                            data_set=args.data_set, data_path=args.data_path)
+    rules = KeepRules(dims=args.dims, hidden_ratio=args.hidden_ratio, mlp_ratio=args.mlp_ratio,
+                      group_ratio=args.group_ratio, target_params=args.target_params,
+                      target_macs=args.target_macs, ratio=args.ratio, round_to=args.round_to)
+    return PruneSpec(criterion=args.criterion, rules=rules,
+                     aggregation=Aggregation(scope=args.scope, normalize=args.normalize, reduce=args.reduce),
+                     raw_weights=args.raw_weights, seed=args.seed, calibration=calib, use_ema=args.use_ema,
+                     model=args.model, input_size=args.input_size)
+
+
+def check_args(args):
+    """Refuse bad input before any heavy work; the checked PruneSpec (None with --list_groups)."""
+    if not is_url(args.checkpoint) and not os.path.isfile(args.checkpoint):
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    if args.list_groups:
+        return None
+    spec = spec_from_args(args)
+    spec.resolved()
+    if args.output is None and not args.dry_run:
+        raise UserError("--output is required (or use --dry_run)")
+    if (args.output and args.export_scores and not args.dry_run
+            and os.path.abspath(args.output) == os.path.abspath(args.export_scores)):
+        raise UserError("--output and --export_scores name the same file; give two names")
+    for flag, path in (("--output", args.output), ("--export_scores", args.export_scores)):
+        if path is None or (flag == "--output" and args.dry_run):
+            continue
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        if os.path.abspath(path) == os.path.abspath(args.checkpoint) or (
+                os.path.exists(path) and os.path.samefile(path, args.checkpoint)):
+            raise UserError(f"{flag} {path} is the input checkpoint; choose another file")
+        if os.path.exists(path) and not args.overwrite:
+            raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
+        if flag == "--export_scores" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{flag} {path}: its folder does not exist")
+    return spec
+
+
+def list_groups(arch, groups):
+    """One line per channel group: the names --group_ratio matches."""
+    print(f"channel groups of {models.describe_arch(arch)}:")
+    for g in groups:
+        print(f"  {g.name:<24} {g.kind:<9} stage {g.stage}  width {g.width:>5}  cuts {len(g.slices)} tensor slices")
+
+
+def run(args):
+    spec = check_args(args)
+    if args.list_groups:
+        source = api.open_source(args.checkpoint, model=args.model, use_ema=args.use_ema)
+        return list_groups(source.arch, source.groups)
+    result = api.prune(args.checkpoint, spec)
+    if result.evidence is not None:
+        ev = result.evidence
+        print(f"calibration: {ev.images} {ev.data_set} training images in {ev.batches} batches (seed {result.spec.seed})")
+    print(f"{result.spec.criterion.name} pruning of {args.checkpoint} ({models.describe_arch(result.source.arch)})")
+    print(result.table())
+    print(f"result: {models.describe_arch(result.arch)}")
+    if args.export_scores:
+        result.export_scores(args.export_scores)
+        print(f"scores written to {args.export_scores}")
+    if args.dry_run:
+        print("dry run: no checkpoint written")
+        return
+    result.save(args.output, overwrite=args.overwrite)
+    print(f"pruned checkpoint written to {args.output} "
+          f"(evaluate: python main.py --eval true --resume {args.output} --data_set ...)")
+
+
+def main(argv=None):
+    """The command line: exit status 0, or 2 with one `error:` line."""
+    return run_cli(lambda argv: run(get_args_parser().parse_args(argv)), argv)
+

@@ -1,0 +1,184 @@
+"""The typed settings of one pruning: keep rules, calibration, and the whole spec.
+
+`PruneSpec` is what `pruning.prune`, prune.py and the studies pass around. Values are
+range-checked when a spec is made (before any checkpoint is read); `PruneSpec.resolved()`
+then fills the criterion's defaults and refuses every option that does not apply to the
+criterion, so nothing given is silently dropped, and `record()` is what the pruned
+checkpoint stores as `pruning.options`: the settings actually used.
+"""
+from dataclasses import asdict, dataclass, field, replace
+
+from errors import UserError
+
+from .criteria import Aggregation, Criterion, get_criterion
+
+
+def _tuple(value):
+    return None if value is None else tuple(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeepRules:
+    """Which channels survive (docs/design.md section 6); the rules compose.
+
+    dims: residual width per stage (one number for an isotropic model).
+    hidden_ratio: share of each block's hidden (MLP / inner) channels kept: one value, or one
+        per stage.
+    mlp_ratio: each block's hidden width = this x its stage's new residual width: one value,
+        or one per stage.
+    group_ratio: [(glob, R)]: prune share R of every group whose name matches (later wins).
+    target_params / target_macs / ratio: global ranking of the groups left free until params
+        <= N, MACs <= N, or this share of their channels is gone.
+    round_to: widths chosen by a ratio or a target round up to a multiple of this.
+    """
+    dims: tuple | None = None
+    hidden_ratio: tuple | None = None
+    mlp_ratio: tuple | None = None
+    group_ratio: tuple | None = None
+    target_params: int | None = None
+    target_macs: int | None = None
+    ratio: float | None = None
+    round_to: int = 1
+
+    def __post_init__(self):
+        for name in ("dims", "hidden_ratio", "mlp_ratio"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        pairs = _tuple(self.group_ratio)
+        object.__setattr__(self, "group_ratio", None if pairs is None else tuple((str(p), float(r)) for p, r in pairs))
+        self._check()
+
+    def _check(self):
+        if self.round_to < 1:
+            raise UserError(f"--round_to must be >= 1, got {self.round_to}")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise UserError(f"--ratio must be in [0, 1), got {self.ratio}")
+        for name in ("target_params", "target_macs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name} must be positive, got {value}")
+        if self.hidden_ratio is not None and self.mlp_ratio is not None:
+            raise UserError("give --hidden_ratio or --mlp_ratio, not both")
+        for r in self.hidden_ratio or ():
+            if not 0 < r <= 1:
+                raise UserError(f"--hidden_ratio must be in (0, 1], got {r}")
+        for r in self.mlp_ratio or ():
+            if not r > 0:
+                raise UserError(f"--mlp_ratio must be positive, got {r}")
+        for pattern, share in self.group_ratio or ():
+            if not 0 <= share < 1:
+                raise UserError(f"--group_ratio {pattern}={share:g}: the share must be in [0, 1)")
+
+    @property
+    def targeted(self):
+        """Whether a global target ranks the free groups."""
+        return any(v is not None for v in (self.target_params, self.target_macs, self.ratio))
+
+    def any(self):
+        return self.targeted or any(v is not None for v in (self.dims, self.hidden_ratio, self.mlp_ratio,
+                                                            self.group_ratio))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Training images for the data-driven criteria (taylor, activation).
+
+    batches x batch_size images of the training split through the evaluation transform, drawn
+    with the spec's seed from data_set / data_path (default: the data the checkpoint was
+    trained on), or `data`: your own list of (images, labels) batches, used as given.
+    """
+    batches: int = 8
+    batch_size: int = 32
+    data_set: str | None = None
+    data_path: str | None = None
+    data: list | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in ("batches", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--calib_{name} must be >= 1, got {getattr(self, name)}")
+        if self.data is not None and (self.data_set or self.data_path):
+            raise UserError("calibration: give data, or data_set / data_path, not both")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneSpec:
+    """One pruning.
+
+    criterion: a registered name or a Criterion.
+    rules: KeepRules (at least one rule).
+    aggregation: Aggregation; None fields take the criterion's default.
+    raw_weights: score stored pwconv2 rows without folding in the layer scale.
+    seed: the draws of a seeded criterion / the calibration images (default 0 for those).
+    calibration: Calibration for a data-driven criterion (default: Calibration()).
+    use_ema: score the checkpoint's model_ema weights.
+    model: a registered model the weights must have the shape of.
+    input_size: image side for MACs (default: the source's training size, else 224).
+    """
+    criterion: str | Criterion = "opnorm"
+    rules: KeepRules = field(default_factory=KeepRules)
+    aggregation: Aggregation = field(default_factory=Aggregation)
+    raw_weights: bool = False
+    seed: int | None = None
+    calibration: Calibration | None = None
+    use_ema: bool = False
+    model: str | None = None
+    input_size: int | None = None
+
+    def __post_init__(self):
+        if self.input_size is not None and self.input_size < 1:
+            raise UserError(f"--input_size must be >= 1, got {self.input_size}")
+        if self.seed is not None and self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
+
+    def resolved(self):
+        """The spec with the criterion's defaults filled in (idempotent); UserError for any
+        option given that the criterion does not read, and for a spec without a keep rule."""
+        crit = get_criterion(self.criterion)
+        applies = crit.options()
+        scope = self.aggregation.scope  # a criterion's own fixed scope is what it reads anyway
+        given = {"scope": scope is not None and scope != crit.aggregation.scope, "raw_weights": self.raw_weights,
+                 "seed": self.seed is not None, "calibration": self.calibration is not None}
+        for option, is_given in given.items():
+            if is_given and option not in applies:
+                raise UserError(f"{_flag(option)} does not apply to criterion {crit.name}: {_why(crit, option)}")
+        if not self.rules.any():
+            raise UserError("no keep rule: give --dims, --hidden_ratio, --mlp_ratio, --group_ratio, "
+                            "--target_params, --target_macs or --ratio (without one the output "
+                            "equals the input)")
+        return replace(self, criterion=crit, aggregation=self.aggregation.filled(crit.aggregation),
+                       seed=(self.seed or 0) if crit.uses_seed else None,
+                       calibration=(self.calibration or Calibration()) if crit.evidence else None)
+
+    def record(self):
+        """The settings a resolved spec used, as JSON-able values (checkpoint `pruning.options`)."""
+        rules = asdict(self.rules)
+        rules["group_ratio"] = [list(p) for p in self.rules.group_ratio] if self.rules.group_ratio else None
+        for key in ("dims", "hidden_ratio", "mlp_ratio"):
+            rules[key] = list(rules[key]) if rules[key] is not None else None
+        out = {"criterion": self.criterion.name, "model": self.model, **rules, **asdict(self.aggregation),
+               "raw_weights": self.raw_weights if "raw_weights" in self.criterion.options() else None,
+               "use_ema": self.use_ema, "seed": self.seed, "input_size": self.input_size}
+        calib = self.calibration
+        out.update(calib_batches=None, calib_batch_size=None, data_set=None)
+        if calib is not None:
+            own = calib.data is not None
+            out.update(calib_batches=len(calib.data) if own else calib.batches,
+                       calib_batch_size=None if own else calib.batch_size,
+                       data_set="(batches given in Python)" if own else calib.data_set)
+        return out
+
+
+def _flag(option):
+    return {"calibration": "calibration (--calib_batches, --calib_batch_size, --data_set, --data_path)",
+            "seed": "--seed", "scope": "--scope", "raw_weights": "--raw_weights"}[option]
+
+
+def _why(crit, option):
+    if option == "scope":
+        return f"it reads {crit.reads}, not weight rows (scope {crit.aggregation.scope})"
+    if option == "raw_weights":
+        return ("its scores do not depend on the weight values" if crit.reads == "weights"
+                else f"it reads {crit.reads}, not weight rows")
+    if option == "seed":
+        return "its scores do not depend on a seed"
+    return "it reads no calibration data"
