@@ -25,13 +25,12 @@ sys.path.insert(0, ROOT)
 import datasets  # noqa: E402
 import models  # noqa: E402
 from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from errors import UserError, run_cli  # noqa: E402
 from pruning import api, study  # noqa: E402
 
+
 def get_args_parser():
-    p = ArgumentParser("iterative", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
-    p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
+    p = study.parser("iterative", __doc__)
     p.add_argument("--rounds", type=int, default=3, help="prune -> fine-tune rounds")
     p.add_argument("--prune", required=True,
                    help="prune.py flags of every round, one quoted string (e.g. \"--criterion l1 --ratio 0.2\")")

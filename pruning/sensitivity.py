@@ -25,14 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import datasets  # noqa: E402
 import models  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from errors import UserError, run_cli  # noqa: E402
 from pruning import study  # noqa: E402
 
 
 def get_args_parser():
-    p = ArgumentParser("sensitivity", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
-    p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
+    p = study.parser("sensitivity", __doc__)
     p.add_argument("--criterion", default="l1", help="NAME or NAME:flag=value,... (see compare_criteria.py)")
     p.add_argument("--sets", nargs="+", default=None,
                    help="glob patterns over group names, one set each (default: every group)")

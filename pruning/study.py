@@ -21,7 +21,7 @@ import torch
 import datasets
 import models
 from engine import evaluate
-from errors import UserError
+from errors import ArgumentParser, UserError
 from files import atomic_open
 
 from . import api, cli
@@ -29,6 +29,14 @@ from .calibration import stacked_batches
 from .criteria import get_criterion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parser(name, doc):
+    """The flags every study takes (--checkpoint, --output_dir) in a parser of its own."""
+    p = ArgumentParser(name, description=doc)
+    p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
+    p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
+    return p
 
 
 def check_common(args):

@@ -24,7 +24,7 @@ import torch.nn as nn  # noqa: E402
 import engine  # noqa: E402
 import optim_factory  # noqa: E402
 import utils  # noqa: E402
-from benchmark import AMP_DTYPES, Settings, build, check_settings  # noqa: E402
+from benchmark import AMP_DTYPES, Settings, backward_step, build, check_settings  # noqa: E402
 from models.complexity import forward_cost, in_chans_of  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
@@ -87,13 +87,7 @@ def bare_loop(s):
         with torch.autocast(s.device.type, dtype=s.amp_dtype or torch.float32,
                             enabled=s.amp_dtype is not None):
             loss = s.criterion(s.model(samples), targets)
-        if s.bare_scaler is not None:  # fp16: the textbook GradScaler steps
-            s.bare_scaler.scale(loss).backward()
-            s.bare_scaler.step(s.optimizer)
-            s.bare_scaler.update()
-        else:
-            loss.backward()
-            s.optimizer.step()
+        backward_step(loss, s.optimizer, s.bare_scaler)
         s.optimizer.zero_grad(set_to_none=True)
         if s.model_ema is not None:
             s.model_ema.update(s.model)

@@ -155,6 +155,17 @@ def from_checkpoint(path):
 
 # --- measuring ----------------------------------------------------------------------------
 
+def backward_step(loss, optimizer, scaler=None):
+    """loss.backward() and the optimizer step, through the textbook GradScaler steps in fp16."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 class Runner:
     """One model under one Settings, ready to run eval, latency (batch 1) or train steps."""
 
@@ -204,13 +215,7 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.criterion(self.model(self.inputs["train"]).float(), self.targets)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        backward_step(loss, self.optimizer, self.scaler)
 
     def sync(self):
         if self.device.type == "cuda":

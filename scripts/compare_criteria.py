@@ -29,13 +29,12 @@ sys.path.insert(0, ROOT)
 import datasets  # noqa: E402
 import models  # noqa: E402
 from checkpoint import save_checkpoint_file  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from errors import UserError, run_cli  # noqa: E402
 from pruning import study  # noqa: E402
 
+
 def get_args_parser():
-    p = ArgumentParser("compare_criteria", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
-    p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
+    p = study.parser("compare_criteria", __doc__)
     p.add_argument("--criteria", nargs="+", default=["opnorm", "l1", "l2", "fpgm", "random"],
                    help="criteria, each NAME or NAME:flag=value,...")
     p.add_argument("--budgets", nargs="+", default=["13M", "3M"], help="named shapes or KIND=VALUE")
