@@ -138,10 +138,6 @@ class Sources:
     arch: Any = None
     name: Any = None
 
-    @property
-    def ckpt(self):
-        return self.resume if self.resume is not None else self.finetune
-
 
 def load_sources(args):
     """Sources; --resume (or auto-resume) wins over --finetune."""
