@@ -14,7 +14,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -48,10 +48,17 @@ class Source:
     arch: dict
     groups: list
     sha256: str | None
+    _sizes_checked: set = field(default_factory=set, repr=False)
 
     @property
     def ckpt(self):
         return self.held.ckpt
+
+    def check_input_size(self, size):
+        """Refuse an input size the model cannot take (measured once per size, not per cell)."""
+        if size not in self._sizes_checked:
+            models.count_arch(self.arch, size)
+            self._sizes_checked.add(size)
 
 
 def open_source(source, *, model=None, use_ema=False):
@@ -203,7 +210,7 @@ def prune(source, spec, *, evidence=None):
     spec = spec.resolved()
     src = open_source(source, model=spec.model, use_ema=spec.use_ema)
     spec = replace(spec, input_size=src.held.input_size(spec.input_size))
-    models.count_arch(src.arch, spec.input_size)  # refuses an input size the model cannot take
+    src.check_input_size(spec.input_size)
     if evidence is None:
         evidence = calibrate(spec, src)
     with one_thread():
