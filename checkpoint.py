@@ -4,6 +4,7 @@ Reading never runs code from the file (weights_only + an allow-list of plain cla
 is atomic (files.py), so a kill leaves either the old file or the new one. The files of a training run in --output_dir are managed by `run_folder.py`.
 """
 import argparse
+import json
 import logging
 import os
 import pathlib
@@ -34,17 +35,41 @@ SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NP_CORE.multiarray.scalar,
                 pathlib.PureWindowsPath]
 
 
+HF_HUB = "hf-hub:"  # hf-hub:ORG/NAME[@REVISION], as timm names Hub weights
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a Hub model repo holds, preferred first
+
+
 def is_url(path):
     return bool(re.match(r"^https?://", os.fspath(path), re.I))
 
 
+def is_remote(path):
+    """An http(s) URL or an hf-hub: id: fetched into a cache, then read like a local file."""
+    return is_url(path) or os.fspath(path).startswith(HF_HUB)
+
+
+def check_source(path, what):
+    """Refuse a local checkpoint path that is missing or a folder, before any work (URLs and
+    hf-hub: ids are checked when fetched). `what` names it: "--resume x.pth", "checkpoint"."""
+    path = os.fspath(path)
+    if is_remote(path):
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{what}: is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what}: no such file (checkpoint not found)")
+
+
 def local_copy(path):
     """`path` itself, or for an http(s) URL its copy in the torch hub cache (downloaded once,
-    with a progress bar; a `-<hex>.` hash prefix in the file name is checked)."""
+    with a progress bar; a `-<hex>.` hash prefix in the file name is checked), or for an
+    hf-hub: id its copy in the Hugging Face cache (hub_copy)."""
     path = os.fspath(path)
+    if path.startswith(HF_HUB):
+        return hub_copy(path)
     if not is_url(path):
         if re.match(r"^[a-z][a-z0-9+.-]*://", path, re.I):
-            raise UserError(f"cannot read {path}: only local paths and http(s) URLs are supported")
+            raise UserError(f"cannot read {path}: only local paths, http(s) URLs and hf-hub:ORG/NAME are supported")
         return path
     name = os.path.basename(urllib.parse.urlparse(path).path) or "checkpoint.pth"
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
@@ -67,6 +92,37 @@ def local_copy(path):
     return dst
 
 
+def hub_copy(ref):
+    """The local copy of the weights of `hf-hub:ORG/NAME[@REVISION]` (HUB_WEIGHTS, the first
+    the repo has), fetched by huggingface_hub into its cache with a progress bar; its
+    settings hold (HF_HUB_OFFLINE=1 reads the cached copy, HF_ENDPOINT, HF_HOME, tokens)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    repo, _, revision = ref[len(HF_HUB):].partition("@")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise UserError(f"{ref}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    for filename in HUB_WEIGHTS:
+        try:
+            return hf_hub_download(repo, filename, revision=revision or None)
+        except RemoteEntryNotFoundError:
+            continue
+        except LocalEntryNotFoundError:
+            raise UserError(f"{ref}: not in the local Hugging Face cache, and the Hub cannot be "
+                            "reached (offline, or HF_HUB_OFFLINE=1)") from None
+        except GatedRepoError:
+            raise UserError(f"{ref} is gated: accept its terms on the Hub and log in (hf auth login)") from None
+        except RepositoryNotFoundError:
+            raise UserError(f"{ref}: no such model repository on the Hub (or a private one: "
+                            "log in with hf auth login)") from None
+        except RevisionNotFoundError:
+            raise UserError(f"{ref}: the repository has no revision {revision!r}") from None
+        except (HfHubHTTPError, OSError) as e:
+            raise UserError(f"cannot download {ref}: {first_line(e)}") from None
+    raise UserError(f"{ref} holds no weights ({' or '.join(HUB_WEIGHTS)})")
+
+
 def save_checkpoint_file(obj, path):
     """Write `obj` with torch.save atomically (files.atomic_open)."""
     with atomic_open(path, "wb") as f:
@@ -74,15 +130,17 @@ def save_checkpoint_file(obj, path):
 
 
 def load_checkpoint_file(path, map_location="cpu", mmap=False):
-    """Load a checkpoint (a local path or an http(s) URL) without running code from it.
-    With mmap, tensors are mapped from the file, not read (a cheap look at its entries)."""
+    """Load a checkpoint (a local path, an http(s) URL or an hf-hub: id; a torch.save file or
+    a .safetensors file) without running code from it. With mmap, tensors of a torch file are
+    mapped from it, not read (a cheap look at its entries)."""
     shown = os.fspath(path)
     path = local_copy(path)
     if os.path.isdir(path):
         raise UserError(f"{shown} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {shown}")
-    _check_format(path, shown)
+    if _check_format(path, shown) == "safetensors":
+        return _load_safetensors(path, shown, map_location)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -97,17 +155,54 @@ def load_checkpoint_file(path, map_location="cpu", mmap=False):
 
 
 def _check_format(path, shown):
-    """Refuse files that are not PyTorch checkpoints at all, with what they are."""
+    """"torch" or "safetensors"; refuses files that are neither, saying what they are."""
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     if not head:
         raise UserError(f"{shown} is empty (0 bytes): not a checkpoint")
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip, or a plain pickle
-        return
+        return "torch"
+    if path.endswith(".safetensors") or (  # an 8-byte header length, then the JSON header
+            len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)):
+        return "safetensors"
     if tarfile.is_tarfile(path):
         raise UserError(f"{shown} is in the legacy tar format of PyTorch before 0.4, which cannot "
                         "be read safely: load it with that PyTorch and save it again")
-    raise UserError(f"{shown} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle)")
+    raise UserError(f"{shown} is not a PyTorch checkpoint (neither a torch.save file nor safetensors)")
+
+
+def _load_safetensors(path, shown, map_location):
+    """{"model": tensors, plus the "arch" / "args" this toolkit writes into the metadata}."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, "pt", device=str(map_location)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot read {shown}: truncated or damaged safetensors file "
+                        f"({first_line(e, 160)})") from None
+    ckpt = {"model": tensors}
+    for key in SAFETENSORS_META:
+        if key in meta:
+            try:
+                ckpt[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                raise UserError(f"cannot read {shown}: its {key!r} metadata is not JSON") from None
+    return ckpt
+
+
+SAFETENSORS_META = ("arch", "args", "pruning")  # entries kept as JSON in a safetensors file's metadata
+
+
+def save_weights_file(ckpt, path):
+    """Write a checkpoint's model weights as safetensors (atomically), its arch, args and
+    pruning record in the metadata: weights to share, readable without pickle (not a training
+    state to resume: no optimizer, no EMA)."""
+    from safetensors.torch import save
+    meta = {"format": "pt", **{k: json.dumps(ckpt[k]) for k in SAFETENSORS_META if ckpt.get(k) is not None}}
+    state = {k: v.contiguous() for k, v in ckpt["model"].items()}
+    with atomic_open(path, "wb") as f:
+        f.write(save(state, metadata=meta))
 
 
 def args_to_dict(args):
@@ -150,8 +245,7 @@ def model_state(checkpoint, model_key="model|module", model_prefix=""):
     if not tensors:
         raise UserError(f"the checkpoint holds no weights under {model_key!r}"
                         + (f" with prefix {model_prefix!r}" if model_prefix else ""))
-    bad = [k for k, v in tensors.items()
-           if v.is_floating_point() and v.device.type != "meta" and not bool(torch.isfinite(v).all())]
+    bad = models.weights.nonfinite_keys(tensors)
     if bad:
         raise UserError(f"the checkpoint's weights hold NaN or infinite values ({len(bad)} tensors, "
                         f"e.g. {bad[0]}): it comes from a diverged run and gives no meaningful result")
@@ -243,10 +337,15 @@ class Held:
 
 def read_held(ckpt, model_name=None, model_key="model|module", model_prefix=""):
     """Held for a loaded checkpoint (see model_state for the key / prefix, held_model for
-    which model it names)."""
+    which model it names); weights in timm's layout are renamed into ours unless a stock timm
+    model is named (given, or saved in the checkpoint's args), which reads its own."""
     state = model_state(ckpt, model_key, model_prefix)
+    trained = saved_args(ckpt)
+    name = model_name or trained.get("model")
+    if not (isinstance(name, str) and models.is_stock_timm(name)):
+        state = models.our_layout(state)
     arch, name = held_model(ckpt, state, model_name)
-    return Held(ckpt, state, arch, name, saved_args(ckpt))
+    return Held(ckpt, state, arch, name, trained)
 
 
 def load_held_model(path, model_name=None, model_key="model|module"):

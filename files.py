@@ -5,6 +5,7 @@ Every writer of the project (checkpoints, logs, study rows and tables, exports) 
 rename onto the target. A temp file is removed when the block fails.
 """
 import contextlib
+import hashlib
 import os
 import tempfile
 
@@ -43,3 +44,12 @@ def atomic_open(path, mode="w", encoding="utf-8"):
     with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
+
+
+def sha256_file(path):
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -148,7 +148,7 @@ def load_sources(args):
     elif args.finetune:
         finetune = checkpoint.load_checkpoint_file(args.finetune)
         logger.info("Load ckpt from %s", args.finetune)
-    if args.eval and resume is None and finetune is None:
+    if args.eval and resume is None and finetune is None and not (args.model and models.is_tagged(args.model)):
         raise UserError(f"--eval true needs trained weights: --output_dir {args.output_dir} holds "
                         "no checkpoint-N.pth; give --resume CHECKPOINT")
     src = Sources(resume, finetune)
@@ -209,9 +209,17 @@ def build_model(args, src):
         model = _model_from_arch(args, src.arch, src.resume is None, kwargs)
         source = args.resume if src.resume is not None else args.finetune
         args.model = models.registered_name(model.arch) or f"the arch stored in {source}"
-    else:
+    else:  # a tagged name with no checkpoint (convnext_tiny.fb_in22k) starts from timm's weights
         args.model = src.name
-        model = models.create_model(src.name, pretrained=False, num_classes=args.nb_classes, **kwargs)
+        pretrained = src.held is None and models.is_tagged(src.name)
+        classes = models.pretrained_classes(src.name) if pretrained else None
+        if args.eval and classes is not None and classes != args.nb_classes:
+            raise UserError(f"--eval true: {src.name} has a {classes}-class head, --data_set "
+                            f"{args.data_set} has {args.nb_classes} classes (a fresh head gives a "
+                            "meaningless accuracy): fine-tune it first")
+        model = models.create_model(src.name, pretrained=pretrained, num_classes=args.nb_classes, **kwargs)
+        if pretrained:
+            logger.info("Weights: timm's pretrained %s (a new head when --nb_classes differs)", src.name)
     if src.resume is not None:
         checkpoint.load_model_state(model, src.state, resume_label(args))
         logger.info("Resume checkpoint %s", args.resume)
@@ -338,6 +346,9 @@ def _save(args, run, folder, epoch, best, new_best):
                                           run.loss_scaler, run.model_ema, epoch, **best)
     for tag in new_best:
         folder.save({**ckpt, "epoch": tag, "best_epoch": epoch}, f"checkpoint-{tag}.pth")
+        if args.save_format == "safetensors":
+            weights = ckpt["model_ema"] if tag == "best-ema" else ckpt["model"]
+            folder.save_weights({**ckpt, "model": weights}, f"checkpoint-{tag}.safetensors")
     if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
         folder.save(ckpt, f"checkpoint-{epoch}.pth")
         folder.rotate(args.save_ckpt_num)

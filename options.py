@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+import checkpoint
 import datasets
 import models
 from errors import ArgumentParser, HelpFormatter, UserError  # noqa: F401  (ArgumentParser: run_with_submitit)
@@ -108,6 +109,10 @@ def get_args_parser():
     a("--auto_resume", type=str2bool, default=True,
       help="continue from the newest checkpoint-N.pth in --output_dir")
     a("--save_ckpt", type=str2bool, default=True, help="write checkpoints to --output_dir")
+    a("--save_format", default="pth", choices=("pth", "safetensors"),
+      help="safetensors: each checkpoint-best(-ema).pth also gets a weights-only "
+           "checkpoint-best(-ema).safetensors twin to share (no pickle; arch and args in its "
+           "metadata); the checkpoints that resume stay .pth")
     a("--save_ckpt_freq", default=1, type=int, help="write checkpoint-N.pth every this many epochs")
     a("--save_ckpt_num", default=3, type=int,
       help="keep this many newest checkpoint-N.pth of this run (0: all)")
@@ -228,7 +233,11 @@ def check_combinations(args):
         raise UserError("--kd_alpha / --kd_temperature need --teacher CKPT [CKPT ...]")
     if args.eval and args.disable_eval:
         raise UserError("--eval true needs the evaluation set: drop --disable_eval true")
-    if args.eval and not (args.resume or args.finetune or (args.auto_resume and args.output_dir)):
+    if args.save_format != "pth" and (args.eval or not args.save_ckpt):
+        raise UserError(f"--save_format {args.save_format} applies to the best checkpoints a "
+                        "training run writes (not with --eval true or --save_ckpt false)")
+    tagged = args.model is not None and models.is_tagged(args.model)
+    if args.eval and not (args.resume or args.finetune or tagged or (args.auto_resume and args.output_dir)):
         raise UserError("--eval true needs trained weights: give --resume CHECKPOINT "
                         "(evaluating a freshly initialised model gives a meaningless accuracy)")
     if args.compile and not torch._dynamo.is_dynamo_supported():
@@ -242,12 +251,10 @@ def check_paths(args):
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
             raise UserError(f"--{flag} {folder} is a file, not a folder")
     for flag in ("resume", "finetune"):
-        path = getattr(args, flag)
-        if path and "://" not in path and not os.path.isfile(path):
-            raise UserError(f"--{flag} {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
+        if getattr(args, flag):
+            checkpoint.check_source(getattr(args, flag), f"--{flag} {getattr(args, flag)}")
     for path in args.teacher or ():
-        if "://" not in path and not os.path.isfile(path):
-            raise UserError(f"--teacher {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
+        checkpoint.check_source(path, f"--teacher {path}")
     if args.model is not None:
         models.check_model_name(args.model)
 

@@ -15,7 +15,7 @@ import os
 import re
 import uuid
 
-from checkpoint import load_checkpoint_file, save_checkpoint_file
+from checkpoint import load_checkpoint_file, save_checkpoint_file, save_weights_file
 from errors import UserError
 from files import TEMP_PREFIX, atomic_open
 
@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 LOG = "log.txt"
 _EPOCH = re.compile(r"checkpoint-(\d+)\.pth")
-_OURS = re.compile(r"checkpoint-.*\.pth|log\.txt")
-_TEMP = re.compile(re.escape(TEMP_PREFIX) + r"(checkpoint-.+\.pth-\w+|\w{8}\.pth)")
+_OURS = re.compile(r"checkpoint-.*\.(pth|safetensors)|log\.txt")
+_TEMP = re.compile(re.escape(TEMP_PREFIX) + r"(checkpoint-.+\.(pth|safetensors)-\w+|\w{8}\.pth)")
+WEIGHTS_SUFFIX = ".safetensors"  # --save_format safetensors: a weights-only twin of each best checkpoint
 
 
 def list_epoch_checkpoints(output_dir):
@@ -118,7 +119,11 @@ class RunFolder:
 
     def _ours(self, name):
         """A best checkpoint of this run, or of a run of ours killed in its first epoch that
-        this fresh start restarts (no epoch checkpoint in the folder)."""
+        this fresh start restarts (no epoch checkpoint in the folder); a weights twin is ours
+        when its .pth is."""
+        if name.endswith(WEIGHTS_SUFFIX):
+            twin = name[:-len(WEIGHTS_SUFFIX)] + ".pth"
+            return twin in self.owned or (os.path.isfile(os.path.join(self.dir, twin)) and self._ours(twin))
         try:
             ckpt = load_checkpoint_file(os.path.join(self.dir, name), mmap=True)
         except UserError:
@@ -158,6 +163,11 @@ class RunFolder:
         self.owned.add(name)
         record = {"run": {"id": self.id, "files": sorted(self.owned)}, "log_history": self.history}
         save_checkpoint_file({**ckpt, **record}, os.path.join(self.dir, name))
+
+    def save_weights(self, ckpt, name):
+        """Write the weights-only safetensors file `name` (checkpoint.save_weights_file)."""
+        self.owned.add(name)
+        save_weights_file(ckpt, os.path.join(self.dir, name))
 
     def rotate(self, keep):
         """Delete all but the newest `keep` epoch checkpoints this run owns (keep 0: none deleted)."""

@@ -7,10 +7,14 @@ from . import convnext, convnext_isotropic, resnet_cifar, vgg_cifar  # noqa: F40
 from .complexity import check_input_size, count_macs, count_params
 from .family import Family
 from .groups import Group, Part, Producer
-from .registry import FAMILIES, OUR_MODELS, TIMM_HEAD_KEYS, check_model_name, create_model, default_arch
+from . import weights
+from .registry import (ARCH_FACTORY, FAMILIES, OUR_MODELS, TIMM_HEAD_KEYS, base_name, check_model_name,
+                       create_model, default_arch, is_stock_timm, is_tagged, our_layout,
+                       pretrained_classes)
 
 __all__ = ["Family", "Group", "Part", "Producer", "FAMILIES", "layer_ids", "head_weight", "OUR_MODELS", "create_model", "default_arch",
-           "check_model_name", "check_input_size",
+           "check_model_name", "check_input_size", "weights", "ARCH_FACTORY", "base_name", "is_stock_timm", "is_tagged", "pretrained_classes",
+           "our_layout", "timm_export",
            "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",
            "check_arch_matches", "scale_factor_names", "meta_model", "count_arch", "fold"]
 
@@ -52,6 +56,12 @@ def infer_arch(state_dict):
             return arch
     raise UserError("the checkpoint's weights are not a layout this toolkit knows (ConvNeXt, "
                     "isotropic ConvNeXt, CIFAR ResNet or CIFAR VGG keys)")
+
+
+def timm_export(arch, state_dict):
+    """(architecture, model_args, state dict) for timm's own class (the family's
+    `timm_export`), or None when only this project's factories build the shape."""
+    return FAMILIES[arch["family"]].timm_export(arch, state_dict)
 
 
 def channel_groups(arch):

@@ -5,7 +5,10 @@ split: a pruned checkpoint of any shape rebuilds from its `arch`.
 """
 import math
 
+import timm.models.convnext as timm_convnext
 import torch.nn as nn
+
+from errors import UserError
 
 from .family import Family, match_layer_ids
 from .fold import norm_into_conv, norm_into_linear
@@ -13,6 +16,7 @@ from .groups import Group, Part, Producer, block_residual_parts, hidden_group, l
 from .layers import (MS_BRANCHES, Block, LayerNorm2d, block_hidden_widths, default_branch_widths,
                      PooledHead, drop_path_rates, layer_scale_value, spans)
 from .registry import register_factory, register_family
+from .weights import rename_keys
 
 
 class ConvNeXt(PooledHead, Family):
@@ -174,6 +178,32 @@ class ConvNeXt(PooledHead, Family):
                 "layer_scale": True, "num_classes": 3, "in_chans": 3}
 
     @staticmethod
+    def from_foreign(sd):
+        """timm's ConvNeXt layout (its hub weights, timm's train.py) renamed into ours; its
+        conv-MLP variants (atto..nano) too: a 1x1 conv over LayerNorm2d is our Linear MLP."""
+        if "stem.0.weight" not in sd or not any(".blocks." in k for k in sd):
+            return None
+        out, unknown = rename_keys(sd, TIMM_NAMES, reverse=True)
+        why = _timm_variant_problem(out, unknown)
+        if why:
+            raise UserError(f"these timm ConvNeXt weights are a variant this toolkit cannot rebuild: {why}")
+        return {k: v.flatten(1) if k.endswith(("pwconv1.weight", "pwconv2.weight")) else v
+                for k, v in out.items()}
+
+    @staticmethod
+    def timm_export(arch, sd):
+        """timm's own ConvNeXt builds a shape with 7x7 depthwise convs and MLP width 4 x dim
+        (its class has no MLP ratio): the Efficient ConvNeXt shapes."""
+        if arch.get("dw") == "multiscale" or any(h != 4 * d for stage, d in zip(arch["hidden"], arch["dims"])
+                                                 for h in stage):
+            return None
+        name = next((n for n, (depths, _) in OFFICIAL.items() if depths == arch["depths"]), "convnext_tiny")
+        model_args = {"depths": arch["depths"], "dims": arch["dims"],
+                      **({} if arch.get("layer_scale", True) else {"ls_init_value": None}),
+                      **({"in_chans": arch["in_chans"]} if arch.get("in_chans", 3) != 3 else {})}
+        return name, model_args, rename_keys(sd, TIMM_NAMES)[0]
+
+    @staticmethod
     def layer_ids(param_names):
         """The official rule, in the official and in timm's key layout: the stem is layer 0,
         each stage is cut into chunks of 3 consecutive blocks (one id each), a stage's
@@ -181,6 +211,19 @@ class ConvNeXt(PooledHead, Family):
         return match_layer_ids(param_names, _LAYOUT, _hierarchical_ids)
 
 
+# Our names -> timm's ConvNeXt names ({s} stage, {j} block, {i} layer in a downsampling step).
+TIMM_NAMES = (("downsample_layers.0.0", "stem.0"), ("downsample_layers.0.1", "stem.1"),
+              ("downsample_layers.{s}.{i}", "stages.{s}.downsample.{i}"),
+              ("stages.{s}.{j}.dwconv", "stages.{s}.blocks.{j}.conv_dw"),
+              ("stages.{s}.{j}.norm", "stages.{s}.blocks.{j}.norm"),
+              ("stages.{s}.{j}.pwconv1", "stages.{s}.blocks.{j}.mlp.fc1"),
+              ("stages.{s}.{j}.pwconv2", "stages.{s}.blocks.{j}.mlp.fc2"),
+              ("stages.{s}.{j}.gamma", "stages.{s}.blocks.{j}.gamma"),
+              ("norm", "head.norm"), ("head", "head.fc"))
+# timm ConvNeXts with our keys but other numerics (LayerNorm eps 1e-5, tanh GELU): never read as ours.
+TIMM_OTHER_NUMERICS = {((3, 4, 30, 3), (384, 768, 1536, 3072)): "convnext_xxlarge",
+                       ((1, 2, 4, 2), (24, 32, 48, 64)): "test_convnext",
+                       ((1, 1, 1, 1), (32, 64, 96, 128)): "test_convnext2"}
 BLOCKS_PER_LAYER = 3  # official layer decay: "each group is three consecutive blocks"
 _LAYOUT = [  # (regex, kind) in the official and timm's layouts; groups: stage / block indices
     (r"^downsample_layers\.0\.", "stem"), (r"^stem[._]", "stem"),
@@ -213,6 +256,26 @@ def _hierarchical_ids(positions):
         return first[idx[0]] + idx[1] // BLOCKS_PER_LAYER
 
     return {n: layer_id(p) for n, p in positions.items()}, num_layers
+
+
+def _timm_variant_problem(renamed, unknown):
+    """Why timm ConvNeXt weights (renamed into our layout) are not a shape of ours, or None."""
+    if unknown:
+        return (f"it holds {unknown[0]} ({len(unknown)} tensors no ConvNeXt of ours has: an overlapping "
+                "stem, GRN, a norm-first or an MLP head)")
+    stem = renamed.get("downsample_layers.0.0.weight")
+    if stem is None or stem.ndim != 4 or stem.shape[-1] != 4:
+        return "its stem is not a 4x4 patchify conv (an overlapping stem)"
+    if any(k.endswith("dwconv.weight") and v.shape[-1] != 7 for k, v in renamed.items()):
+        return "its depthwise convs are not 7x7"
+    if any(k.endswith("norm.weight") and k[:-len("weight")] + "bias" not in renamed for k in renamed):
+        return "its norms have no bias (an RMSNorm variant)"
+    arch = ConvNeXt.infer_arch(renamed)
+    other = arch and TIMM_OTHER_NUMERICS.get((tuple(arch["depths"]), tuple(arch["dims"])))
+    if other:  # the weights cannot tell; these shapes are timm's with other norms
+        return (f"its shape is timm's {other}, built with LayerNorm eps 1e-5 (ours: 1e-6); give "
+                f"--model {other} to use timm's class")
+    return None
 
 
 def _width(sd, key):
@@ -250,6 +313,9 @@ EFFICIENT_DIMS = {
     "3M_pruned": [32, 64, 128, 256],
 }
 DATASET_CLASSES = {"cifar10": 10, "tinyimagenet": 200}
+# timm's pretrained tags of the names ours replace: timm's registry reads a module's
+# `default_cfgs` when a name is registered, so `convnext_tiny.fb_in22k` keeps its hub weights.
+default_cfgs = {name: timm_convnext.default_cfgs[name] for name in OFFICIAL}
 
 
 def _register():

@@ -56,6 +56,18 @@ class Family(ABC):
         return {}
 
     @staticmethod
+    def from_foreign(state_dict):
+        """A state dict in another layout this family reads (timm's), renamed into its own;
+        None when it is not one. Raises UserError for a variant it cannot rebuild."""
+        return None
+
+    @staticmethod
+    def timm_export(arch, state_dict):
+        """(timm architecture name, model_args, state dict in timm's layout) when timm's own
+        class builds this shape, else None (the shape then needs this project's factories)."""
+        return None
+
+    @staticmethod
     def layer_ids(param_names):
         """Layer-wise LR decay: (name -> layer id, number of layers), ids from 0 (stem) to
         num_layers + 1 (head); None when the names are not this family's layout (every

@@ -1,19 +1,22 @@
 """One registry: our factories live in timm's, and each family rebuilds from its `arch`."""
 import functools
+import os
 import warnings
 
 import timm
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model, resolve_pretrained_cfg
 
-from errors import UserError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+from errors import UserError, first_line
 
 from .family import Family
+from .weights import nonfinite_keys
 
 FAMILIES = {}  # arch["family"] -> model class
 OUR_MODELS = {}  # registered name -> (class, default kwargs)
-# timm's create_model passes these to every factory; our models have no hub weights.
-TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+ARCH_FACTORY = "efficient_convnext_arch"  # builds any family's `arch` (timm-layout export folders)
 # Classifier weights of stock timm models (ours: each family's `head_key`).
 TIMM_HEAD_KEYS = ("head.fc.weight", "fc.weight", "classifier.weight", "head.weight")
 # Our constructors' own options, which stock timm models do not take.
@@ -28,42 +31,127 @@ def register_family(name, cls):
     FAMILIES[name] = cls
 
 
-def register_factory(name, cls, doc, **defaults):
-    """Register `name` in timm's registry (quietly: some names replace timm's own)."""
+def our_layout(state_dict):
+    """A state dict in another layout a family reads (timm's ConvNeXt) renamed into ours, else
+    as it is."""
+    for family in FAMILIES.values():
+        converted = family.from_foreign(state_dict)
+        if converted is not None:
+            return converted
+    return state_dict
 
-    def factory(pretrained=False, **kwargs):
-        for key in TIMM_ONLY_KWARGS:
-            kwargs.pop(key, None)
-        if pretrained:
-            raise UserError(f"{name}: weights cannot be downloaded here; "
-                            "load a local checkpoint with --finetune or --resume")
+
+def _register_timm(name, build, doc, module, head_key):
+    """Register `build(**kwargs)` under `name` in timm's registry (quietly: some names replace
+    timm's own); `head_key` (None: as the weights' config says) is the classifier. Pretrained weights (pretrained=True, a tag such as `.fb_in22k`,
+    pretrained_cfg_overlay=dict(file=...), a local-dir / hf-hub folder) come through timm's
+    own machinery and are renamed into our layout."""
+
+    def factory(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
+                pretrained_model_args=None, **kwargs):
         try:
-            return cls(**{**defaults, **kwargs})
+            if not (pretrained or pretrained_cfg or pretrained_cfg_overlay):
+                return build(**kwargs)
+            if pretrained and not (pretrained_cfg or pretrained_cfg_overlay or get_pretrained_cfg(name)):
+                raise UserError(f"{name}: timm has no pretrained weights for it; start from a "
+                                "checkpoint with --finetune, or give pretrained_cfg_overlay=dict(file=...)")
+            overlay = {**({"classifier": head_key} if head_key else {}), **(pretrained_cfg_overlay or {})}
+            cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+            if pretrained and not (cfg.has_weights or cfg.source == "local-dir"):
+                raise UserError(f"{name}: its pretrained config names no weights (no file, url or hf_hub_id)")
+            if cfg.file and cfg.source != "local-dir" and not os.path.isfile(cfg.file):
+                raise UserError(f"{name}: pretrained file {cfg.file} not found")
+            return build_model_with_cfg(build, name, pretrained, pretrained_cfg=cfg.to_dict(),
+                                        pretrained_filter_fn=_pretrained_filter(name),
+                                        cache_dir=cache_dir, **kwargs)
         except ValueError as e:  # an option the family does not have (e.g. drop path in VGG)
             raise UserError(f"{name}: {e}") from None
+        except (OSError, HfHubHTTPError, EntryNotFoundError) as e:  # the download, or the cache
+            raise UserError(f"{name}: cannot fetch its pretrained weights ({first_line(e)})") from None
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc
-    factory.__module__ = cls.__module__
+    factory.__module__ = module
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         register_model(factory)
-    OUR_MODELS[name] = (cls, defaults)
     return factory
 
 
+def _pretrained_filter(name):
+    """timm's weights -> ours, checked: finite, and every tensor fitting the model except a
+    head of another class count, which the model keeps fresh (timm's head reset)."""
+    def convert(state_dict, model):
+        from . import check_arch_matches  # the package imports this module first
+        state = our_layout(state_dict)
+        bad = nonfinite_keys(state)
+        if bad:
+            raise UserError(f"{name}: the pretrained weights hold NaN or infinite values (e.g. {bad[0]})")
+        own = model.state_dict()
+        for k in [k for k in own if k.startswith(f"{type(model).head_key}.")]:
+            if k not in state or state[k].shape != own[k].shape:
+                state[k] = own[k]
+        check_arch_matches(model, state, f"the pretrained weights of {name}", name)
+        return state
+    return convert
+
+
+def register_factory(name, cls, doc, **defaults):
+    """Register `name` for `cls` with default kwargs."""
+    _register_timm(name, lambda **kwargs: cls(**{**defaults, **kwargs}), doc, cls.__module__, cls.head_key)
+    OUR_MODELS[name] = (cls, defaults)
+
+
+def _from_arch(arch=None, **kwargs):
+    """Any family's `arch` (num_classes / in_chans given replace the arch's)."""
+    family = FAMILIES.get(arch.get("family")) if isinstance(arch, dict) else None
+    if family is None:
+        raise UserError(f"{ARCH_FACTORY} needs arch=dict(family=..., ...) of one of: {', '.join(FAMILIES)}")
+    arch = {**arch, **{k: kwargs.pop(k) for k in ("num_classes", "in_chans") if k in kwargs}}
+    return family.from_arch(arch, **kwargs)
+
+
+def base_name(name):
+    """A model name without its pretrained tag (`convnext_tiny.fb_in22k` -> `convnext_tiny`)."""
+    return name.split(".", 1)[0]
+
+
+def is_tagged(name):
+    """A name with a pretrained tag (`convnext_tiny.fb_in22k`): it starts from timm's weights."""
+    return base_name(name) != name
+
+
+def pretrained_classes(name):
+    """The class count of timm's pretrained weights for a tagged name, or None."""
+    cfg = get_pretrained_cfg(name)
+    return cfg.num_classes if cfg is not None else None
+
+
+def is_stock_timm(name):
+    """A timm model name (a tag allowed) that is not one of ours."""
+    return base_name(name) not in OUR_MODELS and base_name(name) != ARCH_FACTORY and timm.is_model(name)
+
+
 def check_model_name(name):
-    """Refuse a name that is neither one of ours nor a timm model (e.g. a typo)."""
-    if name not in OUR_MODELS and not timm.is_model(name):
+    """Refuse a name that is neither one of ours nor a timm model (e.g. a typo), or a
+    pretrained tag timm does not have."""
+    if base_name(name) not in OUR_MODELS and not timm.is_model(name):
         close = [n for n in OUR_MODELS if n.startswith(name.split("_")[0])][:4]
         hint = f" (ours include {', '.join(close)})" if close else " (see the README's model zoo)"
         raise UserError(f"unknown model {name!r}: not one of ours nor a timm model name{hint}")
+    if "." in name:
+        try:
+            get_pretrained_cfg(name)
+        except RuntimeError:
+            tags = timm.list_pretrained(f"{base_name(name)}.*")
+            raise UserError(f"unknown pretrained tag in {name!r}; timm has "
+                            + (", ".join(tags[:6]) + (", ..." if len(tags) > 6 else "") if tags else "none")) from None
 
 
 def create_model(name, **kwargs):
-    """Build a registered model by name: ours, or any stock timm model."""
+    """Build a registered model by name: ours (a pretrained tag allowed), or any stock timm model."""
     check_model_name(name)
-    if name not in OUR_MODELS:
+    if is_stock_timm(name):
         for key in OURS_ONLY_KWARGS:
             kwargs.pop(key, None)
     return timm.create_model(name, **kwargs)
@@ -75,3 +163,7 @@ def default_arch(name):
     cls, defaults = OUR_MODELS[name]
     with torch.device("meta"):
         return cls(**defaults).arch
+
+
+_register_timm(ARCH_FACTORY, _from_arch, "Any shape of this toolkit's families, from its `arch` dict.",
+               __name__, None)

@@ -21,16 +21,16 @@ import torch
 import torch.nn as nn
 
 import models
-from checkpoint import load_checkpoint_file, local_copy, read_held, save_checkpoint_file
+from checkpoint import load_checkpoint_file, local_copy, read_held, save_checkpoint_file, save_weights_file
 from errors import UserError
-from files import atomic_open
+from files import atomic_open, sha256_file
 
 from .calibration import calibration_batches, measure
 from .costs import CostModel
 from .plan import plan_keep
 from .scoring import score_groups
 from .spec import PruneSpec
-from .surgery import prune_checkpoint, read_source, sha256_file
+from .surgery import prune_checkpoint, read_source
 
 
 @dataclass
@@ -170,10 +170,15 @@ class Result:
         return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}".rstrip() for r in rows)
 
     def save(self, path, overwrite=False):
-        """Write the pruned checkpoint (atomically); an existing file only with overwrite."""
+        """Write the pruned checkpoint (atomically); an existing file only with overwrite. A
+        `.safetensors` path gets the model weights with arch, args and the pruning record
+        as metadata (no pickle, no model_ema); any other name a torch.save checkpoint."""
         if os.path.exists(path) and not overwrite:
             raise UserError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-        save_checkpoint_file(self.checkpoint, path)
+        if os.fspath(path).endswith(".safetensors"):
+            save_weights_file(self.checkpoint, path)
+        else:
+            save_checkpoint_file(self.checkpoint, path)
 
     def export_scores(self, path):
         """Per-group scores, each source's row (null where it does not cover) and the kept

@@ -32,7 +32,7 @@ import os
 
 import datasets
 import models
-from checkpoint import is_url
+from checkpoint import check_source, is_remote
 from errors import ArgumentParser, UserError, run_cli
 
 from . import api
@@ -55,8 +55,10 @@ def _count(text):
 def get_args_parser():
     p = ArgumentParser("prune", description=__doc__)
     p.add_argument("--checkpoint", required=True,
-                   help="source checkpoint (ours, official or Efficient ConvNeXt)")
-    p.add_argument("--output", help="pruned checkpoint to write (optional with --dry_run)")
+                   help="source checkpoint: a .pth or .safetensors file (ours, official, Efficient "
+                        "ConvNeXt or timm's layout), an http(s) URL, or hf-hub:ORG/NAME[@REVISION]")
+    p.add_argument("--output", help="pruned checkpoint to write (optional with --dry_run); a name "
+                                    "ending in .safetensors writes the weights only, without pickle")
     p.add_argument("--criterion", default="opnorm", help="one of: " + ", ".join(CRITERIA))
     p.add_argument("--model", default=None, help="registered model the weights must have the shape of "
                    "(default: the checkpoint's arch, else inferred from the tensor shapes)")
@@ -153,8 +155,7 @@ def spec_from_args(args):
 
 def check_args(args):
     """Refuse bad input before any heavy work; the checked PruneSpec (None with --list_groups)."""
-    if not is_url(args.checkpoint) and not os.path.isfile(args.checkpoint):
-        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    check_source(args.checkpoint, f"--checkpoint {args.checkpoint}")
     if args.list_groups:
         return None
     spec = spec_from_args(args)
@@ -169,8 +170,8 @@ def check_args(args):
             continue
         if os.path.isdir(path):
             raise UserError(f"{flag} {path} is a folder; give a file name")
-        if os.path.abspath(path) == os.path.abspath(args.checkpoint) or (
-                os.path.exists(path) and os.path.samefile(path, args.checkpoint)):
+        if not is_remote(args.checkpoint) and (os.path.abspath(path) == os.path.abspath(args.checkpoint) or (
+                os.path.exists(path) and os.path.samefile(path, args.checkpoint))):
             raise UserError(f"{flag} {path} is the input checkpoint; choose another file")
         if os.path.exists(path) and not args.overwrite:
             raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")

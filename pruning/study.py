@@ -21,6 +21,7 @@ import torch
 import datasets
 import models
 from engine import evaluate
+from checkpoint import check_source
 from errors import ArgumentParser, UserError
 from files import atomic_open
 
@@ -41,8 +42,7 @@ def parser(name, doc):
 
 def check_common(args):
     """The checks every study shares: the source file, the folder, --seeds, --eval_subset."""
-    if not os.path.isfile(args.checkpoint):
-        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    check_source(args.checkpoint, f"--checkpoint {args.checkpoint}")
     if os.path.isfile(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file")
     seeds = getattr(args, "seeds", None)

@@ -4,7 +4,6 @@
 deal with the checkpoint around it (our format with `arch`, or a released official /
 Efficient ConvNeXt / seed file with a `model` state dict and no `arch`).
 """
-import hashlib
 
 import torch
 
@@ -56,15 +55,6 @@ def prune_state_dict(state_dict, groups, keep):
             local = idx[(idx >= part.start) & (idx < stop)] - part.start
             out[part.key] = t.index_select(part.axis, local.to(t.device))
     return out
-
-
-def sha256_file(path):
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_source(ckpt, model_name=None, use_ema=False):

@@ -1,8 +1,16 @@
 #!/usr/bin/env python
-"""Export a checkpoint of any family (any pruned shape) to ONNX, checked in ONNX Runtime.
+"""Export a checkpoint of any family (any pruned shape) to ONNX, checked in ONNX Runtime, or
+to a folder in timm's Hub layout, checked in timm.
 
     python scripts/export.py --checkpoint pruned_13M.pth --output pruned_13M.onnx --data_set DIGITS
+    python scripts/export.py --checkpoint pruned_13M.pth --format timm --output pruned_13M/ --data_set DIGITS
 
+--format timm (hub.py) writes model.safetensors, config.json and a README.md model card; the
+Efficient ConvNeXt shapes load with timm alone (timm.create_model("local-dir:DIR",
+pretrained=True)), others once this project's `models` is imported. With --data_set the card
+carries the top-1 measured on its evaluation split.
+
+ONNX:
 The shape comes from the checkpoint (`arch`, else its weights, else its saved --model) and the
 input size from the size it was trained at (or --input_size). The batch axis is dynamic
 (--dynamic_size makes height and width dynamic too). torch's exporter writes opset 18, where
@@ -26,17 +34,22 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 import models  # noqa: E402
-from checkpoint import load_held_model  # noqa: E402
+import hub  # noqa: E402
+from checkpoint import load_held_model, local_copy  # noqa: E402
+from engine import evaluate  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
-from files import atomic_path  # noqa: E402
+from files import atomic_path, sha256_file  # noqa: E402
 
 OPSET = 18
 
 
 def get_args_parser():
     p = ArgumentParser("export", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or http(s) URL")
-    p.add_argument("--output", required=True, help="the .onnx file to write")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint: a .pth / .safetensors file, an http(s) URL or hf-hub:ORG/NAME")
+    p.add_argument("--format", default="onnx", choices=("onnx", "timm"),
+                   help="onnx: one .onnx file; timm: a folder in timm's Hub layout")
+    p.add_argument("--output", required=True, help="the .onnx file (--format timm: the folder) to write")
     p.add_argument("--model", default=None, help="registered model name, when the checkpoint does not say")
     p.add_argument("--input_size", type=int, default=None,
                    help="image side (default: the checkpoint's training size, else 224)")
@@ -50,14 +63,32 @@ def get_args_parser():
     p.add_argument("--data_path", default=None, help="data set folder for --data_set")
     p.add_argument("--eval_data_path", default=None, help="evaluation folder for --data_set")
     p.add_argument("--parity_images", type=int, default=64, help="images in the parity check")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted |logit difference|, times the largest |logit| when that "
-                        "is above 1 (fp32 rounding grows with the magnitude)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+                        "is above 1 (fp32 rounding grows with the magnitude); default 1e-4 for "
+                        "ONNX, 1e-5 for the timm folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (--format timm: only its three files)")
     return p
 
 
 def check_args(args):
+    if args.tolerance is None:
+        args.tolerance = 1e-5 if args.format == "timm" else 1e-4
+    if not args.tolerance > 0:
+        raise UserError("--tolerance must be > 0")
+    if args.input_size is not None and args.input_size < 1:
+        raise UserError(f"--input_size must be >= 1, got {args.input_size}")
+    if args.data_path and not args.data_set:
+        raise UserError("--data_path needs --data_set")
+    if args.format == "timm":
+        given = [f for f, on in (("--fold", args.fold), ("--dynamic_size", args.dynamic_size),
+                                 ("--parity_images", args.parity_images != 64)) if on]
+        if given:
+            raise UserError(f"{', '.join(given)} apply to --format onnx (a timm folder holds the "
+                            "unfolded weights and is checked on 4 random images)")
+        hub.check_target(args.output, args.overwrite)
+        return
     if not args.output.endswith(".onnx"):
         raise UserError(f"--output {args.output}: give a file name ending in .onnx")
     if os.path.isdir(args.output):
@@ -67,12 +98,8 @@ def check_args(args):
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise UserError(f"--output {args.output}: its folder does not exist or is not writable")
-    if args.input_size is not None and args.input_size < 1:
-        raise UserError(f"--input_size must be >= 1, got {args.input_size}")
-    if args.parity_images < 1 or not args.tolerance > 0:
-        raise UserError("--parity_images must be >= 1 and --tolerance > 0")
-    if args.data_path and not args.data_set:
-        raise UserError("--data_path needs --data_set")
+    if args.parity_images < 1:
+        raise UserError("--parity_images must be >= 1")
 
 
 def runtime():
@@ -149,16 +176,38 @@ def parity(ort, path, model, images):
     return diff, float(np.abs(torch_out).max()), agree
 
 
+def export_timm(args, model, name, held, data_args):
+    """--format timm: the folder (hub.write_folder), with the top-1 on --data_set for its card."""
+    if getattr(model, "arch", None) is None:
+        raise UserError(f"--format timm writes this toolkit's families; {name} is a stock timm "
+                        "model (save it with timm's own tools)")
+    accuracy = None
+    if args.data_set:
+        dataset, _ = datasets.build_dataset(is_train=False, args=data_args)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+        stats = evaluate(loader, model, torch.device("cpu"))
+        accuracy = (stats["acc1"], stats["num_images"], args.data_set)
+        print(f"top-1 {stats['acc1']:.2f}% on {stats['num_images']} {args.data_set} evaluation images")
+    local = local_copy(args.checkpoint)
+    out = hub.write_folder(model, held, args.output, data_args, source_sha256=sha256_file(local),
+                           accuracy=accuracy, overwrite=args.overwrite, tolerance=args.tolerance)
+    who = "timm alone" if out.timm_only else "timm once `import models` has run"
+    print(f"{name} written to {args.output}/ ({', '.join(hub.FILES)}) as {out.architecture}; "
+          f"checked: {who} loads it with the same logits")
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    onnx, ort = runtime()
+    onnx, ort = runtime() if args.format == "onnx" else (None, None)
     model, name, held = load_model(args)
     # DIGITS only names the transform when no --data_set is given (the images are random)
     data_args = held.data_args(args.data_set or "DIGITS", args.data_path, args.input_size)
     data_args.eval_data_path = args.eval_data_path
     size = data_args.input_size
     models.check_input_size(model, size, name)
+    if args.format == "timm":
+        return export_timm(args, model, name, held, data_args)
     images, source = parity_images(args, data_args, args.parity_images)
     exported = fold(model, images) if args.fold else model
     with atomic_path(args.output, suffix=".onnx") as tmp:

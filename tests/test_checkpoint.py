@@ -136,7 +136,7 @@ def test_url_hash_prefix_is_checked_and_nothing_partial_is_left(http_server, tmp
     assert not list((tmp_path / "hub" / "checkpoints").iterdir())
     with pytest.raises(UserError, match="HTTP 404"):
         checkpoint.load_checkpoint_file(f"{base}/missing.pth")
-    with pytest.raises(UserError, match="only local paths and http"):
+    with pytest.raises(UserError, match="only local paths, http"):
         checkpoint.load_checkpoint_file("s3://bucket/x.pth")
 
 

@@ -77,13 +77,14 @@ def test_state_dict_only_with_class_file(tmp_path, image, capsys):
 
 
 def test_timm_model_by_name(tmp_path, image, capsys):
-    """A layout we do not know (timm's ConvNeXt keys) is built from --model."""
+    """timm's test_convnext (our keys in timm's layout, other norms) is refused unless --model
+    names it; then timm builds it."""
     model = timm.create_model("test_convnext", num_classes=3)
     ckpt = tmp_path / "timm.pth"
     save_checkpoint_file({"model": model.state_dict()}, ckpt)
     script = load_script()
     assert script.main(["--image", str(image), "--checkpoint", str(ckpt)]) == 2
-    assert "give --model NAME" in capsys.readouterr().err
+    assert "give --model test_convnext" in capsys.readouterr().err
     script.main(["--image", str(image), "--checkpoint", str(ckpt), "--model", "test_convnext",
                  "--input_size", "64"])
     rows = top_lines(capsys.readouterr().out)
