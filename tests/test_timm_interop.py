@@ -19,7 +19,11 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import hub
 import models
-from errors import UserError
+from errors import UserError, run_cli
+from pruning.cli import main as prune_main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from export import main as export_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -40,6 +44,14 @@ def logits(model, size=32, seed=1, in_chans=3):
     torch.manual_seed(seed)
     with torch.no_grad():
         return model.eval()(torch.randn(4, in_chans, size, size))
+
+
+def one_line_error(capsys, main, *argv):
+    """Run a CLI in-process: its message must be one `error:` line, exit status 2."""
+    assert run_cli(main, [str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
 
 
 def run(script, *args, env=None, check=True):
@@ -76,12 +88,17 @@ def test_timm_layout_reads_as_ours_with_timms_logits(timm_files, kind):
     (dict(head_norm_first=True), "norm-first"), (dict(kernel_sizes=5), "not 7x7"),
     (dict(norm_layer="rmsnorm2d"), "RMSNorm"), (dict(head_hidden_size=24), "MLP head"),
 ])
-def test_timm_variants_we_cannot_rebuild_get_one_line(variant, why, tmp_path):
+def test_timm_variants_we_cannot_rebuild_get_one_line(variant, why, tmp_path, capsys):
     path = tmp_path / "v.safetensors"
     save_file(timm_model(**variant).state_dict(), path)
-    proc = run("pruning/prune.py", "--checkpoint", path, "--list_groups", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert why in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert why in one_line_error(capsys, prune_main, "--checkpoint", path, "--list_groups")
+
+
+def test_timms_test_convnext_is_not_taken_for_ours(tmp_path, capsys):
+    """Same keys, other numerics (LayerNorm eps 1e-5, tanh GELU): refused unless named."""
+    path = tmp_path / "t.safetensors"
+    save_file(timm.create_model("test_convnext", num_classes=3).state_dict(), path)
+    assert "--model test_convnext" in one_line_error(capsys, prune_main, "--checkpoint", path, "--list_groups")
 
 
 def test_conv_mlp_variants_convert(tmp_path):
@@ -142,7 +159,7 @@ def test_safetensors_round_trip_keeps_arch_args_and_refuses_nan(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header", "metadata"])
-def test_damaged_safetensors_get_one_line(timm_files, tmp_path, damage):
+def test_damaged_safetensors_get_one_line(timm_files, tmp_path, damage, capsys):
     data = timm_files[2].read_bytes()
     path = tmp_path / "bad.safetensors"
     if damage == "truncated":
@@ -151,9 +168,7 @@ def test_damaged_safetensors_get_one_line(timm_files, tmp_path, damage):
         path.write_bytes((10 ** 9).to_bytes(8, "little") + data[8:])
     else:
         save_file({"w": torch.ones(2)}, path, metadata={"arch": "{not json"})
-    proc = run("pruning/prune.py", "--checkpoint", path, "--list_groups", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "safetensors" in proc.stderr
+    assert "safetensors" in one_line_error(capsys, prune_main, "--checkpoint", path, "--list_groups")
 
 
 def test_prune_writes_safetensors_weights(timm_files, tmp_path):
@@ -175,14 +190,15 @@ def test_main_save_format_safetensors_twins_the_best_checkpoint(tmp_path):
     best, twin = checkpoint.load_checkpoint_file(out / "checkpoint-best.pth"), out / "checkpoint-best.safetensors"
     weights = load_file(twin)
     assert set(weights) == set(best["model"]) and all(torch.equal(weights[k], best["model"][k]) for k in weights)
-    top1 = [run("main.py", "--eval", "true", "--resume", p, *recipe).stderr.split("Accuracy of the network")[-1]
-            for p in (out / "checkpoint-best.pth", twin)]
-    assert top1[0] == top1[1]
-    # a resumed run owns the twin; a second fresh run into the folder is refused
-    proc = run("main.py", "--model", "resnet20", "--epochs", "2", "--output_dir", out, "--save_format",
-               "safetensors", "--batch_size", "128", "--warmup_epochs", "0", "--aa", "none", "--reprob", "0",
-               "--mixup", "0", "--cutmix", "0", *recipe)
-    assert (out / "checkpoint-1.pth").exists()
+    logged = json.loads((out / "log.txt").read_text().splitlines()[-1])["test_acc1"]
+    proc = run("main.py", "--eval", "true", "--resume", twin, *recipe)
+    assert f"{logged:.5f}%" in proc.stderr + proc.stdout                  # --resume reads it
+    from run_folder import RunFolder
+    resumed = RunFolder(str(out), checkpoint.load_checkpoint_file(out / "checkpoint-0.pth"), str(out / "checkpoint-0.pth"))
+    resumed.check(start_epoch=1)                                            # the twin is the run's own
+    assert twin.name in resumed.owned
+    with pytest.raises(UserError, match="already holds"):
+        RunFolder(str(out)).check(start_epoch=0)                            # another run's: refused
     bad = run("main.py", "--model", "resnet20", "--eval", "true", "--save_format", "safetensors",
               "--resume", twin, *recipe, check=False)
     assert bad.returncode == 2 and "--save_format" in bad.stderr
@@ -259,10 +275,8 @@ def test_hf_hub_ids_are_fetched_cached_and_read_offline(timm_files, hub_env):
     offline = {**hub_env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     again = run("pruning/prune.py", "--checkpoint", "hf-hub:org/small@main", "--list_groups", env=offline)
     assert again.stdout == proc.stdout
-    for ref, message in [("hf-hub:org/absent", "no such model repository"),
-                         ("hf-hub:nobody", "expected hf-hub:ORG/NAME")]:
-        bad = run("pruning/prune.py", "--checkpoint", ref, "--list_groups", env=hub_env, check=False)
-        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+    bad = run("pruning/prune.py", "--checkpoint", "hf-hub:org/absent", "--list_groups", env=hub_env, check=False)
+    assert bad.returncode == 2 and "no such model repository" in bad.stderr and "Traceback" not in bad.stderr
     missing = run("pruning/prune.py", "--checkpoint", "hf-hub:org/other", "--list_groups", env=offline, check=False)
     assert missing.returncode == 2 and "not in the local Hugging Face cache" in missing.stderr
 
@@ -311,15 +325,15 @@ print(type(m).__module__)
 
 
 @pytest.mark.parametrize("name", ["convnext_tiny_13M_pruned_cifar10", "convnext_tiny_3M_pruned_cifar10"])
-def test_export_folder_loads_with_timm_alone(name, tmp_path):
+def test_export_folder_loads_with_timm_alone(name, tmp_path, capsys):
     torch.manual_seed(0)
     model = models.create_model(name, layer_scale_init_value=0.3).eval()
     ckpt = tmp_path / "c.pth"
     checkpoint.save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
                                      "args": {"input_size": 32, "data_set": "DIGITS"}}, ckpt)
     folder = tmp_path / "folder"
-    out = run("scripts/export.py", "--checkpoint", ckpt, "--format", "timm", "--output", folder)
-    assert "timm alone loads it" in out.stdout
+    assert run_cli(export_main, ["--checkpoint", str(ckpt), "--format", "timm", "--output", str(folder)]) == 0
+    assert "timm alone loads it" in capsys.readouterr().out
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "convnext_tiny" and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     proc = subprocess.run([sys.executable, "-I", "-c", _TIMM_ONLY, str(folder), "32", str(tmp_path / "o.pt")],
@@ -347,18 +361,19 @@ def test_export_folder_of_other_shapes_loads_once_models_is_imported(arch, tmp_p
     assert "import models" in (folder / "README.md").read_text()
 
 
-def test_export_folder_refuses_to_clobber(tmp_path, timm_files):
+def test_a_malformed_hub_id_is_one_line(capsys):
+    assert "expected hf-hub:ORG/NAME" in one_line_error(capsys, prune_main, "--checkpoint", "hf-hub:nobody",
+                                                        "--list_groups")
+
+
+def test_export_folder_refuses_to_clobber(tmp_path, timm_files, capsys):
     folder = tmp_path / "f"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    proc = run("scripts/export.py", "--checkpoint", timm_files[1], "--format", "timm", "--output", folder,
-               "--input_size", "32", check=False)
-    assert proc.returncode == 2 and "not empty" in proc.stderr
-    run("scripts/export.py", "--checkpoint", timm_files[1], "--format", "timm", "--output", folder,
-        "--input_size", "32", "--overwrite")
+    argv = ["--checkpoint", timm_files[1], "--format", "timm", "--output", folder, "--input_size", "32"]
+    assert "not empty" in one_line_error(capsys, export_main, *argv)
+    assert run_cli(export_main, [str(a) for a in argv] + ["--overwrite"]) == 0
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
-    for flags in (["--fold"], ["--dynamic_size"]):
-        bad = run("scripts/export.py", "--checkpoint", timm_files[1], "--format", "timm", "--output",
-                  tmp_path / "g", *flags, check=False)
-        assert bad.returncode == 2 and "apply to --format onnx" in bad.stderr
+    for flag in ("--fold", "--dynamic_size"):
+        assert "apply to --format onnx" in one_line_error(capsys, export_main, *argv[:5], tmp_path / "g", flag)
