@@ -107,7 +107,6 @@ def _install(tmp, folder):
     """Move the checked files into place: the whole folder at once when it is new."""
     if not os.path.exists(folder):
         os.replace(tmp, folder)
-        os.makedirs(tmp)  # for the caller's cleanup
         return
     for name in FILES:
         os.replace(os.path.join(tmp, name), os.path.join(folder, name))

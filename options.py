@@ -30,7 +30,8 @@ def get_args_parser():
     # Model parameters
     a("--model", default=None, type=str, metavar="MODEL",
       help=f"Name of model to train (default: the shape stored in the --resume / --finetune "
-           f"checkpoint, else {DEFAULT_MODEL})")
+           f"checkpoint, else {DEFAULT_MODEL}); a timm pretrained tag (convnext_tiny.fb_in22k) "
+           "starts from timm's weights")
     a("--drop_path", type=float, default=0, metavar="PCT", help="Drop path rate")
     a("--input_size", default=None, type=int,
       help="image input size (default: the --resume / --finetune checkpoint's, else 224)")
@@ -87,7 +88,8 @@ def get_args_parser():
     a("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
       help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
     # Finetuning params
-    a("--finetune", default="", help="finetune from checkpoint")
+    a("--finetune", default="", help="finetune from checkpoint (.pth / .safetensors, ours, official or "
+                                       "timm's layout; a path, http(s) URL or hf-hub:ORG/NAME)")
     a("--head_init_scale", default=1.0, type=float,
       help="classifier head initial scale, typically adjusted in fine-tuning")
     a("--model_key", default="model|module", type=str,
@@ -105,7 +107,7 @@ def get_args_parser():
     a("--log_dir", default=None, help="path where to tensorboard log")
     a("--device", default="cuda", help="device to use for training / testing (CPU if no CUDA)")
     a("--seed", default=0, type=int, help="random seed (each rank adds its rank)")
-    a("--resume", default="", help="resume from checkpoint")
+    a("--resume", default="", help="resume from checkpoint (a path, http(s) URL or hf-hub:ORG/NAME)")
     a("--auto_resume", type=str2bool, default=True,
       help="continue from the newest checkpoint-N.pth in --output_dir")
     a("--save_ckpt", type=str2bool, default=True, help="write checkpoints to --output_dir")

@@ -5,9 +5,8 @@ import warnings
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model, resolve_pretrained_cfg
-
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model, resolve_pretrained_cfg
 
 from errors import UserError, first_line
 
@@ -43,24 +42,17 @@ def our_layout(state_dict):
 
 def _register_timm(name, build, doc, module, head_key):
     """Register `build(**kwargs)` under `name` in timm's registry (quietly: some names replace
-    timm's own); `head_key` (None: as the weights' config says) is the classifier. Pretrained weights (pretrained=True, a tag such as `.fb_in22k`,
-    pretrained_cfg_overlay=dict(file=...), a local-dir / hf-hub folder) come through timm's
-    own machinery and are renamed into our layout."""
+    timm's own). Pretrained weights (pretrained=True, a tag such as `.fb_in22k`,
+    pretrained_cfg_overlay=dict(file=...), a local-dir: / hf-hub: folder) come through timm's
+    own machinery, renamed into our layout; `head_key` is the classifier (None: as the
+    folder's config says)."""
 
     def factory(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
-                pretrained_model_args=None, **kwargs):
+                pretrained_model_args=None, **kwargs):  # timm passes pretrained_model_args; unused
         try:
             if not (pretrained or pretrained_cfg or pretrained_cfg_overlay):
                 return build(**kwargs)
-            if pretrained and not (pretrained_cfg or pretrained_cfg_overlay or get_pretrained_cfg(name)):
-                raise UserError(f"{name}: timm has no pretrained weights for it; start from a "
-                                "checkpoint with --finetune, or give pretrained_cfg_overlay=dict(file=...)")
-            overlay = {**({"classifier": head_key} if head_key else {}), **(pretrained_cfg_overlay or {})}
-            cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
-            if pretrained and not (cfg.has_weights or cfg.source == "local-dir"):
-                raise UserError(f"{name}: its pretrained config names no weights (no file, url or hf_hub_id)")
-            if cfg.file and cfg.source != "local-dir" and not os.path.isfile(cfg.file):
-                raise UserError(f"{name}: pretrained file {cfg.file} not found")
+            cfg = _resolve_cfg(name, pretrained, pretrained_cfg, pretrained_cfg_overlay, head_key)
             return build_model_with_cfg(build, name, pretrained, pretrained_cfg=cfg.to_dict(),
                                         pretrained_filter_fn=_pretrained_filter(name),
                                         cache_dir=cache_dir, **kwargs)
@@ -76,6 +68,21 @@ def _register_timm(name, build, doc, module, head_key):
         warnings.simplefilter("ignore")
         register_model(factory)
     return factory
+
+
+def _resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key):
+    """timm's pretrained cfg for `name` (a tag, a dict, an overlay), refused in one line where
+    it names no weights to load."""
+    if pretrained and not (pretrained_cfg or overlay or get_pretrained_cfg(name)):
+        raise UserError(f"{name}: timm has no pretrained weights for it; start from a checkpoint "
+                        "with --finetune, or give pretrained_cfg_overlay=dict(file=...)")
+    overlay = {**({"classifier": head_key} if head_key else {}), **(overlay or {})}
+    cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
+    if pretrained and not (cfg.has_weights or cfg.source == "local-dir"):
+        raise UserError(f"{name}: its pretrained config names no weights (no file, url or hf_hub_id)")
+    if pretrained and cfg.file and cfg.source != "local-dir" and not os.path.isfile(cfg.file):
+        raise UserError(f"{name}: pretrained file {cfg.file} not found")
+    return cfg
 
 
 def _pretrained_filter(name):

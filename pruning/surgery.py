@@ -91,7 +91,7 @@ def read_source(ckpt, model_name=None, use_ema=False):
 def _resolve_arch(held):
     if held.arch is not None:
         return dict(held.arch)
-    name, sd = held.name, held.state
+    name, sd = models.base_name(held.name), held.state
     if name not in models.OUR_MODELS:
         raise UserError(f"--model {name}: pruning needs one of this toolkit's models (see the "
                         "README's model zoo), whose channel groups it knows")
