@@ -2,12 +2,17 @@
 
 Every writer of the project (checkpoints, logs, study rows and tables, exports) goes through
 `atomic_path` / `atomic_open`: a temp file `.tmp-<name>-<random>` in the target's folder, fsync,
-rename onto the target. A temp file is removed when the block fails.
+rename onto the target. A temp file is removed when the block fails. `hold_lock` is the one
+run lock of a folder (training runs, studies): one process at a time writes in it.
 """
 import contextlib
+import fcntl
 import hashlib
 import os
+import socket
 import tempfile
+
+from errors import UserError
 
 TEMP_PREFIX = ".tmp-"  # temp names: .tmp-<target name>-<random><suffix>
 
@@ -53,3 +58,34 @@ def sha256_file(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+LOCK_NAME = ".run.lock"  # a folder's run lock (hold_lock); the file may stay, the lock does not
+_HELD = {}  # folder -> its open lock file: the kernel drops the lock when the process ends
+
+
+def hold_lock(folder, what):
+    """Hold `folder`'s run lock (flock on LOCK_NAME) for the life of this process, creating the
+    folder. A second process is refused with a UserError naming the holder; a holder that
+    dies, however it dies, leaves no lock behind."""
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, LOCK_NAME), "a+", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{what} {folder}: cannot create or write in it ({e.strerror})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{what} {folder} is in use by another run ({holder}); wait for it to "
+                        "end, or give another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD[key] = f

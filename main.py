@@ -32,6 +32,7 @@ from errors import UserError, first_line, run_cli
 from losses import DistillationLoss, load_teachers
 from optim_factory import LayerDecayValueAssigner, create_optimizer
 from options import DEFAULT_MODEL, check_args, parse_args
+from files import hold_lock
 from run_folder import RunFolder, resolve_resume, resume_label
 from utils import NativeScalerWithGradNormCount as NativeScaler
 
@@ -426,10 +427,13 @@ def _write_log(folder, log_stats, log_writer, wandb_logger):
 
 def open_run_folder(args, resume):
     """The RunFolder of a training run with --output_dir (None without one: nothing is saved).
-    Refuses a folder holding another run's files; every rank checks, so all stop together."""
+    Refuses a folder another run is writing in (its lock) or holding another run's files;
+    every rank checks, so all stop together."""
     if not args.output_dir:
         logger.warning("warning: no --output_dir: this run saves no checkpoint and no log")
         return None
+    if utils.env_rank(args) == 0:  # the main process holds the folder's lock for the whole run
+        hold_lock(args.output_dir, "--output_dir")
     folder = RunFolder(args.output_dir, resume, args.resume, restart=args.auto_resume)
     folder.check(args.start_epoch)
     return folder

@@ -257,6 +257,13 @@ def _ranks_from_env(args):
     return None
 
 
+def env_rank(args):
+    """This process's rank as the launcher's environment says (0 without one), before the
+    process group exists."""
+    ranks = _ranks_from_env(args)
+    return ranks[0] if ranks is not None else 0
+
+
 def init_distributed_mode(args):
     """Join the process group described by the environment (torchrun, launch, SLURM).
 

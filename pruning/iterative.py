@@ -16,7 +16,6 @@ teacher (main.py --teacher ... --kd_alpha A --kd_temperature T). Everything land
 same command after a kill: finished rounds are kept and a fine-tuning resumes where it stopped.
 """
 import os
-import shlex
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,10 +53,11 @@ def check_args(args):
     if not args.distill_epochs and (args.kd_alpha != 1.0 or args.kd_temperature != 5.0):
         raise UserError("--kd_alpha / --kd_temperature apply to the distillation round: give --distill_epochs")
     study.check_train_args(args.train_args, allowed=("--seed",))
+    prune_argv = study.split_flags(args.prune, "--prune")
     for flag in ("--checkpoint", "--output", "--dry_run"):
-        if flag in shlex.split(args.prune):
+        if flag in prune_argv:
             raise UserError(f"--prune: {flag} is set by this tool; leave it out")
-    study.cell_spec(args.checkpoint, shlex.split(args.prune))  # every prune.py check, up front
+    study.cell_spec(args.checkpoint, prune_argv)  # every prune.py check, up front
 
 
 def finetune(args, data, start, out, epochs, teachers=()):
@@ -73,7 +73,7 @@ def prune_round(args, current, path):
     """Prune `current` into `path` (kept if a killed run already wrote it); the pruned dict."""
     if os.path.exists(path):
         return load_checkpoint_file(path)
-    pruned = api.prune(current, study.cell_spec(current, shlex.split(args.prune))).checkpoint
+    pruned = api.prune(current, study.cell_spec(current, study.split_flags(args.prune, "--prune"))).checkpoint
     save_checkpoint_file(pruned, path)
     return pruned
 
@@ -96,7 +96,8 @@ def run(args):
                                               "data_path")}
     settings["source_sha256"] = source.sha256
     evaluator = study.Evaluator(data)  # before the folder: a data error leaves none
-    results = study.Results(args.output_dir, settings, ("round",))
+    results = study.Results(args.output_dir, settings, ("round",),
+                            ("round", "params", "macs", "acc_pruned", "acc_finetuned", "snapshot"))
     params, macs = models.count_arch(source.arch, data.input_size)
     source_row = {"round": "source", "params": params, "macs": macs, "acc_pruned": None,
                   "acc_finetuned": evaluator.accuracy(source.arch, source.sds["model"])}

@@ -134,7 +134,8 @@ def run(args):
                                               "data_path", "eval_subset")}
     settings.update(source_sha256=source.sha256, input_size=args.input_size)
     evaluator = study.Evaluator(data, args.eval_subset)  # data errors first: they leave no folder
-    results = study.Results(args.output_dir, settings, ("set", "ratio", "seed"))
+    results = study.Results(args.output_dir, settings, ("set", "ratio", "seed"),
+                            ("set", "ratio", "seed", "params", "acc"))
     base = evaluator.accuracy(source.arch, source.sds[source.scored])
     print(f"{len(cells)} cells ({len(results.rows)} done before); source top-1 {base:.2f} on "
           f"{evaluator.images} {data.data_set} images", flush=True)

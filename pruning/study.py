@@ -8,10 +8,12 @@ A study folder holds `study.json` (the settings that define the rows) and `resul
 folder skips the rows already there, so a killed study loses at most the row in progress;
 different settings in the same folder are refused instead of mixed.
 """
+import ctypes
 import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -22,8 +24,8 @@ import datasets
 import models
 from engine import evaluate
 from checkpoint import check_source
-from errors import ArgumentParser, UserError
-from files import atomic_open
+from errors import ArgumentParser, UserError, first_line
+from files import LOCK_NAME, atomic_open, hold_lock
 
 from . import api, cli
 from .calibration import stacked_batches
@@ -59,13 +61,22 @@ def open_source(checkpoint):
     return source, source.held.input_size()
 
 
+def _die_with_parent(parent=os.getpid()):
+    """In a study's child before it runs: killed when the study dies, however it dies (Linux
+    PR_SET_PDEATHSIG), so no orphan main.py writes on into a folder a rerun then uses."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the study died before the call above
+        os._exit(1)
+
+
 def finetune(start, out, epochs, data, train_args, what, extra=()):
     """main.py --finetune `start` into `out` (auto-resumed after a kill) with the data flags,
     `extra` and the pass-through recipe; (its last checkpoint, top-1). One line if it fails."""
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--finetune", start, "--output_dir", out,
            "--epochs", str(epochs), "--data_set", data.data_set, "--input_size", str(data.input_size),
            *(["--data_path", data.data_path] if data.data_path else []), *extra, *shlex.split(train_args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"{what} failed: {tail[0]}")
@@ -142,9 +153,17 @@ MAIN_FLAGS_SET = ("--finetune", "--resume", "--output_dir", "--epochs", "--teach
                   "--data_path", "--input_size", "--kd_alpha", "--kd_temperature", "--seed", "--disable_eval")
 
 
+def split_flags(text, flag):
+    """A flag's shell-quoted text as argv, one line for a quote left open."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"{flag} {text!r}: {e} (quote it as in a shell)") from None
+
+
 def check_train_args(text, allowed=()):
     """Refuse main.py flags in --train_args that the study sets itself (or needs unset)."""
-    clash = [f for f in MAIN_FLAGS_SET if f not in allowed and f in shlex.split(text)]
+    clash = [f for f in MAIN_FLAGS_SET if f not in allowed and f in split_flags(text, "--train_args")]
     if clash:
         raise UserError(f"--train_args: {clash[0]} is set by this tool; leave it out")
 
@@ -174,39 +193,83 @@ def prune_cell(source, spec, evidence):
     return api.prune(source, spec, evidence=evidence[key]).checkpoint
 
 
-class Results:
-    """The rows of a study folder, keyed by their identifying fields."""
+def _integer(v):
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    def __init__(self, folder, settings, key_fields):
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _top1(v):
+    return v is None or (_number(v) and 0 <= v <= 100)
+
+
+# What each field of a study row holds: (test, description); rows are checked when read.
+ROW_FIELDS = {
+    **{k: (lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+       for k in ("criterion", "budget", "set", "snapshot")},
+    "seed": (_integer, "an integer"),
+    "round": (lambda v: v == "distill" or (_integer(v) and v >= 1), 'a round number or "distill"'),
+    **{k: (lambda v: _integer(v) and v >= 0, "a count >= 0") for k in ("params", "macs")},
+    "ratio": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    **{k: (_top1, "a top-1 in [0, 100] or null") for k in ("acc", "acc_pruned", "acc_finetuned")},
+    "seconds": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+}
+
+
+class Results:
+    """The rows of a study folder, keyed by their identifying fields, each checked when read
+    (`fields`: what every row holds, tested by ROW_FIELDS). The folder is locked for the
+    life of the process (files.hold_lock)."""
+
+    def __init__(self, folder, settings, key_fields, fields):
         self.path = os.path.join(folder, "results.jsonl")
-        self.key_fields = key_fields
-        os.makedirs(folder, exist_ok=True)
+        self.key_fields, self.fields = key_fields, fields
+        hold_lock(folder, "--output_dir")
         settings_path = os.path.join(folder, "study.json")
         if os.path.exists(settings_path):
-            with open(settings_path) as f:
-                held = json.load(f)
+            held = _read_json(settings_path)
             if held != json.loads(json.dumps(settings)):
                 raise UserError(f"{folder} holds a study with other settings ({settings_path}); "
                                 "give another --output_dir, or the same settings to resume it")
-        elif os.path.exists(self.path) or os.listdir(folder):
+        elif os.path.exists(self.path) or set(os.listdir(folder)) - {LOCK_NAME}:
             raise UserError(f"{folder} is not empty and holds no study of this tool; give another --output_dir")
         else:
             write_json(settings_path, settings)
         self.rows = self._read()
 
     def _read(self):
-        rows = []
         if not os.path.exists(self.path):
-            return rows
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
+            return []
+        lines = _read_text(self.path).splitlines()
+        rows, seen = [], {}
+        for n, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):
                     break  # the line a kill cut short: that row is run again
+                raise UserError(f"{self.path} line {n} is not JSON: the folder is damaged") from None
+            self._check(row, n)
+            key = self.key(row)
+            if key in seen:
+                raise UserError(f"{self.path} line {n} repeats the row of line {seen[key]} ({key})")
+            seen[key] = n
+            rows.append(row)
         with atomic_open(self.path) as f:  # drop a cut line so appends stay line-aligned
             f.writelines(json.dumps(r) + "\n" for r in rows)
         return rows
+
+    def _check(self, row, n):
+        if not isinstance(row, dict):
+            raise UserError(f"{self.path} line {n} is not a row (a JSON object)")
+        for field in self.fields:
+            if field not in row:
+                raise UserError(f"{self.path} line {n} has no {field!r}")
+            test, what = ROW_FIELDS[field]
+            if not test(row[field]):
+                raise UserError(f"{self.path} line {n}: {field} is {row[field]!r}, not {what}")
 
     def key(self, row):
         return tuple(row[k] for k in self.key_fields)
@@ -220,6 +283,22 @@ class Results:
             f.flush()
             os.fsync(f.fileno())
         self.rows.append(row)
+
+
+def _read_text(path):
+    """A study file's text; one line when it is a folder, unreadable or not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or first_line(e)}") from None
+
+
+def _read_json(path):
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not JSON: the study folder is damaged") from None
 
 
 def write_json(path, data):

@@ -197,7 +197,9 @@ def run(args):
                                               "eval_subset", "finetune_epochs", "train_args")}
     settings.update(source_sha256=source.sha256, input_size=args.input_size)
     evaluator = study.Evaluator(args.data, args.eval_subset)  # data errors first: they leave no folder
-    results = study.Results(args.output_dir, settings, ("criterion", "budget", "seed"))
+    results = study.Results(args.output_dir, settings, ("criterion", "budget", "seed"),
+                            ("criterion", "budget", "seed", "params", "macs", "acc_pruned", "acc_finetuned",
+                             "seconds"))
     once = [c for c in args.criteria if not study.uses_seed(study.criterion_argv(c))]
     if once and len(args.seeds) > 1 and not args.finetune_epochs:
         print(f"deterministic criteria ({', '.join(once)}) run once per budget; the seeds apply to the "

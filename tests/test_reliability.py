@@ -1,0 +1,190 @@
+"""Reliability round 3: each class of failure of the attack matrix, met as a user meets it
+(real processes, real signals, a real HTTP server, real files)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import models  # noqa: E402
+from checkpoint import save_checkpoint_file  # noqa: E402
+from errors import UserError, run_cli  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+DATA = ["--data_set", "DIGITS", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]
+RECIPE = ["--batch_size", "64", "--warmup_epochs", "0", "--mixup", "0", "--cutmix", "0", "--reprob", "0",
+          "--aa", "none", "--smoothing", "0"]
+TRAIN = " ".join(RECIPE[:-2] + ["--opt", "sgd", "--lr", "0.02", "--num_workers", "0", "--device", "cpu"])
+
+
+def cmd(script, *args):
+    return [sys.executable, str(ROOT / script), *map(str, args)]
+
+
+def run(script, *args, check=False, timeout=600):
+    proc = subprocess.run(cmd(script, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def one_line(proc, needle):
+    """Exit status 2, one `error:` line holding `needle`, no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines and lines[-1].startswith("error: ") and needle in lines[-1], lines[-3:]
+
+
+def wait_for(test, timeout=120, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        if test():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A small ConvNeXt checkpoint that says it was trained on DIGITS at 32 px."""
+    torch.manual_seed(0)
+    arch = {"family": "convnext", "depths": [1, 1], "dims": [16, 32], "num_classes": 10}
+    model = models.build_model(arch, layer_scale_init_value=0.5)
+    path = tmp_path_factory.mktemp("src") / "src.pth"
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
+                          "args": {"data_set": "DIGITS", "input_size": 32}}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- one run per folder
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(cmd("main.py", "--model", "resnet20", "--epochs", "3", "--output_dir", out,
+                                 *DATA, *RECIPE), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        lock = out / ".run.lock"
+        wait_for(lambda: lock.exists() and f"pid {first.pid}" in lock.read_text(), what="the lock")
+        second = run("main.py", "--model", "resnet20", "--epochs", "3", "--output_dir", out, *DATA, *RECIPE)
+        one_line(second, "is in use by another run")
+        assert f"pid {first.pid}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    again = run("main.py", "--model", "resnet20", "--epochs", "1", "--output_dir", out, *DATA, *RECIPE)
+    assert "in use" not in again.stderr
+
+
+def test_a_study_folder_in_use_is_refused(source, tmp_path):
+    from files import hold_lock
+    out = tmp_path / "study"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from files import hold_lock; hold_lock(sys.argv[2], 'x'); print('held', flush=True); "
+                               "time.sleep(60)", str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run("pruning/sensitivity.py", "--checkpoint", source, "--output_dir", out, "--sets", "stages.0.*",
+                   "--ratios", "0.5")
+        one_line(proc, "is in use by another run")
+        with pytest.raises(UserError, match="in use"):
+            hold_lock(str(out), "--output_dir")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _children(pid):
+    """pids whose parent is `pid` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_killing_a_study_kills_its_fine_tuning_child(source, tmp_path):
+    out = tmp_path / "iter"
+    parent = subprocess.Popen(cmd("pruning/iterative.py", "--checkpoint", source, "--output_dir", out,
+                                  "--rounds", "1", "--prune", "--criterion l1 --ratio 0.3", "--finetune_epochs", "5",
+                                  "--train_args", TRAIN), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    wait_for(lambda: _children(parent.pid), what="the main.py child")
+    child = _children(parent.pid)[0]
+    parent.send_signal(signal.SIGKILL)   # the parent only, as an OOM killer does
+    parent.wait()
+    wait_for(lambda: not _alive(child), timeout=30, what="the orphan to die")
+
+
+# ----------------------------------------------------------------------------- study rows
+
+@pytest.fixture(scope="module")
+def study_folder(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sens") / "sens"
+    run("pruning/sensitivity.py", "--checkpoint", source, "--output_dir", out, "--sets", "stages.0.*",
+        "--ratios", "0.5", check=True)
+    return out
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("duplicate", "repeats the row of line 1"),
+    ("seed", "seed is '0', not an integer"),
+    ("accuracy", "acc is 1000, not a top-1"),
+    ("middle", "line 1 is not JSON"),
+    ("missing", "has no 'acc'"),
+    ("bytes", "cannot read"),
+    ("folder", "cannot read"),
+    ("settings", "study.json is not JSON"),
+])
+def test_crafted_study_folders_are_refused_naming_the_line(source, study_folder, tmp_path, damage, message, capsys):
+    from pruning.sensitivity import main as sensitivity
+    out = tmp_path / "sens"
+    shutil.copytree(study_folder, out)
+    results = out / "results.jsonl"
+    row = json.loads(results.read_text().splitlines()[0])
+    text = {"duplicate": [row, row], "seed": [{**row, "seed": "0"}], "accuracy": [{**row, "acc": 1000}],
+            "missing": [{k: v for k, v in row.items() if k != "acc"}]}.get(damage)
+    if text is not None:
+        results.write_text("".join(json.dumps(r) + "\n" for r in text))
+    elif damage == "middle":
+        results.write_text("{not json\n" + json.dumps(row) + "\n")
+    elif damage == "bytes":
+        results.write_bytes(b"\xff\xfe\x00garbage\n")
+    elif damage == "folder":
+        results.unlink()
+        results.mkdir()
+    else:
+        (out / "study.json").write_text("{oops")
+    argv = ["--checkpoint", str(source), "--output_dir", str(out), "--sets", "stages.0.*", "--ratios", "0.5"]
+    assert sensitivity(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_an_open_quote_in_pass_through_flags_is_one_line(source, tmp_path):
+    one_line(run("pruning/iterative.py", "--checkpoint", source, "--output_dir", tmp_path / "i",
+                 "--prune", "--criterion 'l1", "--finetune_epochs", "1"), "--prune")
+    one_line(run("pruning/iterative.py", "--checkpoint", source, "--output_dir", tmp_path / "i",
+                 "--prune", "--ratio 0.2", "--finetune_epochs", "1", "--train_args", '--lr "1'), "--train_args")
