@@ -5,6 +5,7 @@ Every writer of the project (checkpoints, logs, study rows and tables, exports) 
 rename onto the target. A temp file is removed when the block fails. `hold_lock` is the one
 run lock of a folder (training runs, studies): one process at a time writes in it.
 """
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -61,31 +62,58 @@ def sha256_file(path):
 
 
 LOCK_NAME = ".run.lock"  # a folder's run lock (hold_lock); the file may stay, the lock does not
-_HELD = {}  # folder -> its open lock file: the kernel drops the lock when the process ends
+_HELD = {}  # folder -> (its open lock file, whether this process created it): the kernel drops
+# the lock when the process ends
 
 
 def hold_lock(folder, what):
     """Hold `folder`'s run lock (flock on LOCK_NAME) for the life of this process, creating the
     folder. A second process is refused with a UserError naming the holder; a holder that
-    dies, however it dies, leaves no lock behind."""
+    dies, however it dies, leaves no lock behind (the file of a killed one may stay; a holder
+    that exits removes the file it created)."""
     key = os.path.realpath(folder)
     if key in _HELD:
         return
+    path = os.path.join(folder, LOCK_NAME)
     try:
         os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, LOCK_NAME), "a+", encoding="utf-8")
+        while True:
+            created = not os.path.exists(path)
+            f = open(path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise UserError(f"{what} {folder} is in use by another run ({holder}); wait for it "
+                                "to end, or give another folder") from None
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+            f.close()  # its holder removed the file as we opened it: lock the new one
     except OSError as e:
         raise UserError(f"{what} {folder}: cannot create or write in it ({e.strerror})") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"{what} {folder} is in use by another run ({holder}); wait for it to "
-                        "end, or give another folder") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
-    _HELD[key] = f
+    if not _HELD:
+        atexit.register(_drop_all)
+    _HELD[key] = (f, created)
+
+
+def drop_lock(folder):
+    """Give the lock up (a refused run, or at exit), removing the file if this process created
+    it, so the folder is left as it was found."""
+    f, created = _HELD.pop(os.path.realpath(folder), (None, False))
+    if f is None:
+        return
+    if created:
+        with contextlib.suppress(OSError):
+            os.remove(f.name)  # while still holding it (hold_lock checks the inode it locked)
+    f.close()
+
+
+def _drop_all():
+    for folder in list(_HELD):
+        drop_lock(folder)

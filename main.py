@@ -32,7 +32,7 @@ from errors import UserError, first_line, run_cli
 from losses import DistillationLoss, load_teachers
 from optim_factory import LayerDecayValueAssigner, create_optimizer
 from options import DEFAULT_MODEL, check_args, parse_args
-from files import hold_lock
+from files import drop_lock, hold_lock
 from run_folder import RunFolder, resolve_resume, resume_label
 from utils import NativeScalerWithGradNormCount as NativeScaler
 
@@ -435,7 +435,11 @@ def open_run_folder(args, resume):
     if utils.env_rank(args) == 0:  # the main process holds the folder's lock for the whole run
         hold_lock(args.output_dir, "--output_dir")
     folder = RunFolder(args.output_dir, resume, args.resume, restart=args.auto_resume)
-    folder.check(args.start_epoch)
+    try:
+        folder.check(args.start_epoch)
+    except UserError:
+        drop_lock(args.output_dir)
+        raise
     return folder
 
 

@@ -25,7 +25,7 @@ import models
 from engine import evaluate
 from checkpoint import check_source
 from errors import ArgumentParser, UserError, first_line
-from files import LOCK_NAME, atomic_open, hold_lock
+from files import LOCK_NAME, atomic_open, drop_lock, hold_lock
 
 from . import api, cli
 from .calibration import stacked_batches
@@ -227,6 +227,13 @@ class Results:
         self.path = os.path.join(folder, "results.jsonl")
         self.key_fields, self.fields = key_fields, fields
         hold_lock(folder, "--output_dir")
+        try:
+            self._open(folder, settings)
+        except UserError:
+            drop_lock(folder)
+            raise
+
+    def _open(self, folder, settings):
         settings_path = os.path.join(folder, "study.json")
         if os.path.exists(settings_path):
             held = _read_json(settings_path)
