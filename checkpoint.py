@@ -4,15 +4,19 @@ Reading never runs code from the file (weights_only + an allow-list of plain cla
 is atomic (files.py), so a kill leaves either the old file or the new one. The files of a training run in --output_dir are managed by `run_folder.py`.
 """
 import argparse
+import hashlib
 import json
 import logging
 import os
 import pathlib
 import pickle
 import re
+import sys
 import tarfile
 import urllib.error
 import urllib.parse
+import urllib.request
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +26,7 @@ import torch
 import datasets
 import models
 from errors import UserError, first_line
-from files import atomic_open
+from files import atomic_open, atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,25 +75,96 @@ def local_copy(path):
         if re.match(r"^[a-z][a-z0-9+.-]*://", path, re.I):
             raise UserError(f"cannot read {path}: only local paths, http(s) URLs and hf-hub:ORG/NAME are supported")
         return path
-    name = os.path.basename(urllib.parse.urlparse(path).path) or "checkpoint.pth"
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return download(path)
+
+
+DOWNLOAD_TIMEOUT = 60.0  # seconds a connect or a read may wait (--download_timeout)
+
+
+def add_download_flag(parser):
+    """--download_timeout, for every command that reads checkpoints (apply: set_download_timeout)."""
+    parser.add_argument("--download_timeout", type=float, default=DOWNLOAD_TIMEOUT, metavar="SECONDS",
+                        help="an http(s) checkpoint download fails when connecting or a read waits "
+                             f"longer than this (default {DOWNLOAD_TIMEOUT:g})")
+
+
+def set_download_timeout(seconds):
+    """Range-checked, before any work."""
+    global DOWNLOAD_TIMEOUT
+    if not (isinstance(seconds, (int, float)) and 0 < seconds <= 86400):
+        raise UserError(f"--download_timeout must be in (0, 86400] seconds, got {seconds}")
+    DOWNLOAD_TIMEOUT = float(seconds)
+
+
+def download(url):
+    """The local copy of an http(s) URL: `<torch hub>/checkpoints/<hash of the whole URL>/<name>`,
+    downloaded once with a progress bar into a temp name, with a connect / read timeout,
+    checked against Content-Length, a `-<hex>.` hash prefix in the name, and the file's own
+    structure (a zip's CRCs, a safetensors header) before it is renamed into the cache."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint.pth"
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints", hashlib.sha256(url.encode()).hexdigest()[:16])
     dst = os.path.join(folder, name)
     if os.path.isfile(dst):
         logger.info("Using the cached download %s", dst)
         return dst
+    logger.warning("Downloading %s to %s", url, dst)
     match = torch.hub.HASH_REGEX.search(name)
-    os.makedirs(folder, exist_ok=True)
-    logger.warning("Downloading %s to %s", path, dst)
-    try:  # torch writes a temp file and renames it when complete (and the hash matches)
-        torch.hub.download_url_to_file(path, dst, hash_prefix=match.group(1) if match else None,
-                                       progress=True)
+    try:
+        with atomic_path(dst) as tmp:
+            _fetch(url, tmp, name)
+            if match and not sha256_file(tmp).startswith(match.group(1)):
+                raise UserError(f"download of {url} is corrupt: its sha256 does not start with "
+                                f"{match.group(1)} (the hash in its name)")
+            _check_structure(tmp, url)
     except urllib.error.HTTPError as e:
-        raise UserError(f"cannot download {path}: HTTP {e.code} {e.reason}") from None
+        raise UserError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"cannot download {path}: {getattr(e, 'reason', None) or first_line(e)}") from None
-    except RuntimeError as e:  # torch's hash check
-        raise UserError(f"download of {path} is corrupt: {first_line(e)}") from None
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"cannot download {url}: {first_line(reason)}"
+                        + (f" (no answer within --download_timeout {DOWNLOAD_TIMEOUT:g} s)"
+                           if isinstance(reason, TimeoutError) else "")) from None
     return dst
+
+
+def _fetch(url, path, name):
+    from tqdm import tqdm
+    request = urllib.request.Request(url, headers={"User-Agent": "efficient-convnext"})
+    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response, open(path, "wb") as f:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        got = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=name, file=sys.stderr) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and got != total:
+        raise UserError(f"download of {url} was cut short ({got:,} of {total:,} bytes); nothing was cached")
+
+
+def _check_structure(path, shown):
+    """Refuse a file whose own structure says it is incomplete or damaged."""
+    if _check_format(path, shown) == "safetensors":
+        _load_safetensors(path, shown, "cpu")
+    elif _is_zip(path):
+        check_zip(path, shown)
+
+
+def _is_zip(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def check_zip(path, shown):
+    """Verify the CRC of every member of a torch.save zip (a flipped byte in a tensor is
+    otherwise loaded silently)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise UserError(f"cannot read checkpoint {shown}: truncated or damaged PyTorch file ({first_line(e)})") from None
+    if bad is not None:
+        raise UserError(f"checkpoint {shown} is damaged: the CRC of {bad} does not match its bytes")
 
 
 def hub_copy(ref):
@@ -139,8 +214,11 @@ def load_checkpoint_file(path, map_location="cpu", mmap=False):
         raise UserError(f"{shown} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {shown}")
-    if _check_format(path, shown) == "safetensors":
+    kind = _check_format(path, shown)
+    if kind == "safetensors":
         return _load_safetensors(path, shown, map_location)
+    if not mmap and _is_zip(path):  # mmap: a cheap look at the entries, not a read of the tensors
+        check_zip(path, shown)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

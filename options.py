@@ -159,6 +159,7 @@ def get_args_parser():
     a("--kd_temperature", default=5.0, type=float, help="distillation temperature T")
     a("--kd_alpha", default=0.5, type=float,
       help="weight of the distillation term (1: pure distillation from the teachers)")
+    checkpoint.add_download_flag(p)
     return p
 
 
@@ -263,6 +264,7 @@ def check_paths(args):
 
 def check_args(args):
     """Reject values and combinations that cannot give a meaningful run, before anything heavy."""
+    checkpoint.set_download_timeout(args.download_timeout)
     if args.data_set == "CIFAR":
         args.data_set = "CIFAR100"  # the official repo's CIFAR is CIFAR-100
     check_ranges(args)

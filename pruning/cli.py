@@ -32,7 +32,7 @@ import os
 
 import datasets
 import models
-from checkpoint import check_source, is_remote
+from checkpoint import add_download_flag, check_source, is_remote, set_download_timeout
 from errors import ArgumentParser, UserError, run_cli
 
 from . import api
@@ -113,6 +113,7 @@ def get_args_parser():
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--list_groups", action="store_true",
                    help="print the checkpoint's channel groups (name, kind, width) and exit")
+    add_download_flag(p)
     return p
 
 
@@ -155,6 +156,7 @@ def spec_from_args(args):
 
 def check_args(args):
     """Refuse bad input before any heavy work; the checked PruneSpec (None with --list_groups)."""
+    set_download_timeout(args.download_timeout)
     check_source(args.checkpoint, f"--checkpoint {args.checkpoint}")
     if args.list_groups:
         return None

@@ -23,7 +23,7 @@ import torch
 import datasets
 import models
 from engine import evaluate
-from checkpoint import check_source
+from checkpoint import add_download_flag, check_source, set_download_timeout
 from errors import ArgumentParser, UserError, first_line
 from files import LOCK_NAME, atomic_open, drop_lock, hold_lock
 
@@ -39,11 +39,13 @@ def parser(name, doc):
     p = ArgumentParser(name, description=doc)
     p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
     p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
+    add_download_flag(p)
     return p
 
 
 def check_common(args):
     """The checks every study shares: the source file, the folder, --seeds, --eval_subset."""
+    set_download_timeout(args.download_timeout)
     check_source(args.checkpoint, f"--checkpoint {args.checkpoint}")
     if os.path.isfile(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file")

@@ -35,7 +35,7 @@ import torch.nn as nn  # noqa: E402
 import models  # noqa: E402
 from models.complexity import count_params, forward_cost, in_chans_of  # noqa: E402
 import utils  # noqa: E402
-from checkpoint import load_held_model  # noqa: E402
+from checkpoint import add_download_flag, load_held_model, set_download_timeout  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -464,11 +464,13 @@ def get_args_parser():
     p.add_argument("--json", help="write results as JSON lines (one per model)")
     p.add_argument("--plot", help="PNG of throughput against MACs")
     p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
+    add_download_flag(p)
     return p
 
 
 def check_args(args):
     """Every bad flag combination is one clear line, before any timing starts."""
+    set_download_timeout(args.download_timeout)
     if bool(args.models) == bool(args.vs):
         raise UserError("give either --models A [B ...] or --vs A [B]")
     if args.vs and not 1 <= len(args.vs) <= 2:

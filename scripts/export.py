@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 import hub  # noqa: E402
-from checkpoint import load_held_model, local_copy  # noqa: E402
+from checkpoint import add_download_flag, load_held_model, local_copy, set_download_timeout  # noqa: E402
 from engine import evaluate  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 from files import atomic_path, sha256_file  # noqa: E402
@@ -69,10 +69,12 @@ def get_args_parser():
                         "ONNX, 1e-5 for the timm folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output (--format timm: only its three files)")
+    add_download_flag(p)
     return p
 
 
 def check_args(args):
+    set_download_timeout(args.download_timeout)
     if args.tolerance is None:
         args.tolerance = 1e-5 if args.format == "timm" else 1e-4
     if not args.tolerance > 0:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402  (after the repo root is on the path)
 import models  # noqa: E402
-from checkpoint import Held, load_held_model  # noqa: E402
+from checkpoint import Held, add_download_flag, load_held_model, set_download_timeout  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 
 logger = logging.getLogger("inference")
@@ -45,6 +45,7 @@ def get_args_parser():
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--fold", action="store_true",
                         help="run the inference form (norm affines folded into the next layer)")
+    add_download_flag(parser)
     return parser
 
 
@@ -146,6 +147,7 @@ def onnx_probabilities(args):
 
 
 def run(args):
+    set_download_timeout(args.download_timeout)
     if args.data_path and not args.data_set:
         raise UserError("--data_path needs --data_set (which layout to read class names from)")
     if not os.path.isfile(args.image):

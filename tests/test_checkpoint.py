@@ -121,8 +121,8 @@ def test_url_is_downloaded_to_the_hub_cache_and_loaded_safely(http_server, tmp_p
     checkpoint.save_checkpoint_file({"model": sd}, root / "tiny.pth")
     ckpt = checkpoint.load_checkpoint_file(f"{base}/tiny.pth")
     assert torch.equal(ckpt["model"]["head.weight"], sd["head.weight"])
-    cached = tmp_path / "hub" / "checkpoints" / "tiny.pth"
-    assert cached.is_file()
+    cached = list((tmp_path / "hub" / "checkpoints").glob("*/tiny.pth"))  # a folder per URL
+    assert len(cached) == 1 and cached[0].is_file()
     (root / "tiny.pth").unlink()                       # a second use reads the cache
     assert set(checkpoint.load_checkpoint_file(f"{base}/tiny.pth")["model"]) == set(sd)
 
@@ -133,7 +133,7 @@ def test_url_hash_prefix_is_checked_and_nothing_partial_is_left(http_server, tmp
     checkpoint.save_checkpoint_file({"model": tiny_model().state_dict()}, root / "tiny-deadbeef.pth")
     with pytest.raises(UserError, match="corrupt"):
         checkpoint.load_checkpoint_file(f"{base}/tiny-deadbeef.pth")
-    assert not list((tmp_path / "hub" / "checkpoints").iterdir())
+    assert not [p for p in (tmp_path / "hub" / "checkpoints").rglob("*") if p.is_file()]
     with pytest.raises(UserError, match="HTTP 404"):
         checkpoint.load_checkpoint_file(f"{base}/missing.pth")
     with pytest.raises(UserError, match="only local paths, http"):

@@ -29,8 +29,9 @@ def cmd(script, *args):
     return [sys.executable, str(ROOT / script), *map(str, args)]
 
 
-def run(script, *args, check=False, timeout=600):
-    proc = subprocess.run(cmd(script, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(script, *args, check=False, timeout=600, env=None):
+    proc = subprocess.run(cmd(script, *args), cwd=ROOT, env=env or ENV, capture_output=True, text=True,
+                          timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -188,3 +189,84 @@ def test_an_open_quote_in_pass_through_flags_is_one_line(source, tmp_path):
                  "--prune", "--criterion 'l1", "--finetune_epochs", "1"), "--prune")
     one_line(run("pruning/iterative.py", "--checkpoint", source, "--output_dir", tmp_path / "i",
                  "--prune", "--ratio 0.2", "--finetune_epochs", "1", "--train_args", '--lr "1'), "--train_args")
+
+
+# ----------------------------------------------------------------------------- downloads
+
+class _Server:
+    """A raw HTTP server on 127.0.0.1: /<mode>/<name> serves `files[name]` well, cut short
+    (with or without Content-Length), stalls after the headers, or never answers."""
+
+    def __init__(self, files):
+        import socket
+        import threading
+        self.files, self.sock = files, socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import threading
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn:
+            request = conn.recv(65536).decode()
+            mode, name = request.split()[1].strip("/").split("/", 1)
+            data = self.files.get(name, b"")
+            if mode == "silent":
+                time.sleep(30)
+                return
+            length = f"Content-Length: {len(data)}\r\n" if mode in ("ok", "cut") else ""
+            conn.sendall(f"HTTP/1.1 200 OK\r\n{length}Connection: close\r\n\r\n".encode())
+            if mode == "stall":
+                time.sleep(30)
+                return
+            conn.sendall(data if mode in ("ok", "plain") else data[: len(data) // 2])
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def server(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    other = models.build_model({"family": "convnext", "depths": [1, 1], "dims": [8, 16], "num_classes": 3})
+    save_checkpoint_file({"model": other.state_dict(), "arch": other.arch}, tmp_path / "other.pth")
+    srv = _Server({"a/best.pth": source.read_bytes(), "b/best.pth": (tmp_path / "other.pth").read_bytes()})
+    yield srv
+    srv.close()
+
+
+def _cached_files(tmp_path):
+    return [p for p in (tmp_path / "hub").rglob("*") if p.is_file()]
+
+
+def test_downloads_are_keyed_by_the_whole_url(server):
+    import checkpoint
+    a = checkpoint.load_checkpoint_file(f"{server.url}/ok/a/best.pth")
+    b = checkpoint.load_checkpoint_file(f"{server.url}/ok/b/best.pth")     # same file name, other model
+    assert a["arch"]["dims"] == [16, 32] and b["arch"]["dims"] == [8, 16]
+
+
+@pytest.mark.parametrize("mode, message", [("cut", "cut short"), ("short", "truncated or damaged")])
+def test_a_download_cut_short_is_refused_and_never_cached(server, tmp_path, mode, message):
+    import checkpoint
+    with pytest.raises(UserError, match=message):
+        checkpoint.load_checkpoint_file(f"{server.url}/{mode}/a/best.pth")
+    assert not _cached_files(tmp_path)
+    assert checkpoint.load_checkpoint_file(f"{server.url}/ok/a/best.pth")["arch"]["dims"] == [16, 32]
+
+
+@pytest.mark.parametrize("mode", ["stall", "silent"])
+def test_a_stalled_server_ends_the_command_with_a_message(server, tmp_path, mode):
+    start = time.time()
+    proc = run("pruning/prune.py", "--checkpoint", f"{server.url}/{mode}/a/best.pth", "--list_groups",
+               "--download_timeout", "1", timeout=60, env={**ENV, "TORCH_HOME": str(tmp_path / "torch")})
+    one_line(proc, "--download_timeout 1 s")
+    assert time.time() - start < 30
+    assert not [p for p in (tmp_path / "torch").rglob("*") if p.is_file()]      # no partial file left
