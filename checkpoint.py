@@ -283,6 +283,12 @@ def save_weights_file(ckpt, path):
         f.write(save(state, metadata=meta))
 
 
+def onnx_graph_sha256(model_proto):
+    """The hash of an ONNX graph (operators and weights): stored in the file by
+    scripts/export.py and checked by scripts/inference.py, so a damaged file is refused."""
+    return hashlib.sha256(model_proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
 def args_to_dict(args):
     """Flags (a Namespace, or a dict as checkpoints hold them) as a plain dict of JSON-able
     values, so weights_only loading accepts it; anything else is an empty dict."""
@@ -477,6 +483,18 @@ def training_checkpoint(args, model, optimizer, loss_scaler, model_ema=None, epo
     return ckpt
 
 
+def _top1_record(checkpoint, key, label):
+    """A best top-1 a checkpoint records (0.0 when absent), refused unless a number in [0, 100]."""
+    value = checkpoint.get(key, 0.0)
+    value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise UserError(f"{label}: its {key} is {value!r}, not a top-1 in [0, 100]; the file is damaged "
+                        "(a run resumed from it could never record a new best)")
+    return float(value)
+
+
 def restore_training(args, checkpoint, label, model_ema=None, optimizer=None, loss_scaler=None):
     """After the model weights are loaded: EMA, optimizer, scaler and the epoch to start at.
 
@@ -485,7 +503,7 @@ def restore_training(args, checkpoint, label, model_ema=None, optimizer=None, lo
     Returns:
         dict with "max_accuracy" and "max_accuracy_ema" (0.0 when the checkpoint has none).
     """
-    restored = {k: float(checkpoint.get(k, 0.0) or 0.0) for k in ("max_accuracy", "max_accuracy_ema")}
+    restored = {k: _top1_record(checkpoint, k, label) for k in ("max_accuracy", "max_accuracy_ema")}
     if model_ema is not None:
         ema_state = checkpoint.get("model_ema", checkpoint["model"])
         load_model_state(ema_module(model_ema), ema_state, f"model_ema of {label}")

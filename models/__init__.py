@@ -127,6 +127,9 @@ def check_arch_matches(model, state_dict, what="the checkpoint", model_name="the
     own = model.state_dict()
     bad = [f"{k} is {list(v.shape)} in the checkpoint but {list(own[k].shape)} in the model"
            for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    bad += [f"{k} holds {str(v.dtype)[6:]} values, not floating point as the model's {str(own[k].dtype)[6:]}"
+            for k, v in state_dict.items() if k in own and own[k].is_floating_point()
+            and isinstance(v, torch.Tensor) and not v.is_floating_point()]
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if not (bad or missing or unexpected):

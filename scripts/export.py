@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 import hub  # noqa: E402
-from checkpoint import add_download_flag, load_held_model, local_copy, set_download_timeout  # noqa: E402
+from checkpoint import add_download_flag, load_held_model, local_copy, onnx_graph_sha256, set_download_timeout  # noqa: E402
 from engine import evaluate  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 from files import atomic_path, sha256_file  # noqa: E402
@@ -160,6 +160,7 @@ def export(model, example, path, dynamic_size):
 
 def add_metadata(onnx, path, meta):
     m = onnx.load(path)
+    meta = {**meta, "graph_sha256": onnx_graph_sha256(m)}
     for key, value in meta.items():
         m.metadata_props.add(key=key, value=json.dumps(value))
     onnx.save(m, path)
@@ -217,7 +218,8 @@ def main(argv=None):
         add_metadata(onnx, tmp, {"input_size": size, "crop_pct": data_args.crop_pct,
                                  "imagenet_default_mean_and_std": data_args.imagenet_default_mean_and_std,
                                  "arch": getattr(model, "arch", None), "model": name,
-                                 "data_set": held.trained.get("data_set"), "folded": args.fold})
+                                 "data_set": held.trained.get("data_set"), "folded": args.fold,
+                                 "dynamic_size": args.dynamic_size})
         diff, scale, agree = parity(ort, tmp, model, images)
         allowed = args.tolerance * max(1.0, scale)
         print(f"parity on {len(images)} {source}: max |logit difference| {diff:.3g} (largest |logit| "

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402  (after the repo root is on the path)
 import models  # noqa: E402
-from checkpoint import Held, add_download_flag, load_held_model, set_download_timeout  # noqa: E402
+from checkpoint import Held, add_download_flag, load_held_model, onnx_graph_sha256, set_download_timeout  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 
 logger = logging.getLogger("inference")
@@ -123,6 +123,19 @@ def torch_probabilities(args):
     return class_probabilities(model, batch), held
 
 
+def check_onnx(args, proto, meta):
+    """An export of scripts/export.py, unchanged since (its graph hash), at a size it takes."""
+    if "graph_sha256" not in meta or "input_size" not in meta:
+        raise UserError(f"{args.checkpoint} has no export metadata (input size, normalisation, graph "
+                        "hash): export it with scripts/export.py")
+    if onnx_graph_sha256(proto) != meta["graph_sha256"]:
+        raise UserError(f"{args.checkpoint} is damaged: its graph does not match the hash recorded "
+                        "when it was exported")
+    if args.input_size not in (None, meta["input_size"]) and not meta.get("dynamic_size"):
+        raise UserError(f"--input_size {args.input_size}: {args.checkpoint} was exported for "
+                        f"{meta['input_size']} px (export with --dynamic_size for other sizes)")
+
+
 def onnx_probabilities(args):
     """(class probabilities, the export's metadata) with an ONNX file from scripts/export.py."""
     if args.model or args.fold:
@@ -135,10 +148,12 @@ def onnx_probabilities(args):
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint not found: {args.checkpoint}")
     try:
-        meta = {p.key: json.loads(p.value) for p in onnx.load(args.checkpoint, load_external_data=False).metadata_props}
+        proto = onnx.load(args.checkpoint, load_external_data=False)
+        meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
         session = onnxruntime.InferenceSession(args.checkpoint, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnx / onnxruntime raise their own types for damaged files
         raise UserError(f"cannot read ONNX file {args.checkpoint}: {first_line(e)}") from None
+    check_onnx(args, proto, meta)
     held = Held(None, {}, meta.get("arch"), meta.get("model"), meta)  # the export records the data flags
     batch = load_image(args.image, _transform(args, held))
     logits = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]

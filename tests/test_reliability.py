@@ -270,3 +270,78 @@ def test_a_stalled_server_ends_the_command_with_a_message(server, tmp_path, mode
     one_line(proc, "--download_timeout 1 s")
     assert time.time() - start < 30
     assert not [p for p in (tmp_path / "torch").rglob("*") if p.is_file()]      # no partial file left
+
+
+# ----------------------------------------------------------------------------- damaged weights
+
+def _flip_tensor_byte(path):
+    """Flip one byte inside the first tensor's data of a torch.save zip."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 64)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused(source, tmp_path):
+    bad = tmp_path / "flipped.pth"
+    shutil.copy(source, bad)
+    _flip_tensor_byte(bad)
+    one_line(run("main.py", "--eval", "true", "--resume", bad, *DATA), "CRC")
+    one_line(run("pruning/prune.py", "--checkpoint", bad, "--list_groups"), "CRC")
+
+
+def test_integer_weights_are_refused_by_name(source, tmp_path):
+    from checkpoint import load_checkpoint_file
+    ckpt = load_checkpoint_file(source)
+    ckpt["model"]["head.weight"] = ckpt["model"]["head.weight"].long()
+    save_checkpoint_file(ckpt, tmp_path / "int.pth")
+    for proc in (run("main.py", "--eval", "true", "--resume", tmp_path / "int.pth", *DATA),
+                 run("pruning/prune.py", "--checkpoint", tmp_path / "int.pth", "--ratio", "0.5", "--dry_run")):
+        one_line(proc, "head.weight holds int64 values, not floating point")
+
+
+def test_a_nan_best_accuracy_is_refused_on_resume(tmp_path):
+    out = tmp_path / "run"
+    run("main.py", "--model", "resnet20", "--epochs", "1", "--output_dir", out, *DATA, *RECIPE, check=True)
+    from checkpoint import load_checkpoint_file
+    ckpt = load_checkpoint_file(out / "checkpoint-0.pth")
+    ckpt["max_accuracy"] = float("nan")
+    save_checkpoint_file(ckpt, out / "checkpoint-0.pth")
+    one_line(run("main.py", "--model", "resnet20", "--epochs", "2", "--output_dir", out, *DATA, *RECIPE),
+             "max_accuracy is nan, not a top-1")
+
+
+def test_a_damaged_or_stripped_onnx_file_is_refused(source, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from export import main as export_main
+    from inference import main as inference_main
+    import onnx
+    from PIL import Image
+    model = tmp_path / "m.onnx"
+    assert run_cli(export_main, ["--checkpoint", str(source), "--output", str(model)]) == 0
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8), (40, 90, 200)).save(image)
+    assert inference_main(["--image", str(image), "--checkpoint", str(model)]) == 0
+    assert inference_main(["--image", str(image), "--checkpoint", str(model), "--input_size", "64"]) == 2
+    assert "was exported for 32 px" in capsys.readouterr().err
+    stripped = onnx.load(model)
+    del stripped.metadata_props[:]
+    onnx.save(stripped, tmp_path / "stripped.onnx")
+    assert inference_main(["--image", str(image), "--checkpoint", str(tmp_path / "stripped.onnx")]) == 2
+    assert "no export metadata" in capsys.readouterr().err
+    data = bytearray(model.read_bytes())
+    weights = bytes(onnx.numpy_helper.to_array(max(onnx.load(model).graph.initializer,
+                                                   key=lambda t: len(t.raw_data))).tobytes())
+    at = bytes(data).find(weights[:64]) + 32
+    data[at] ^= 0xFF
+    (tmp_path / "flipped.onnx").write_bytes(bytes(data))
+    assert inference_main(["--image", str(image), "--checkpoint", str(tmp_path / "flipped.onnx")]) == 2
+    assert "is damaged" in capsys.readouterr().err
