@@ -69,6 +69,7 @@ def setup(args):
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     device = resolve_device(args)
     utils.init_distributed_mode(args)
+    utils.check_same_flags(args)
     if args.distributed and device.type == "cuda":
         device = torch.device("cuda", args.gpu)
     logger.info("%s", json.dumps(checkpoint.args_to_dict(args), sort_keys=True))
@@ -360,6 +361,9 @@ def validate(args, data, run, device, best, log_stats):
 
     Returns (stats, new_best): new_best lists "best" / "best-ema" when top-1 improved.
     """
+    utils.sync_buffers(run.model_without_ddp)
+    if run.model_ema is not None:
+        utils.sync_buffers(checkpoint.ema_module(run.model_ema))
     stats = evaluate(data.loader_val, run.eval_model, device, **_amp(args))
     logger.info("Accuracy of the model on the %d test images: %.1f%%", stats["num_images"], stats["acc1"])
     new_best = ["best"] if stats["acc1"] > best["max_accuracy"] else []

@@ -294,6 +294,36 @@ def init_distributed_mode(args):
     dist.barrier()
 
 
+# Flags that differ from rank to rank by design.
+PER_RANK_FLAGS = ("rank", "gpu", "local_rank", "world_size", "distributed", "dist_backend", "dist_url")
+
+
+def check_same_flags(args):
+    """Refuse, on every rank at once, a job whose ranks were launched with different flags (it
+    would train and report a model that matches no checkpoint)."""
+    if not is_dist_avail_and_initialized():
+        return
+    mine = {k: v for k, v in args_to_dict(args).items() if k not in PER_RANK_FLAGS}
+    everyone = [None] * get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            k = diff[0]
+            raise UserError(f"ranks {rank} and {get_rank()} were launched with different flags "
+                            f"(--{k} {theirs.get(k)!r} vs {mine.get(k)!r}"
+                            + (f", +{len(diff) - 1} more" if len(diff) > 1 else "")
+                            + "): every rank must run the same command")
+
+
+def sync_buffers(module):
+    """Give every rank rank 0's buffers (BatchNorm running statistics): after the last training
+    step each rank holds its own, and an evaluation must see the weights rank 0 saves."""
+    if is_dist_avail_and_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, 0)
+
+
 def num_real_samples(sampler):
     """How many leading items of this rank's `sampler` are real data, not padding.
 

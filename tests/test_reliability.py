@@ -345,3 +345,32 @@ def test_a_damaged_or_stripped_onnx_file_is_refused(source, tmp_path, capsys):
     (tmp_path / "flipped.onnx").write_bytes(bytes(data))
     assert inference_main(["--image", str(image), "--checkpoint", str(tmp_path / "flipped.onnx")]) == 2
     assert "is damaged" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- distributed runs
+
+def test_dist_eval_of_a_batchnorm_model_reports_what_the_checkpoint_holds(tmp_path):
+    out = tmp_path / "dist"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "main.py"), "--model", "resnet20", "--epochs", "1", "--output_dir", str(out),
+                           "--dist_eval", "true", *DATA, *RECIPE], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reported = json.loads((out / "log.txt").read_text().splitlines()[-1])["test_acc1"]
+    again = run("main.py", "--eval", "true", "--resume", out / "checkpoint-0.pth", *DATA, check=True)
+    assert f"Accuracy of the network on the 360 test images: {reported:.5f}%" in again.stdout + again.stderr
+
+
+def test_ranks_launched_with_different_flags_stop_together_with_a_message(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(cmd("main.py", "--model", "resnet20", "--epochs", "1", "--lr", lr, *DATA, *RECIPE),
+                              cwd=ROOT, env={**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank, lr in ((0, "0.01"), (1, "0.02"))]
+    for p in procs:
+        err = p.communicate(timeout=120)[1]
+        assert p.returncode == 2 and "launched with different flags (--lr" in err.strip().splitlines()[-1], err[-2000:]
