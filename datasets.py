@@ -80,6 +80,9 @@ def read_image(path):
     """An RGB PIL image; an unreadable file is a UserError naming it (also from a worker)."""
     try:
         return default_loader(path)
+    except Image.DecompressionBombError:
+        raise UserError(f"image {path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (PIL's "
+                        "limit against decompression bombs): not read") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for damaged files
         raise UserError(f"cannot read image {path}: {e}") from None
 

@@ -49,21 +49,41 @@ def first_line(error, limit=200):
     return lines[0][:limit] if lines else type(error).__name__
 
 
-def run_cli(main, argv=None, extra_errors=None):
+class Terminated(Exception):
+    """SIGTERM arrived (a scheduler's pre-emption or time limit, `kill`)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def run_cli(main, argv=None, extra_errors=None, stopped=None):
     """Call `main(argv)`; return the exit status the process should end with.
 
-    A UserError prints `error: <message>` (status 2); Ctrl-C prints one line (status 130).
+    A UserError prints `error: <message>` (status 2), and so does a file-system failure
+    (read-only, full, a name too long); Ctrl-C (status 130) and SIGTERM (status 143) print one
+    line, with `stopped()` (what is saved, where a rerun resumes) when given.
     `extra_errors(exc)` may turn another exception into a message (or return None).
     """
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         status = main(argv)
         return status if isinstance(status, int) and not isinstance(status, bool) else 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): stopped; files already written are complete", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        more = stopped() if stopped is not None else "files already written are complete"
+        print(f"{what}: stopped; {more}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except OSError as e:  # the file system: read-only, full, a name too long, a vanished file
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: file system error{where}: {e.strerror or first_line(e)}", file=sys.stderr)
+        return 2
     except Exception as e:
         message = extra_errors(e) if extra_errors is not None else None
         if message is None:

@@ -61,6 +61,28 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def check_output_file(path, flag, overwrite=False):
+    """Refuse an output file before any work: no name, a folder, an existing file without
+    `overwrite`, a missing or read-only folder, a name too long for the file system (with
+    the temp prefix the atomic write adds). A link is never followed: the write replaces it."""
+    if not path:
+        raise UserError(f"{flag}: give a file name (it is empty)")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if os.path.lexists(path) and not overwrite:
+        raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: its folder does not exist")
+    try:  # a real write: permissions, a read-only file system, root in a protected place
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=TEMP_PREFIX):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: its folder is not writable ({e.strerror})") from None
+    if len(os.fsencode(os.path.basename(path))) + len(TEMP_PREFIX) + 16 > os.pathconf(folder, "PC_NAME_MAX"):
+        raise UserError(f"{flag}: the file name is too long for this file system")
+
+
 LOCK_NAME = ".run.lock"  # a folder's run lock (hold_lock); the file may stay, the lock does not
 _HELD = {}  # folder -> (its open lock file, whether this process created it): the kernel drops
 # the lock when the process ends

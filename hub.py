@@ -98,6 +98,8 @@ def check_target(folder, overwrite):
     """Refuse a file, or a folder holding anything without --overwrite."""
     if os.path.isfile(folder):
         raise UserError(f"--output {folder} is a file; give a folder for --format timm")
+    if not folder:
+        raise UserError("--output: give a folder name (it is empty)")
     if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
         raise UserError(f"--output {folder} is not empty; pass --overwrite to replace its "
                         f"{', '.join(FILES)} (other files are left alone)")

@@ -33,7 +33,7 @@ from losses import DistillationLoss, load_teachers
 from optim_factory import LayerDecayValueAssigner, create_optimizer
 from options import DEFAULT_MODEL, check_args, parse_args
 from files import drop_lock, hold_lock
-from run_folder import RunFolder, resolve_resume, resume_label
+from run_folder import RunFolder, list_epoch_checkpoints, resolve_resume, resume_label
 from utils import NativeScalerWithGradNormCount as NativeScaler
 
 logger = logging.getLogger("main")
@@ -185,10 +185,23 @@ def check_input_size(args, src):
     with torch.device("meta"):
         probe = models.build_model(arch) if arch is not None else models.create_model(name)
     models.check_input_size(probe, args.input_size, name or models.describe_arch(arch))
+    check_memory(args, probe)
     if (args.sparsity or args.fold) and getattr(probe, "arch", None) is None:
         flag = "--sparsity" if args.sparsity else "--fold true"
         raise UserError(f"{flag} needs one of this toolkit's model families (their own files "
                         f"declare scale factors and folding); {name} is a stock timm model")
+
+
+def check_memory(args, probe):
+    """Refuse a batch whose activations alone (a lower bound: the leaf modules' outputs, float32)
+    exceed the device's memory, before any data is read (the OOM killer says nothing)."""
+    total, largest = models.activation_bytes(probe, args.input_size)
+    need = (largest if args.eval else total) * args.batch_size
+    have, where = utils.device_memory(args.device)
+    if have and need > have:
+        raise UserError(f"--input_size {args.input_size} with --batch_size {args.batch_size} needs at "
+                        f"least {need / 2 ** 30:.1f} GiB for activations alone, more than the "
+                        f"{have / 2 ** 30:.1f} GiB of {where}: lower --input_size or --batch_size")
 
 
 def _model_from_arch(args, arch, finetuning, kwargs):
@@ -447,6 +460,13 @@ def open_run_folder(args, resume):
     return folder
 
 
+def _checkpoint_bytes(run):
+    """About the size of one training checkpoint: weights, the optimizer's state, the EMA."""
+    weights = sum(t.numel() * t.element_size() for t in run.model_without_ddp.state_dict().values())
+    slots = max((len(s) for s in run.optimizer.state.values()), default=2)  # AdamW: 2 (+ step)
+    return weights * (1 + slots + (run.model_ema is not None))
+
+
 def _resume_epoch(args, resume):
     """The epoch a training run starts at: after the resumed checkpoint's, else --start_epoch."""
     epoch = resume.get("epoch") if resume is not None else None
@@ -472,6 +492,8 @@ def main(args):
     run, best = build_run(args, data, device, src)
     if args.eval:
         return evaluate_only(args, data, run, device)
+    if folder is not None and utils.is_main_process():
+        folder.check_space(_checkpoint_bytes(run))
     train(args, data, run, device, best, folder)
     return None
 
@@ -490,6 +512,19 @@ def _backend_failure(args, error):
     return None
 
 
+def _where_it_resumes(args):
+    """After a stop: the newest complete epoch on disk, and what the same command does next."""
+    if args is None or not getattr(args, "output_dir", None) or args.eval:
+        return "nothing was being saved"
+    done = list_epoch_checkpoints(args.output_dir)
+    if not done:
+        return (f"no epoch completed in {args.output_dir}; the same command starts again "
+                "(the epoch in progress is lost)")
+    epoch, path = done[-1]
+    return (f"{path} holds epoch {epoch}; the same command with --auto_resume true resumes at epoch "
+            f"{epoch + 1} (the epoch in progress is trained again)")
+
+
 def cli(argv=None):
     """Entry point: run main(); one `error: ...` line and exit status 2 for bad input."""
     utils.setup_for_distributed(True)
@@ -500,7 +535,8 @@ def cli(argv=None):
         main(state["args"])
 
     try:
-        return run_cli(run, argv, lambda e: _backend_failure(state.get("args"), e))
+        return run_cli(run, argv, lambda e: _backend_failure(state.get("args"), e),
+                       stopped=lambda: _where_it_resumes(state.get("args")))
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

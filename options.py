@@ -217,6 +217,20 @@ def check_ranges(args):
         raise UserError(f"--cutmix_minmax must be MIN MAX with 0 < MIN < MAX <= 1, got {args.cutmix_minmax}")
 
 
+def check_augmentation(args):
+    """--aa must be a policy timm builds (it would fail with an assertion at the first batch)."""
+    if not args.aa or args.aa.lower() == "none":
+        return
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    build = (rand_augment_transform if args.aa.startswith("rand") else
+             augment_and_mix_transform if args.aa.startswith("augmix") else auto_augment_transform)
+    try:
+        build(args.aa, {"translate_const": 100, "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError):
+        raise UserError(f"--aa {args.aa!r} is not an augmentation policy timm knows (e.g. "
+                        "rand-m9-mstd0.5-inc1, augmix-m5-w3, original, v0, or none)") from None
+
+
 def check_combinations(args):
     if args.min_lr > args.lr:
         raise UserError(f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule would rise")
@@ -268,5 +282,6 @@ def check_args(args):
     if args.data_set == "CIFAR":
         args.data_set = "CIFAR100"  # the official repo's CIFAR is CIFAR-100
     check_ranges(args)
+    check_augmentation(args)
     check_combinations(args)
     check_paths(args)

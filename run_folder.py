@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
 
 from checkpoint import load_checkpoint_file, save_checkpoint_file, save_weights_file
@@ -163,6 +164,15 @@ class RunFolder:
         self.owned.add(name)
         record = {"run": {"id": self.id, "files": sorted(self.owned)}, "log_history": self.history}
         save_checkpoint_file({**ckpt, **record}, os.path.join(self.dir, name))
+
+    def check_space(self, checkpoint_bytes):
+        """Refuse to train when the folder's file system cannot hold the next writes: a new
+        checkpoint beside the old one while it is written, and a best checkpoint."""
+        free = shutil.disk_usage(self.dir).free
+        if free < 3 * checkpoint_bytes:
+            raise UserError(f"--output_dir {self.dir} has {free / 2 ** 20:,.0f} MiB free; each checkpoint "
+                            f"of this run takes about {checkpoint_bytes / 2 ** 20:,.0f} MiB and a run needs "
+                            "room for three (the epoch's, the one being written, the best)")
 
     def save_weights(self, ckpt, name):
         """Write the weights-only safetensors file `name` (checkpoint.save_weights_file)."""

@@ -67,3 +67,22 @@ def check_input_size(model, size, name="the model"):
 def count_macs(model, input_size=224, in_chans=None):
     """Multiply-accumulates of one forward pass on one image (as papers report them)."""
     return forward_cost(model, input_size, in_chans)[0]
+
+
+def activation_bytes(model, input_size, in_chans=None):
+    """(sum, largest) bytes of the leaf modules' outputs of one image (float32, meta device is
+    fine): a lower bound of what a training step (sum) or an evaluation (largest) holds."""
+    device = next(model.parameters()).device
+    sizes = []
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * 4)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_chans or in_chans_of(model), input_size, input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(sizes), max(sizes, default=0)

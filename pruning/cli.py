@@ -34,6 +34,7 @@ import datasets
 import models
 from checkpoint import add_download_flag, check_source, is_remote, set_download_timeout
 from errors import ArgumentParser, UserError, run_cli
+from files import check_output_file
 
 from . import api
 from .criteria import BASE_AGGREGATION, CRITERIA, NORMALIZATIONS, REDUCTIONS, SCOPES, Aggregation
@@ -170,15 +171,10 @@ def check_args(args):
     for flag, path in (("--output", args.output), ("--export_scores", args.export_scores)):
         if path is None or (flag == "--output" and args.dry_run):
             continue
-        if os.path.isdir(path):
-            raise UserError(f"{flag} {path} is a folder; give a file name")
-        if not is_remote(args.checkpoint) and (os.path.abspath(path) == os.path.abspath(args.checkpoint) or (
+        if path and not is_remote(args.checkpoint) and (os.path.abspath(path) == os.path.abspath(args.checkpoint) or (
                 os.path.exists(path) and os.path.samefile(path, args.checkpoint))):
             raise UserError(f"{flag} {path} is the input checkpoint; choose another file")
-        if os.path.exists(path) and not args.overwrite:
-            raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
-        if flag == "--export_scores" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UserError(f"{flag} {path}: its folder does not exist")
+        check_output_file(path, flag, args.overwrite)
     return spec
 
 

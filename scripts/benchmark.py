@@ -37,6 +37,7 @@ from models.complexity import count_params, forward_cost, in_chans_of  # noqa: E
 import utils  # noqa: E402
 from checkpoint import add_download_flag, load_held_model, set_download_timeout  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from files import atomic_open, atomic_path, check_output_file  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -367,12 +368,13 @@ def write_plot(rows, path):
     ax.set_ylim(0, 1.15 * max(r[key] for r in rows))
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:  # replaces a link, never its target
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
 def write_json(records, path):
-    with open(path, "w") as f:
+    with atomic_open(path) as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
 
@@ -497,17 +499,13 @@ def check_args(args):
     for name in ("input_size", "batch_size", "iters", "rounds"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
-    if args.warmup < 0 or args.min_time < 0 or args.threads < 0:
-        raise UserError("--warmup, --min_time and --threads cannot be negative")
+    if args.warmup < 0 or args.threads < 0:
+        raise UserError("--warmup and --threads cannot be negative")
+    if not 0 <= args.min_time <= 3600:
+        raise UserError(f"--min_time must be in [0, 3600] seconds, got {args.min_time}")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is None:
-            continue
-        if os.path.isdir(path):
-            raise UserError(f"{flag} {path} is a folder; give a file name")
-        if os.path.exists(path) and not args.overwrite:
-            raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UserError(f"{flag} {path}: its folder does not exist")
+        if path is not None:
+            check_output_file(path, flag, args.overwrite)
     try:
         torch.device(args.device)
     except RuntimeError:

@@ -38,7 +38,7 @@ import hub  # noqa: E402
 from checkpoint import add_download_flag, load_held_model, local_copy, onnx_graph_sha256, set_download_timeout  # noqa: E402
 from engine import evaluate  # noqa: E402
 from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
-from files import atomic_path, sha256_file  # noqa: E402
+from files import atomic_path, check_output_file, sha256_file  # noqa: E402
 
 OPSET = 18
 
@@ -93,13 +93,7 @@ def check_args(args):
         return
     if not args.output.endswith(".onnx"):
         raise UserError(f"--output {args.output}: give a file name ending in .onnx")
-    if os.path.isdir(args.output):
-        raise UserError(f"--output {args.output} is a folder; give a file name")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise UserError(f"--output {args.output} exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"--output {args.output}: its folder does not exist or is not writable")
+    check_output_file(args.output, "--output", args.overwrite)
     if args.parity_images < 1:
         raise UserError("--parity_images must be >= 1")
 

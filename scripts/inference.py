@@ -16,7 +16,6 @@ import os
 import sys
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,8 +53,11 @@ def read_class_names(args, held, num_classes):
     if args.class_names:
         if not os.path.isfile(args.class_names):
             raise UserError(f"class names file not found: {args.class_names}")
-        with open(args.class_names, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.class_names, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise UserError(f"--class_names {args.class_names} is not UTF-8 text (byte {e.start})") from None
     elif args.data_set:
         names = datasets.class_names(datasets.default_data_args(
             data_set=args.data_set, data_path=args.data_path, nb_classes=num_classes))
@@ -80,11 +82,7 @@ def load_image(path, transform):
     """The image at `path` as a (1, 3, H, W) batch."""
     if not os.path.isfile(path):
         raise UserError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return transform(img.convert("RGB")).unsqueeze(0)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+    return transform(datasets.read_image(path)).unsqueeze(0)
 
 
 def pick_device(name):

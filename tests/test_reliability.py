@@ -374,3 +374,94 @@ def test_ranks_launched_with_different_flags_stop_together_with_a_message(tmp_pa
     for p in procs:
         err = p.communicate(timeout=120)[1]
         assert p.returncode == 2 and "launched with different flags (--lr" in err.strip().splitlines()[-1], err[-2000:]
+
+
+# ----------------------------------------------------------------------------- outputs, signals, bounds
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder this process cannot create files in (sysfs when running as root)."""
+    if os.geteuid() == 0:
+        folder = Path("/sys")
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+    with pytest.raises(OSError):
+        (folder / "probe").write_text("x")
+    return folder
+
+
+def test_unwritable_outputs_are_one_line_before_any_work(source, unwritable, tmp_path):
+    one_line(run("pruning/prune.py", "--checkpoint", source, "--output", unwritable / "p.pth", "--ratio", "0.5"),
+             "not writable")
+    one_line(run("main.py", "--model", "resnet20", "--epochs", "1", "--output_dir", unwritable / "run", *DATA),
+             "cannot create or write in it")
+    one_line(run("pruning/sensitivity.py", "--checkpoint", source, "--output_dir", unwritable / "s",
+                 "--sets", "stages.0.*", "--ratios", "0.5"), "cannot create or write in it")
+    one_line(run("scripts/benchmark.py", "--models", "resnet20", "--input_size", "32", "--json",
+                 unwritable / "b.json"), "not writable")
+    one_line(run("pruning/prune.py", "--checkpoint", source, "--output", "", "--ratio", "0.5"), "it is empty")
+    one_line(run("pruning/prune.py", "--checkpoint", source, "--output", tmp_path / ("x" * 300 + ".pth"),
+                 "--ratio", "0.5"), "too long")
+
+
+def test_writing_through_a_link_never_touches_its_target(tmp_path):
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("not yours")
+    link = tmp_path / "out.json"
+    link.symlink_to(foreign)
+    run("scripts/benchmark.py", "--models", "resnet20", "--input_size", "32", "--batch_size", "2", "--iters", "2",
+        "--warmup", "1", "--skip", "train,latency", "--json", link, "--overwrite", check=True)
+    assert foreign.read_text() == "not yours" and not link.is_symlink() and link.read_text().startswith("{")
+
+
+def test_sigterm_says_what_is_saved_and_where_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(cmd("main.py", "--model", "resnet20", "--epochs", "50", "--output_dir", out,
+                                *DATA, *RECIPE), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / "checkpoint-0.pth").exists() or proc.poll() is not None, what="epoch 0")
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    assert proc.returncode == 143, err[-5:]
+    assert err[-1].startswith("terminated (SIGTERM): stopped;") and "resumes at epoch" in err[-1], err[-3:]
+
+
+def _png_claiming(path, width, height):
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    _png_claiming(bomb, 30000, 30000)
+    ckpt = tmp_path / "r.pth"
+    model = models.create_model("resnet20", num_classes=2)
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch, "args": {"input_size": 32}}, ckpt)
+    one_line(run("scripts/inference.py", "--image", bomb, "--checkpoint", ckpt), "bomb.png has more than")
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "names.txt").write_bytes(b"\xff\xfeclass a\nclass b\n")
+    one_line(run("scripts/inference.py", "--image", tmp_path / "ok.png", "--checkpoint", ckpt, "--class_names",
+                 tmp_path / "names.txt"), "is not UTF-8 text")
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            shutil.copy(bomb, tmp_path / "data" / split / cls / "x.png")
+    one_line(run("main.py", "--eval", "true", "--resume", ckpt, "--data_set", "image_folder", "--data_path",
+                 tmp_path / "data" / "train", "--eval_data_path", tmp_path / "data" / "val", "--input_size", "32",
+                 "--nb_classes", "2", "--device", "cpu", "--num_workers", "1"), "x.png has more than")
+
+
+def test_flags_that_cannot_work_are_refused_before_any_data(tmp_path):
+    one_line(run("main.py", "--model", "resnet20", "--aa", "bogus", "--epochs", "1", *DATA), "--aa 'bogus'")
+    one_line(run("main.py", "--model", "resnet20", "--epochs", "1", "--data_set", "DIGITS", "--device", "cpu",
+                 "--input_size", "100000"), "for activations alone")
+    one_line(run("scripts/benchmark.py", "--models", "resnet20", "--min_time", "inf"), "--min_time")
