@@ -410,6 +410,14 @@ class Held:
             eval_data_path=t.get("eval_data_path") if keep_paths else None,
             nb_classes=self.num_classes or 1000)
 
+    def check_size(self, input_size, batch_size=1, training=False, device="cpu"):
+        """Refuse an input size the model cannot run at, or whose activations exceed the
+        device's memory; on a weightless (meta) copy, so nothing large is allocated."""
+        with torch.device("meta"):
+            probe = self.build()
+        models.check_input_size(probe, input_size, self.label)
+        models.check_memory(probe, input_size, batch_size, training, device)
+
     def build(self, **kwargs):
         """The model it holds, without weights (load them with load_model_state)."""
         if self.arch is not None:

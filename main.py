@@ -185,23 +185,11 @@ def check_input_size(args, src):
     with torch.device("meta"):
         probe = models.build_model(arch) if arch is not None else models.create_model(name)
     models.check_input_size(probe, args.input_size, name or models.describe_arch(arch))
-    check_memory(args, probe)
+    models.check_memory(probe, args.input_size, args.batch_size, not args.eval, args.device)
     if (args.sparsity or args.fold) and getattr(probe, "arch", None) is None:
         flag = "--sparsity" if args.sparsity else "--fold true"
         raise UserError(f"{flag} needs one of this toolkit's model families (their own files "
                         f"declare scale factors and folding); {name} is a stock timm model")
-
-
-def check_memory(args, probe):
-    """Refuse a batch whose activations alone (a lower bound: the leaf modules' outputs, float32)
-    exceed the device's memory, before any data is read (the OOM killer says nothing)."""
-    total, largest = models.activation_bytes(probe, args.input_size)
-    need = (largest if args.eval else total) * args.batch_size
-    have, where = utils.device_memory(args.device)
-    if have and need > have:
-        raise UserError(f"--input_size {args.input_size} with --batch_size {args.batch_size} needs at "
-                        f"least {need / 2 ** 30:.1f} GiB for activations alone, more than the "
-                        f"{have / 2 ** 30:.1f} GiB of {where}: lower --input_size or --batch_size")
 
 
 def _model_from_arch(args, arch, finetuning, kwargs):

@@ -257,20 +257,6 @@ def _ranks_from_env(args):
     return None
 
 
-def device_memory(device):
-    """(bytes, where): a CUDA device's total memory, else the memory the system has available
-    (Linux MemAvailable); (None, ...) when unknown."""
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        index = torch.device(device).index or 0
-        return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024, "the available system memory"
-    except (OSError, KeyError, ValueError):
-        return None, "the system"
-
-
 def env_rank(args):
     """This process's rank as the launcher's environment says (0 without one), before the
     process group exists."""

@@ -4,7 +4,7 @@ import torch
 from errors import UserError
 
 from . import convnext, convnext_isotropic, resnet_cifar, vgg_cifar  # noqa: F401  (registers the families)
-from .complexity import activation_bytes, check_input_size, count_macs, count_params
+from .complexity import activation_bytes, check_input_size, check_memory, count_macs, count_params
 from .family import Family
 from .groups import Group, Part, Producer
 from . import weights
@@ -13,7 +13,7 @@ from .registry import (ARCH_FACTORY, FAMILIES, OUR_MODELS, TIMM_HEAD_KEYS, base_
                        pretrained_classes)
 
 __all__ = ["Family", "Group", "Part", "Producer", "FAMILIES", "layer_ids", "head_weight", "OUR_MODELS", "create_model", "default_arch",
-           "check_model_name", "check_input_size", "activation_bytes", "weights", "ARCH_FACTORY", "base_name", "is_stock_timm", "is_tagged", "pretrained_classes",
+           "check_model_name", "check_input_size", "activation_bytes", "check_memory", "weights", "ARCH_FACTORY", "base_name", "is_stock_timm", "is_tagged", "pretrained_classes",
            "our_layout", "timm_export",
            "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",
            "check_arch_matches", "scale_factor_names", "meta_model", "count_arch", "fold"]

@@ -69,6 +69,33 @@ def count_macs(model, input_size=224, in_chans=None):
     return forward_cost(model, input_size, in_chans)[0]
 
 
+def available_memory(device):
+    """(bytes, where): a CUDA device's total memory, else the memory the system has available
+    (Linux MemAvailable); (None, ...) when unknown."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, "the available system memory"
+    except (OSError, KeyError, ValueError):
+        return None, "the system"
+
+
+def check_memory(model, input_size, batch_size, training, device="cpu"):
+    """Refuse a batch whose activations alone (a lower bound: the leaf modules' outputs,
+    float32; all of them when training, the largest when not) exceed the device's memory,
+    before any data is read (an out-of-memory kill says nothing)."""
+    total, largest = activation_bytes(model, input_size)
+    need = (total if training else largest) * batch_size
+    have, where = available_memory(device)
+    if have and need > have:
+        raise UserError(f"--input_size {input_size} with a batch of {batch_size} needs at least "
+                        f"{need / 2 ** 30:.1f} GiB for activations alone, more than the "
+                        f"{have / 2 ** 30:.1f} GiB of {where}: lower the input size or the batch")
+
+
 def activation_bytes(model, input_size, in_chans=None):
     """(sum, largest) bytes of the leaf modules' outputs of one image (float32, meta device is
     fine): a lower bound of what a training step (sum) or an evaluation (largest) holds."""

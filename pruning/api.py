@@ -112,6 +112,7 @@ def calibrate(spec, source):
         name = "(batches given in Python)"
     else:
         data = source.held.data_args(calib.data_set, calib.data_path, spec.input_size)
+        models.check_memory(models.meta_model(source.arch), data.input_size, calib.batch_size, True)
         batches, _ = calibration_batches(data, calib.batches, calib.batch_size, spec.seed)
         name = data.data_set
     tensors = measure(source.arch, source.sds[source.scored], batches, (crit.evidence,))

@@ -202,7 +202,7 @@ def main(argv=None):
     data_args = held.data_args(args.data_set or "DIGITS", args.data_path, args.input_size)
     data_args.eval_data_path = args.eval_data_path
     size = data_args.input_size
-    models.check_input_size(model, size, name)
+    held.check_size(size, batch_size=args.parity_images if args.format == "onnx" else 4)
     if args.format == "timm":
         return export_timm(args, model, name, held, data_args)
     images, source = parity_images(args, data_args, args.parity_images)

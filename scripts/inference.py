@@ -109,7 +109,7 @@ def torch_probabilities(args):
     """(class probabilities, what the checkpoint holds) with a PyTorch checkpoint."""
     model, held = load_held_model(args.checkpoint, args.model, "model|state_dict")
     name = held.label
-    models.check_input_size(model, held.input_size(args.input_size), f"`{name}`")
+    held.check_size(held.input_size(args.input_size), device=args.device)
     print(f"Build `{name}` model successfully.")
     device = pick_device(args.device)
     model.eval()

@@ -460,7 +460,11 @@ def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path):
                  "--nb_classes", "2", "--device", "cpu", "--num_workers", "1"), "x.png has more than")
 
 
-def test_flags_that_cannot_work_are_refused_before_any_data(tmp_path):
+def test_flags_that_cannot_work_are_refused_before_any_data(source, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    one_line(run("scripts/inference.py", "--image", tmp_path / "ok.png", "--checkpoint", source,
+                 "--input_size", "100000"), "for activations alone")
     one_line(run("main.py", "--model", "resnet20", "--aa", "bogus", "--epochs", "1", *DATA), "--aa 'bogus'")
     one_line(run("main.py", "--model", "resnet20", "--epochs", "1", "--data_set", "DIGITS", "--device", "cpu",
                  "--input_size", "100000"), "for activations alone")
