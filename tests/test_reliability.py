@@ -44,6 +44,15 @@ def one_line(proc, needle):
     assert lines and lines[-1].startswith("error: ") and needle in lines[-1], lines[-3:]
 
 
+def in_process(capsys, main, *argv, needle):
+    """A CLI's main(argv) in this process: exit status 2 and one `error:` line holding `needle`."""
+    import logging
+    logging.getLogger().handlers.clear()  # an earlier in-process run may have logged to a closed stream
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and needle in err[-1] and "Traceback" not in "\n".join(err), err
+
+
 def wait_for(test, timeout=120, what="condition"):
     end = time.time() + timeout
     while time.time() < end:
@@ -81,8 +90,9 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_l
     finally:
         first.kill()
         first.wait()
-    again = run("main.py", "--model", "resnet20", "--epochs", "1", "--output_dir", out, *DATA, *RECIPE)
-    assert "in use" not in again.stderr
+    from files import drop_lock, hold_lock
+    hold_lock(str(out), "--output_dir")                                 # the killed run left no lock
+    drop_lock(str(out))
 
 
 def test_a_study_folder_in_use_is_refused(source, tmp_path):
@@ -178,17 +188,16 @@ def test_crafted_study_folders_are_refused_naming_the_line(source, study_folder,
         results.mkdir()
     else:
         (out / "study.json").write_text("{oops")
-    argv = ["--checkpoint", str(source), "--output_dir", str(out), "--sets", "stages.0.*", "--ratios", "0.5"]
-    assert sensitivity(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    in_process(capsys, sensitivity, "--checkpoint", source, "--output_dir", out, "--sets", "stages.0.*",
+               "--ratios", "0.5", needle=message)
 
 
-def test_an_open_quote_in_pass_through_flags_is_one_line(source, tmp_path):
-    one_line(run("pruning/iterative.py", "--checkpoint", source, "--output_dir", tmp_path / "i",
-                 "--prune", "--criterion 'l1", "--finetune_epochs", "1"), "--prune")
-    one_line(run("pruning/iterative.py", "--checkpoint", source, "--output_dir", tmp_path / "i",
-                 "--prune", "--ratio 0.2", "--finetune_epochs", "1", "--train_args", '--lr "1'), "--train_args")
+def test_an_open_quote_in_pass_through_flags_is_one_line(source, tmp_path, capsys):
+    from pruning.iterative import main as iterative
+    in_process(capsys, iterative, "--checkpoint", source, "--output_dir", tmp_path / "i", "--prune", "--criterion 'l1",
+               "--finetune_epochs", "1", needle="--prune")
+    in_process(capsys, iterative, "--checkpoint", source, "--output_dir", tmp_path / "i", "--prune", "--ratio 0.2",
+               "--finetune_epochs", "1", "--train_args", '--lr "1', needle="--train_args")
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -289,32 +298,37 @@ def _flip_tensor_byte(path):
         f.write(bytes([byte ^ 0xFF]))
 
 
-def test_a_flipped_byte_in_a_checkpoint_is_refused(source, tmp_path):
+def test_a_flipped_byte_in_a_checkpoint_is_refused(source, tmp_path, capsys):
+    from pruning.cli import main as prune
     bad = tmp_path / "flipped.pth"
     shutil.copy(source, bad)
     _flip_tensor_byte(bad)
     one_line(run("main.py", "--eval", "true", "--resume", bad, *DATA), "CRC")
-    one_line(run("pruning/prune.py", "--checkpoint", bad, "--list_groups"), "CRC")
+    in_process(capsys, prune, "--checkpoint", bad, "--list_groups", needle="CRC")
 
 
-def test_integer_weights_are_refused_by_name(source, tmp_path):
+def test_integer_weights_are_refused_by_name(source, tmp_path, capsys):
     from checkpoint import load_checkpoint_file
+    from pruning.cli import main as prune
     ckpt = load_checkpoint_file(source)
     ckpt["model"]["head.weight"] = ckpt["model"]["head.weight"].long()
     save_checkpoint_file(ckpt, tmp_path / "int.pth")
-    for proc in (run("main.py", "--eval", "true", "--resume", tmp_path / "int.pth", *DATA),
-                 run("pruning/prune.py", "--checkpoint", tmp_path / "int.pth", "--ratio", "0.5", "--dry_run")):
-        one_line(proc, "head.weight holds int64 values, not floating point")
+    message = "head.weight holds int64 values, not floating point"
+    one_line(run("main.py", "--eval", "true", "--resume", tmp_path / "int.pth", *DATA), message)
+    in_process(capsys, prune, "--checkpoint", tmp_path / "int.pth", "--ratio", "0.5", "--dry_run", needle=message)
 
 
 def test_a_nan_best_accuracy_is_refused_on_resume(tmp_path):
-    out = tmp_path / "run"
-    run("main.py", "--model", "resnet20", "--epochs", "1", "--output_dir", out, *DATA, *RECIPE, check=True)
-    from checkpoint import load_checkpoint_file
-    ckpt = load_checkpoint_file(out / "checkpoint-0.pth")
-    ckpt["max_accuracy"] = float("nan")
-    save_checkpoint_file(ckpt, out / "checkpoint-0.pth")
-    one_line(run("main.py", "--model", "resnet20", "--epochs", "2", "--output_dir", out, *DATA, *RECIPE),
+    import argparse
+    from checkpoint import training_checkpoint
+    from utils import NativeScalerWithGradNormCount as NativeScaler
+    model = models.create_model("resnet20")
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(model="resnet20", input_size=32, data_set="DIGITS")
+    ckpt = training_checkpoint(args, model, optimizer, NativeScaler(enabled=False, device="cpu"), epoch=0,
+                               max_accuracy=float("nan"))
+    save_checkpoint_file(ckpt, tmp_path / "c.pth")
+    one_line(run("main.py", "--model", "resnet20", "--epochs", "2", "--resume", tmp_path / "c.pth", *DATA, *RECIPE),
              "max_accuracy is nan, not a top-1")
 
 
@@ -392,18 +406,23 @@ def unwritable(tmp_path):
     return folder
 
 
-def test_unwritable_outputs_are_one_line_before_any_work(source, unwritable, tmp_path):
-    one_line(run("pruning/prune.py", "--checkpoint", source, "--output", unwritable / "p.pth", "--ratio", "0.5"),
-             "not writable")
-    one_line(run("main.py", "--model", "resnet20", "--epochs", "1", "--output_dir", unwritable / "run", *DATA),
-             "cannot create or write in it")
-    one_line(run("pruning/sensitivity.py", "--checkpoint", source, "--output_dir", unwritable / "s",
-                 "--sets", "stages.0.*", "--ratios", "0.5"), "cannot create or write in it")
-    one_line(run("scripts/benchmark.py", "--models", "resnet20", "--input_size", "32", "--json",
-                 unwritable / "b.json"), "not writable")
-    one_line(run("pruning/prune.py", "--checkpoint", source, "--output", "", "--ratio", "0.5"), "it is empty")
-    one_line(run("pruning/prune.py", "--checkpoint", source, "--output", tmp_path / ("x" * 300 + ".pth"),
-                 "--ratio", "0.5"), "too long")
+def test_unwritable_outputs_are_one_line_before_any_work(source, unwritable, tmp_path, capsys):
+    import main
+    from pruning.cli import main as prune
+    from pruning.sensitivity import main as sensitivity
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import cli as benchmark
+    in_process(capsys, prune, "--checkpoint", source, "--output", unwritable / "p.pth", "--ratio", "0.5",
+               needle="not writable")
+    in_process(capsys, main.cli, "--model", "resnet20", "--epochs", "1", "--output_dir", unwritable / "run", *DATA,
+               needle="cannot create or write in it")
+    in_process(capsys, sensitivity, "--checkpoint", source, "--output_dir", unwritable / "s", "--sets", "stages.0.*",
+               "--ratios", "0.5", needle="cannot create or write in it")
+    in_process(capsys, benchmark, "--models", "resnet20", "--input_size", "32", "--json", unwritable / "b.json",
+               needle="not writable")
+    in_process(capsys, prune, "--checkpoint", source, "--output", "", "--ratio", "0.5", needle="it is empty")
+    in_process(capsys, prune, "--checkpoint", source, "--output", tmp_path / ("x" * 300 + ".pth"), "--ratio", "0.5",
+               needle="too long")
 
 
 def test_writing_through_a_link_never_touches_its_target(tmp_path):
@@ -439,18 +458,20 @@ def _png_claiming(path, width, height):
                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
-def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path):
+def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, capsys):
     bomb = tmp_path / "bomb.png"
     _png_claiming(bomb, 30000, 30000)
     ckpt = tmp_path / "r.pth"
     model = models.create_model("resnet20", num_classes=2)
     save_checkpoint_file({"model": model.state_dict(), "arch": model.arch, "args": {"input_size": 32}}, ckpt)
-    one_line(run("scripts/inference.py", "--image", bomb, "--checkpoint", ckpt), "bomb.png has more than")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from inference import main as inference
+    in_process(capsys, inference, "--image", bomb, "--checkpoint", ckpt, needle="bomb.png has more than")
     from PIL import Image
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "names.txt").write_bytes(b"\xff\xfeclass a\nclass b\n")
-    one_line(run("scripts/inference.py", "--image", tmp_path / "ok.png", "--checkpoint", ckpt, "--class_names",
-                 tmp_path / "names.txt"), "is not UTF-8 text")
+    in_process(capsys, inference, "--image", tmp_path / "ok.png", "--checkpoint", ckpt, "--class_names",
+               tmp_path / "names.txt", needle="is not UTF-8 text")
     for split in ("train", "val"):
         for cls in ("a", "b"):
             (tmp_path / "data" / split / cls).mkdir(parents=True)
@@ -460,12 +481,16 @@ def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path):
                  "--nb_classes", "2", "--device", "cpu", "--num_workers", "1"), "x.png has more than")
 
 
-def test_flags_that_cannot_work_are_refused_before_any_data(source, tmp_path):
+def test_flags_that_cannot_work_are_refused_before_any_data(source, tmp_path, capsys):
+    import main
     from PIL import Image
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import cli as benchmark
+    from inference import main as inference
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    one_line(run("scripts/inference.py", "--image", tmp_path / "ok.png", "--checkpoint", source,
-                 "--input_size", "100000"), "for activations alone")
-    one_line(run("main.py", "--model", "resnet20", "--aa", "bogus", "--epochs", "1", *DATA), "--aa 'bogus'")
-    one_line(run("main.py", "--model", "resnet20", "--epochs", "1", "--data_set", "DIGITS", "--device", "cpu",
-                 "--input_size", "100000"), "for activations alone")
-    one_line(run("scripts/benchmark.py", "--models", "resnet20", "--min_time", "inf"), "--min_time")
+    in_process(capsys, inference, "--image", tmp_path / "ok.png", "--checkpoint", source, "--input_size", "100000",
+               needle="for activations alone")
+    in_process(capsys, main.cli, "--model", "resnet20", "--aa", "bogus", "--epochs", "1", *DATA, needle="--aa 'bogus'")
+    in_process(capsys, main.cli, "--model", "resnet20", "--epochs", "1", "--data_set", "DIGITS", "--device", "cpu",
+               "--input_size", "100000", needle="for activations alone")
+    in_process(capsys, benchmark, "--models", "resnet20", "--min_time", "inf", needle="--min_time")

@@ -116,12 +116,13 @@ def test_a_named_stock_timm_model_keeps_its_own_layout(tmp_path):
     assert held.arch is None and held.name == "convnext_atto" and "stem.0.weight" in held.state
 
 
-def test_prune_finetune_eval_and_export_of_timm_weights(timm_files, tmp_path):
+def test_prune_finetune_eval_and_export_of_timm_weights(timm_files, tmp_path, capsys):
     """prune.py keeping every channel, main.py --eval (against timm's own accuracy on the same
     images) and --finetune, and the ONNX export all read the timm-layout file."""
     model, _, st = timm_files
     kept = tmp_path / "kept.pth"
-    run("pruning/prune.py", "--checkpoint", st, "--output", kept, "--dims", *SMALL["dims"], "--input_size", "32")
+    assert prune_main([str(a) for a in ("--checkpoint", st, "--output", kept, "--dims", *SMALL["dims"],
+                                        "--input_size", "32")]) == 0
     pruned, _ = checkpoint.load_held_model(kept)
     assert torch.allclose(logits(pruned), logits(model), atol=1e-5)
 
@@ -137,8 +138,9 @@ def test_prune_finetune_eval_and_export_of_timm_weights(timm_files, tmp_path):
     run("main.py", "--finetune", st, "--epochs", "1", "--output_dir", out, "--batch_size", "64",
         "--warmup_epochs", "0", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0", *recipe)
     assert checkpoint.load_held_model(out / "checkpoint-0.pth")[1].arch["dims"] == list(SMALL["dims"])
-    onnx = run("scripts/export.py", "--checkpoint", st, "--output", tmp_path / "m.onnx", "--input_size", "32")
-    assert "parity" in onnx.stdout
+    capsys.readouterr()
+    assert run_cli(export_main, ["--checkpoint", str(st), "--output", str(tmp_path / "m.onnx"), "--input_size", "32"]) == 0
+    assert "parity" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- safetensors files
@@ -181,7 +183,7 @@ def test_prune_writes_safetensors_weights(timm_files, tmp_path):
         assert f.read(1) != b"\x80" and b"PK" not in f.read(2)              # no pickle, no zip
 
 
-def test_main_save_format_safetensors_twins_the_best_checkpoint(tmp_path):
+def test_main_save_format_safetensors_twins_the_best_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     recipe = ["--data_set", "DIGITS", "--input_size", "32", "--device", "cpu", "--num_workers", "0"]
     run("main.py", "--model", "resnet20", "--epochs", "1", "--output_dir", out, "--save_format", "safetensors",
@@ -199,9 +201,11 @@ def test_main_save_format_safetensors_twins_the_best_checkpoint(tmp_path):
     assert twin.name in resumed.owned
     with pytest.raises(UserError, match="already holds"):
         RunFolder(str(out)).check(start_epoch=0)                            # another run's: refused
-    bad = run("main.py", "--model", "resnet20", "--eval", "true", "--save_format", "safetensors",
-              "--resume", twin, *recipe, check=False)
-    assert bad.returncode == 2 and "--save_format" in bad.stderr
+    import main
+    capsys.readouterr()
+    assert main.cli(["--model", "resnet20", "--eval", "true", "--save_format", "safetensors", "--resume", str(twin),
+                     *recipe]) == 2
+    assert "--save_format safetensors applies to" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- timm's names
