@@ -22,11 +22,13 @@ from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IM
                                  IMAGENET_INCEPTION_STD)
 
 import models
-from checkpoint import SAFETENSORS_META, save_weights_file
+from checkpoint import save_weights_file
 from errors import UserError, first_line
 from files import TEMP_PREFIX, atomic_open
 
 FILES = ("model.safetensors", "config.json", "README.md")
+# The training flags a published folder keeps (what reading it needs; no paths of this machine).
+SHARED_ARGS = ("model", "data_set", "nb_classes", "input_size", "crop_pct", "imagenet_default_mean_and_std")
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,10 @@ def write_folder(model, held, folder, data_args, *, source_sha256=None, accuracy
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.path.basename(os.path.abspath(folder))}-", dir=parent)
     try:
-        meta = {k: held.ckpt.get(k) for k in SAFETENSORS_META if isinstance(held.ckpt, dict)}
-        save_weights_file({**meta, "arch": arch, "model": out.state}, os.path.join(tmp, FILES[0]))
+        shared = {k: v for k, v in held.trained.items() if k in SHARED_ARGS}  # no local paths
+        record = held.ckpt.get("pruning") if isinstance(held.ckpt, dict) else None
+        save_weights_file({"arch": arch, "args": shared, "pruning": record, "model": out.state},
+                          os.path.join(tmp, FILES[0]))
         with atomic_open(os.path.join(tmp, FILES[1])) as f:
             json.dump(config, f, indent=2)
         with atomic_open(os.path.join(tmp, FILES[2])) as f:
