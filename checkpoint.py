@@ -144,15 +144,11 @@ def _fetch(url, path, name):
 
 def _check_structure(path, shown):
     """Refuse a file whose own structure says it is incomplete or damaged."""
-    if _check_format(path, shown) == "safetensors":
+    kind = _check_format(path, shown)
+    if kind == "safetensors":
         _load_safetensors(path, shown, "cpu")
-    elif _is_zip(path):
+    elif kind == "zip":
         check_zip(path, shown)
-
-
-def _is_zip(path):
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
 
 
 def check_zip(path, shown):
@@ -217,7 +213,7 @@ def load_checkpoint_file(path, map_location="cpu", mmap=False):
     kind = _check_format(path, shown)
     if kind == "safetensors":
         return _load_safetensors(path, shown, map_location)
-    if not mmap and _is_zip(path):  # mmap: a cheap look at the entries, not a read of the tensors
+    if not mmap and kind == "zip":  # mmap: a cheap look at the entries, not a read of the tensors
         check_zip(path, shown)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -233,13 +229,16 @@ def load_checkpoint_file(path, map_location="cpu", mmap=False):
 
 
 def _check_format(path, shown):
-    """"torch" or "safetensors"; refuses files that are neither, saying what they are."""
+    """"zip" or "pickle" (torch.save), or "safetensors"; refuses files that are none of these,
+    saying what they are."""
     with open(path, "rb") as f:
         head = f.read(9)
     if not head:
         raise UserError(f"{shown} is empty (0 bytes): not a checkpoint")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip, or a plain pickle
-        return "torch"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":  # torch.save's legacy format: a plain pickle
+        return "pickle"
     if path.endswith(".safetensors") or (  # an 8-byte header length, then the JSON header
             len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)):
         return "safetensors"
