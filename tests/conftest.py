@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED_MODEL = "convnext_tiny_3M_pruned_cifar10"
@@ -35,3 +36,34 @@ def trained(_trained_once, tmp_path_factory):
     copy = tmp_path_factory.mktemp("trained") / "out"
     shutil.copytree(out, copy)
     return copy, proc
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A small ConvNeXt checkpoint that says it was trained on DIGITS at 32 px (the studies'
+    and the reliability tests' source; a module may define its own `source`)."""
+    import models
+    from checkpoint import save_checkpoint_file
+    torch.manual_seed(0)
+    arch = {"family": "convnext", "depths": [1, 1], "dims": [16, 32], "num_classes": 10}
+    model = models.build_model(arch, layer_scale_init_value=0.5)
+    path = tmp_path_factory.mktemp("src") / "src.pth"
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
+                          "args": {"data_set": "DIGITS", "input_size": 32}}, path)
+    return path
+
+
+def randomised(arch, seed=0):
+    """A model of `arch` in eval mode with every parameter and BatchNorm statistic away from its
+    init (layer scale included)."""
+    import models
+    torch.manual_seed(seed)
+    model = models.build_model(arch).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+    return model

@@ -12,23 +12,10 @@ from checkpoint import save_checkpoint_file
 from models.family import Family
 from models.groups import part_stop
 from pruning.surgery import prune_state_dict
+from conftest import randomised
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = sorted(models.FAMILIES)
-
-
-def randomised(arch, seed=0):
-    """The example shape with every parameter and BatchNorm statistic away from its init."""
-    torch.manual_seed(seed)
-    model = models.build_model(arch).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2)
-    return model
 
 
 def images(n=3, size=32):

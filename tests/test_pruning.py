@@ -13,22 +13,13 @@ from pruning.scoring import score_group, score_groups
 from pruning.spec import KeepRules
 from pruning.surgery import new_arch, prune_checkpoint, prune_state_dict, read_source
 from errors import UserError
+from conftest import randomised
 
 SMALL = {"family": "convnext", "depths": [1, 2, 2, 1], "dims": [8, 16, 24, 32], "num_classes": 5}
 MULTISCALE = {**SMALL, "dims": [12, 16, 24, 32], "dw": "multiscale",
               "dw_branches": [[[3, 6, 3]], [[4, 8, 4], [2, 10, 4]], [[6, 12, 6]] * 2, [[8, 16, 8]]]}
 ISOTROPIC = {"family": "convnext_isotropic", "depth": 3, "dim": 16, "num_classes": 4,
              "layer_scale": True}
-
-
-def randomised(arch, seed=0):
-    """A model of `arch` with every parameter random (layer scale included), in eval mode."""
-    torch.manual_seed(seed)
-    model = models.build_model(arch).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return model
 
 
 def logits(model, size=32, seed=1):

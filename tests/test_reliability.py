@@ -62,18 +62,6 @@ def wait_for(test, timeout=120, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A small ConvNeXt checkpoint that says it was trained on DIGITS at 32 px."""
-    torch.manual_seed(0)
-    arch = {"family": "convnext", "depths": [1, 1], "dims": [16, 32], "num_classes": 10}
-    model = models.build_model(arch, layer_scale_init_value=0.5)
-    path = tmp_path_factory.mktemp("src") / "src.pth"
-    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
-                          "args": {"data_set": "DIGITS", "input_size": 32}}, path)
-    return path
-
-
 # ----------------------------------------------------------------------------- one run per folder
 
 def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):

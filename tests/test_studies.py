@@ -7,28 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
-from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
+from checkpoint import load_checkpoint_file  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TRAIN = ("--batch_size 64 --opt sgd --lr 0.02 --weight_decay 0 --warmup_epochs 0 --mixup 0 --cutmix 0 "
          "--reprob 0 --aa none --smoothing 0 --num_workers 0 --device cpu")
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A small ConvNeXt checkpoint that says it was trained on DIGITS at 32 px."""
-    torch.manual_seed(0)
-    arch = {"family": "convnext", "depths": [1, 1], "dims": [16, 32], "num_classes": 10}
-    model = models.build_model(arch, layer_scale_init_value=0.5)
-    path = tmp_path_factory.mktemp("src") / "src.pth"
-    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
-                          "args": {"data_set": "DIGITS", "input_size": 32}}, path)
-    return path
 
 
 def tool(script, *args):
