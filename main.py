@@ -265,9 +265,7 @@ def build_optimization(args, run, data, device):
         args, run.model_without_ddp, get_num_layer=assigner.get_layer_id if assigner else None,
         get_layer_scale=assigner.get_scale if assigner else None)
     run.loss_scaler = NativeScaler(enabled=args.use_amp and args.amp_dtype == "fp16", device=device.type)
-    run.lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, run.steps_per_epoch,
-                                             warmup_epochs=args.warmup_epochs,
-                                             warmup_steps=args.warmup_steps)
+    run.lr_schedule = utils.lr_scheduler(args, run.steps_per_epoch)
     if args.weight_decay_end is None:
         args.weight_decay_end = args.weight_decay
     run.wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs,
@@ -286,6 +284,11 @@ def build_optimization(args, run, data, device):
     logger.info("LR = %.8f, batch size = %d, update frequency = %d, %d training examples, "
                 "%d steps per epoch, criterion = %s", args.lr, total_batch, args.update_freq,
                 len(data.train), run.steps_per_epoch, run.criterion)
+    drops = (f", x{args.decay_rate:g} at epochs {args.decay_epochs}" if args.sched == "multistep" else
+             f", x{args.decay_rate:g} every {args.decay_epochs[0]} epochs" if args.sched == "step" else "")
+    logger.info("LR schedule: %s%s after %d warmup steps, floor %g", args.sched, drops,
+                min(args.warmup_steps if args.warmup_steps > 0 else args.warmup_epochs * run.steps_per_epoch,
+                    len(run.lr_schedule)), args.min_lr)
 
 
 def build_run(args, data, device, src):

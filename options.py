@@ -14,7 +14,7 @@ import checkpoint
 import datasets
 import models
 from errors import ArgumentParser, HelpFormatter, UserError  # noqa: F401  (ArgumentParser: run_with_submitit)
-from utils import AMP_DTYPES, str2bool
+from utils import AMP_DTYPES, SCHEDULES, str2bool
 
 DEFAULT_MODEL = "convnext_tiny"
 
@@ -55,7 +55,16 @@ def get_args_parser():
     a("--lr", type=float, default=4e-3, metavar="LR",
       help="learning rate, for a total batch size of 4096")
     a("--layer_decay", type=float, default=1.0, help="layer-wise LR decay (1: none)")
-    a("--min_lr", type=float, default=1e-6, metavar="LR", help="lower lr bound of the cosine schedule")
+    a("--min_lr", type=float, default=1e-6, metavar="LR",
+      help="lower lr bound: the cosine schedule's end, the step schedules' floor")
+    a("--sched", default="cosine", choices=SCHEDULES,
+      help="LR schedule after the warmup, per iteration: cosine (official), step (x --decay_rate "
+           "every --decay_epochs E epochs) or multistep (x --decay_rate at each of --decay_epochs)")
+    a("--decay_epochs", type=int, nargs="+", default=None, metavar="E",
+      help="step: the period in epochs (one value); multistep: the epochs the LR drops at "
+           "(counted from epoch 0, warmup included)")
+    a("--decay_rate", type=float, default=None, metavar="G",
+      help="step / multistep: the factor of each drop (default 0.1)")
     a("--warmup_epochs", type=int, default=20, metavar="N", help="epochs to warmup LR")
     a("--warmup_steps", type=int, default=-1, metavar="N",
       help="num of steps to warmup LR, will overload warmup_epochs if set > 0")
@@ -197,6 +206,7 @@ RANGES = {
     "nb_classes": _in(1, None), "seed": _in(0, 2 ** 31 - 1), "save_ckpt_freq": _in(1, None),
     "save_ckpt_num": _in(0, None), "start_epoch": _in(0, None), "num_workers": _in(0, None),
     "world_size": _in(1, None), "dist_timeout": _in(0, None, lo_open=True),
+    "decay_rate": _in(0, 1, lo_open=True, hi_open=True),
     "sparsity": _in(0, None), "kd_temperature": _in(0, None, lo_open=True), "kd_alpha": _in(0, 1),
 }
 
@@ -231,7 +241,30 @@ def check_augmentation(args):
                         "rand-m9-mstd0.5-inc1, augmix-m5-w3, original, v0, or none)") from None
 
 
+def check_schedule(args):
+    """--decay_epochs / --decay_rate belong to the step schedules, and each drop must happen."""
+    if args.sched == "cosine":
+        if args.decay_epochs is not None or args.decay_rate is not None:
+            raise UserError("--decay_epochs / --decay_rate apply to --sched step or multistep, "
+                            "not the cosine schedule")
+        return
+    if args.decay_rate is None:
+        args.decay_rate = 0.1
+    epochs = args.decay_epochs
+    if not epochs:
+        raise UserError(f"--sched {args.sched} needs --decay_epochs")
+    if args.sched == "step" and (len(epochs) != 1 or epochs[0] < 1):
+        raise UserError(f"--sched step takes one --decay_epochs period >= 1, got {epochs}")
+    if args.sched == "multistep":
+        if any(b <= a for a, b in zip(epochs, epochs[1:])) or epochs[0] < 1:
+            raise UserError(f"--decay_epochs must be increasing epochs >= 1, got {epochs}")
+        if not args.eval and epochs[-1] >= args.epochs:
+            raise UserError(f"--decay_epochs {epochs[-1]} is not before --epochs {args.epochs}: "
+                            "that drop would never happen")
+
+
 def check_combinations(args):
+    check_schedule(args)
     if args.min_lr > args.lr:
         raise UserError(f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule would rise")
     if not args.eval and args.start_epoch >= args.epochs:

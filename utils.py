@@ -381,6 +381,36 @@ class NativeScalerWithGradNormCount:
             self._scaler.load_state_dict(state_dict)
 
 
+SCHEDULES = ("cosine", "step", "multistep")
+
+
+def step_scheduler(base_value, final_value, epochs, niter_per_ep, decay_epochs, decay_rate,
+                   warmup_epochs=0, start_warmup_value=0, warmup_steps=-1, periodic=False):
+    """Per-iteration values: linear warmup to `base_value`, then `base_value` times
+    `decay_rate` per drop, floored at `final_value`. The drops fall on the first iteration of
+    each epoch in `decay_epochs` (counted from 0, warmup included), or of every multiple of
+    `decay_epochs[0]` when `periodic` (the step schedule)."""
+    total = epochs * niter_per_ep
+    warmup = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
+    warmup = min(warmup, total)
+    epoch = np.arange(warmup, total) // niter_per_ep
+    if periodic:
+        drops = epoch // decay_epochs[0]
+    else:
+        drops = np.searchsorted(np.asarray(decay_epochs), epoch, side="right")
+    values = np.maximum(base_value * float(decay_rate) ** drops, final_value)
+    return np.concatenate((np.linspace(start_warmup_value, base_value, warmup), values))
+
+
+def lr_scheduler(args, niter_per_ep):
+    """The per-iteration LR of `--sched` (the values a resumed run indexes by global step)."""
+    common = dict(warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps)
+    if args.sched == "cosine":
+        return cosine_scheduler(args.lr, args.min_lr, args.epochs, niter_per_ep, **common)
+    return step_scheduler(args.lr, args.min_lr, args.epochs, niter_per_ep, args.decay_epochs,
+                          args.decay_rate, periodic=args.sched == "step", **common)
+
+
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
                      start_warmup_value=0, warmup_steps=-1):
     """Per-iteration values: linear warmup to `base_value`, then cosine decay to `final_value`.
