@@ -44,3 +44,14 @@ def bn_into_conv(conv, bn):
     base = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias.copy_(bn.bias + (base - bn.running_mean) * scale)
     return fused
+
+
+@torch.no_grad()
+def bn_into_linear(linear, bn):
+    """A Linear followed by an eval-mode BatchNorm1d, as one Linear."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                      dtype=linear.weight.dtype)
+    fused.weight.copy_(linear.weight * scale[:, None])
+    fused.bias.copy_(bn.bias + (linear.bias - bn.running_mean) * scale)
+    return fused

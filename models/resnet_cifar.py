@@ -119,7 +119,8 @@ class ResNetCifar(nn.Module, Family):
     @staticmethod
     def infer_arch(sd):
         """The arch of a state dict in this layout, or None when it is not one."""
-        if "layer1.0.conv1.weight" not in sd or "fc.weight" not in sd or "layer4.0.conv1.weight" in sd:
+        if ("layer1.0.conv1.weight" not in sd or "fc.weight" not in sd or "bn1.weight" not in sd
+                or "layer4.0.conv1.weight" in sd):  # no stem bn1: a pre-activation ResNet
             return None
         if sd["conv1.weight"].shape[0] != WIDTHS[0] or sd["conv1.weight"].shape[-1] != 3:
             return None  # e.g. an ImageNet ResNet (7x7 stem, 64 channels)

@@ -2,12 +2,17 @@
 
 The `arch` is the layer list of the slimming seed's pruned-architecture table: a width per
 3x3 conv (no bias, then BatchNorm and ReLU) and "M" for a 2x2 max-pool; then global average
-pooling and one linear layer. Keys follow that seed (`feature.N`, `classifier`), so its
-state dicts load unchanged.
+pooling, optional hidden linear layers (`hidden`: Linear-BN-ReLU each) and one linear layer.
+Keys follow the slimming seed (`feature.N`, `classifier`), so its state dicts load unchanged.
+
+`vgg16_cifar` is Li et al.'s CIFAR VGG-16 (Pruning Filters): the 13 BN convs and one
+512-unit hidden layer before the classifier, 15.0M parameters. It is not called `vgg16`:
+that name stays timm's ImageNet VGG. The hidden layer is not a channel group (Li et al.
+prune conv filters only); the last conv's group cuts its input columns.
 """
 import torch.nn as nn
 
-from .fold import bn_into_conv
+from .fold import bn_into_conv, bn_into_linear
 from .groups import Group, Part, Producer
 from .family import Family
 from .registry import register_factory, register_family
@@ -33,7 +38,7 @@ class VGGCifar(nn.Module, Family):
             model; VGG has no drop path (only 0 is accepted) and no layer scale (ignored).
     """
 
-    def __init__(self, cfg=None, num_classes=10, in_chans=3, drop_path_rate=0.,
+    def __init__(self, cfg=None, num_classes=10, in_chans=3, hidden=(), drop_path_rate=0.,
                  layer_scale_init_value=None, head_init_scale=1.):
         super().__init__()
         if drop_path_rate:
@@ -48,23 +53,32 @@ class VGGCifar(nn.Module, Family):
             c = v
         self.feature = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)  # = the seed's AvgPool2d(2) at 32 px
+        hidden, fc = [int(h) for h in hidden], []
+        for h in hidden:
+            fc += [nn.Linear(c, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            c = h
+        self.hidden = nn.Sequential(*fc)
         self.classifier = nn.Linear(c, num_classes)
         self._init(head_init_scale)
         self.arch = {"family": "vgg_cifar", "cfg": cfg, "num_classes": num_classes, "in_chans": in_chans}
+        if hidden:
+            self.arch["hidden"] = hidden
 
     def _init(self, head_init_scale):
         """The slimming seed's initialisation: BN scales start at 0.5."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 nn.init.constant_(m.weight, 0.5)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.classifier.weight, std=0.01 * head_init_scale)
-        nn.init.zeros_(self.classifier.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        self.classifier.weight.data.mul_(head_init_scale)
 
     def forward(self, x):
-        return self.classifier(self.pool(self.feature(x)).flatten(1))
+        return self.classifier(self.hidden(self.pool(self.feature(x)).flatten(1)))
 
     head_key = "classifier"
 
@@ -78,17 +92,21 @@ class VGGCifar(nn.Module, Family):
             if isinstance(m, nn.BatchNorm2d):
                 layers[i - 1], layers[i] = bn_into_conv(layers[i - 1], m), nn.Identity()
         self.feature = nn.Sequential(*layers)
+        fc = list(self.hidden)
+        for i in range(0, len(fc), 3):  # Linear, BatchNorm1d, ReLU
+            fc[i], fc[i + 1] = bn_into_linear(fc[i], fc[i + 1]), nn.Identity()
+        self.hidden = nn.Sequential(*fc)
         return self
 
     # --- arch <-> state dict <-> channel groups -------------------------------------------
     @classmethod
     def from_arch(cls, arch, **kwargs):
         return cls(cfg=arch["cfg"], num_classes=arch["num_classes"], in_chans=arch.get("in_chans", 3),
-                   **kwargs)
+                   hidden=arch.get("hidden", ()), **kwargs)
 
     @staticmethod
     def describe(arch):
-        return f"VGG-BN layers {arch['cfg']}"
+        return f"VGG-BN layers {arch['cfg']}" + (f", hidden {arch['hidden']}" if arch.get("hidden") else "")
 
     @staticmethod
     def widths(arch):
@@ -107,14 +125,19 @@ class VGGCifar(nn.Module, Family):
             else:
                 cfg.append("M")
                 i += 1
-        return {"family": "vgg_cifar", "cfg": cfg, "num_classes": sd["classifier.weight"].shape[0],
+        arch = {"family": "vgg_cifar", "cfg": cfg, "num_classes": sd["classifier.weight"].shape[0],
                 "in_chans": sd["feature.0.weight"].shape[1]}
+        hidden = [sd[f"hidden.{i}.weight"].shape[0] for i in range(0, 3 * len(sd), 3) if f"hidden.{i}.weight" in sd]
+        if hidden:
+            arch["hidden"] = hidden
+        return arch
 
     @staticmethod
     def channel_groups(arch):
         """One group per conv: its output channels, named conv<block>_<n> (conv1_1, ...; a
         block ends at each max-pool). Cut: the conv's rows, its BatchNorm, the next conv's
-        input columns (or the classifier's). The BN weights are the scale factors."""
+        input columns (or the first hidden layer's, or the classifier's). The BN weights are
+        the scale factors."""
         convs, block, n, index = [], 1, 0, 0
         for v in arch["cfg"]:
             if v == "M":
@@ -125,7 +148,8 @@ class VGGCifar(nn.Module, Family):
             index += 3
         groups = []
         for k, (name, i, width, stage) in enumerate(convs):
-            consumer = f"feature.{convs[k + 1][1]}.weight" if k + 1 < len(convs) else "classifier.weight"
+            consumer = (f"feature.{convs[k + 1][1]}.weight" if k + 1 < len(convs) else
+                        "hidden.0.weight" if arch.get("hidden") else "classifier.weight")
             slices = ((Part(f"feature.{i}.weight", 0),)
                       + tuple(Part(f"feature.{i + 1}.{t}", 0) for t in BN_TENSORS)
                       + (Part(consumer, 1),))
@@ -135,10 +159,12 @@ class VGGCifar(nn.Module, Family):
 
     @staticmethod
     def example_arch():
-        return {"family": "vgg_cifar", "cfg": [6, "M", 8, 5], "num_classes": 3, "in_chans": 3}
+        return {"family": "vgg_cifar", "cfg": [6, "M", 8, 5], "num_classes": 3, "in_chans": 3, "hidden": [4]}
 
 
 register_family("vgg_cifar", VGGCifar)
 for _name, _cfg in CONFIGS.items():
     register_factory(_name, VGGCifar, f"VGG-{_name[3:5]} with BatchNorm for 32 px images.",
                      cfg=_cfg, num_classes=10)
+register_factory("vgg16_cifar", VGGCifar, "Li et al.'s CIFAR VGG-16 (Pruning Filters): BN convs, a 512-unit "
+                 "hidden layer, then the classifier.", cfg=CONFIGS["vgg16_bn_cifar"], hidden=[512], num_classes=10)

@@ -50,12 +50,72 @@ def logits(model, seed=1):
         return model(torch.randn(3, 3, 32, 32))
 
 
-@pytest.mark.parametrize("name, params", [("resnet56", 853_018), ("resnet110", 1_727_962),
-                                          ("vgg19_bn_cifar", 20_035_018)])
-def test_exact_parameter_counts(name, params):
+CIFAR_MODELS = {"resnet56": 853_018, "resnet110": 1_727_962, "preresnet110": 1_730_522,
+                "wrn_28_10": 36_479_194, "wrn_28_10_dropout": 36_479_194, "vgg16_cifar": 14_987_722,
+                "vgg16_bn_cifar": 14_724_042, "vgg19_bn_cifar": 20_035_018}
+
+
+def n_params(name, **kwargs):
+    with torch.device("meta"):
+        model = models.create_model(name, **kwargs)
+    return sum(p.numel() for p in model.parameters()), model
+
+
+@pytest.mark.parametrize("name", list(CIFAR_MODELS))
+def test_exact_parameter_counts_and_cifar100_heads(name):
+    params, model = n_params(name)
+    assert params == CIFAR_MODELS[name]
+    params_100, model_100 = n_params(name, num_classes=100)
+    features = model.get_classifier().in_features
+    assert params_100 - params == 90 * (features + 1) and model_100.get_classifier().out_features == 100
+
+
+def test_every_cifar_model_is_covered_above():
+    cifar = {n for n, (cls, _) in models.OUR_MODELS.items() if cls.__module__.endswith("_cifar")}
+    assert cifar - set(CIFAR_MODELS) <= {f"resnet{6 * n + 2}" for n in (3, 5, 7)} | {"vgg11_bn_cifar", "vgg13_bn_cifar"}
+
+
+@pytest.mark.parametrize("name, family", [("resnet20", "resnet_cifar"), ("preresnet110", "preresnet_cifar"),
+                                          ("wrn_28_10", "wrn_cifar"), ("vgg16_cifar", "vgg_cifar")])
+def test_weights_alone_name_the_family(name, family):
     with torch.device("meta"):
         model = models.create_model(name)
-    assert sum(p.numel() for p in model.parameters()) == params
+    arch = models.infer_arch(model.state_dict())
+    assert arch["family"] == family and arch == {k: v for k, v in model.arch.items() if k != "dropout"}
+
+
+def test_wide_resnet_uses_the_reference_layout_and_activated_shortcuts():
+    torch.manual_seed(0)
+    model = models.build_model({"family": "wrn_cifar", "depths": [1, 1, 1], "widen": 2, "inner": None,
+                                "num_classes": 10}).eval()
+    assert {"block1.layer.0.convShortcut.weight", "block3.layer.0.bn2.running_var", "bn1.weight"} <= set(model.state_dict())
+    block, x = model.block2.layer[0], torch.randn(2, 32, 8, 8)
+    act = torch.relu(block.bn1(x))
+    hand = block.conv2(torch.relu(block.bn2(block.conv1(act)))) + block.convShortcut(act)
+    assert torch.allclose(block(x), hand, atol=1e-6)
+
+
+def test_wide_resnet_dropout_survives_pruning_and_is_off_in_eval(tmp_path, capsys):
+    arch = {"family": "wrn_cifar", "depths": [1, 1, 1], "widen": 1, "inner": None, "dropout": 0.3,
+            "num_classes": 10, "in_chans": 3}
+    model = randomised(arch)
+    src, out = tmp_path / "wrn.pth", tmp_path / "wrn_pruned.pth"
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch}, src)
+    assert prune_main(["--checkpoint", str(src), "--output", str(out), "--criterion", "l1",
+                       "--ratio", "0.25"]) == 0
+    pruned = load_checkpoint_file(out)["arch"]
+    assert pruned["dropout"] == 0.3 and pruned["inner"] != [[16], [32], [64]]
+    rebuilt = models.build_model(pruned)
+    assert rebuilt.block1.layer[0].dropout == 0.3
+    rebuilt.eval()
+    assert torch.equal(logits(rebuilt), logits(rebuilt))
+
+
+def test_preresnet_groups_leave_the_pre_activation_bn_whole():
+    arch = models.default_arch("preresnet110")
+    cut = {p.key for g in models.channel_groups(arch) for p in g.slices}
+    assert "layer2.0.bn2.weight" in cut and "layer2.0.conv1.weight" in cut
+    assert not any(".bn1." in k or "downsample" in k or k.startswith("bn.") for k in cut)
 
 
 def test_seed_pruned_vgg_configuration_builds():
