@@ -210,7 +210,7 @@ def _top1(v):
 # What each field of a study row holds: (test, description); rows are checked when read.
 ROW_FIELDS = {
     **{k: (lambda v: isinstance(v, str) and bool(v), "a non-empty string")
-       for k in ("criterion", "budget", "set", "snapshot")},
+       for k in ("criterion", "budget", "set", "snapshot", "step")},
     "seed": (_integer, "an integer"),
     "round": (lambda v: v == "distill" or (_integer(v) and v >= 1), 'a round number or "distill"'),
     **{k: (lambda v: _integer(v) and v >= 0, "a count >= 0") for k in ("params", "macs")},
