@@ -193,3 +193,12 @@ def test_bench_engine_alternates_and_reports_ratio(tiny_ckpt, capsys):
     assert len(result["ratios"]) == 2 and len(result["bare_img_s"]) == 2
     assert re.search(r"engine/bare median [\d.]+ \(min [\d.]+, max [\d.]+\) over 2 rounds", out)
     assert "target >= 0.90:" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: scripts/gpu_check.sh runs for real")
+def test_gpu_check_without_a_gpu_says_so_and_writes_nothing(tmp_path):
+    out = tmp_path / "table.md"
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.strip().splitlines() == [f"error: no CUDA GPU visible to torch ({sys.executable}): nothing to check"]
