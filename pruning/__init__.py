@@ -14,7 +14,7 @@ api.py          prune(source, spec) -> Result: the stages above in one call
 prune.py        the command-line tool over api.py (prune_convnext.py: the same tool under its first name)
 
 Studies built on api.py: study.py (shared), sensitivity.py, iterative.py and
-scripts/compare_criteria.py.
+scripts/compare_criteria.py. recipes.py: the seeds' whole pipelines (scripts/reproduce.py).
 """
 from .api import Evidence, Result, Source, calibrate, open_source, prune
 from .criteria import CRITERIA, Aggregation, Criterion, get_criterion, register_criterion

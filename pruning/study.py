@@ -63,7 +63,7 @@ def open_source(checkpoint):
     return source, source.held.input_size()
 
 
-def _die_with_parent(parent=os.getpid()):
+def die_with_parent(parent=os.getpid()):
     """In a study's child before it runs: killed when the study dies, however it dies (Linux
     PR_SET_PDEATHSIG), so no orphan main.py writes on into a folder a rerun then uses."""
     if sys.platform.startswith("linux"):
@@ -78,7 +78,7 @@ def finetune(start, out, epochs, data, train_args, what, extra=()):
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--finetune", start, "--output_dir", out,
            "--epochs", str(epochs), "--data_set", data.data_set, "--input_size", str(data.input_size),
            *(["--data_path", data.data_path] if data.data_path else []), *extra, *shlex.split(train_args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent)
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"{what} failed: {tail[0]}")

@@ -17,7 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import recipes  # noqa: E402
+from pruning import recipes  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 DATA_SETS = ("CIFAR10", "CIFAR100", "TINY_IMAGENET", "image_folder", "DIGITS")
@@ -35,7 +35,7 @@ def get_args_parser():
                    help="efficient_convnext_t: the ImageNet-1K ConvNeXt-T weights it fine-tunes "
                         "(a path, URL or hf-hub: id; default: the official EMA checkpoint)")
     p.add_argument("--quick", action="store_true",
-                   help="1-epoch steps on DIGITS (CIFAR nets at 16 px): checks the pipeline in minutes")
+                   help="1-epoch steps on DIGITS (CIFAR nets at 16 px, batch 16): checks the pipeline in minutes")
     p.add_argument("--dry_run", action="store_true", help="print every command and stop")
     return p
 
@@ -90,8 +90,8 @@ def main(argv=None):
         rows = recipes.run(pipe, settings)
         print("\n" + recipes.table(pipe, rows))
         if args.quick:
-            print("\n--quick: 1-epoch steps on DIGITS check that the pipeline runs; their accuracies say "
-                  "nothing about the recipe.")
+            print("\n--quick: 1-epoch steps on DIGITS check that the pipeline runs; one epoch's accuracy "
+                  "says little about the recipe.")
         return 0
 
     return run_cli(go, argv, stopped=lambda: "finished steps are kept; rerun the same command to resume")

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-import recipes  # noqa: E402
+from pruning import recipes  # noqa: E402
 import reproduce  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -93,7 +93,7 @@ def test_quick_pfec_killed_after_a_step_resumes_and_prints_the_seed_table(tmp_pa
     table = done.stdout[done.stdout.index("| Pruning Filters"):].splitlines()
     assert table[2].startswith("| ResNet-56 | 1 | 0.85M |") and table[2].endswith("| 0.85M | 93.42 |")
     assert table[4].startswith("| ResNet-56 #1 (pruned, fine-tuned) | 1 | 0.65M |") and table[4].endswith("| 0.65M | 93.05 |")
-    assert "--quick: 1-epoch steps" in done.stdout
+    assert "--quick: 1-epoch steps" in done.stdout and "says little" in done.stdout
     assert "--finetune " + str(out / "pruned.pth") in (out / "logs/finetuned.log").read_text()
 
 
