@@ -304,9 +304,9 @@ def _ensemble_top1(paths, data_args):
         def forward(self, x):  # log of the mean probability: top-1 and loss of the ensemble
             return torch.stack([m(x).float().softmax(-1) for m in self.members]).mean(0).log()
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     evaluator = Evaluator(data_args)
-    return evaluate(evaluator.batches, Mean(load_teachers(paths, torch.device("cpu"))).eval(),
-                    torch.device("cpu"), print_freq=10 ** 9)["acc1"]
+    return evaluate(evaluator.batches, Mean(load_teachers(paths, device)).eval(), device, print_freq=10 ** 9)["acc1"]
 
 
 def run_step(pipe, step, log_path):

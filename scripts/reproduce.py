@@ -51,7 +51,7 @@ def check_args(args):
         raise UserError("--data_set is required (or --quick for DIGITS)")
     if args.data_set not in ("DIGITS",) and not args.data_path:
         raise UserError(f"--data_set {args.data_set} needs --data_path")
-    if args.data_path and not os.path.isdir(args.data_path):
+    if args.data_path and not args.dry_run and not os.path.isdir(args.data_path):
         raise UserError(f"--data_path {args.data_path} is not a folder")
     if args.pretrained != recipes.OFFICIAL_TINY_1K and (args.recipe != "efficient_convnext_t" or args.quick):
         raise UserError("--pretrained applies to efficient_convnext_t without --quick (it starts from "

@@ -112,3 +112,30 @@ def test_quick_slimming_end_to_end(tmp_path, capsys):
     assert "started" not in capsys.readouterr().out
     assert reproduce.main(["--recipe", "pfec_vgg16", "--quick", "--output_dir", str(out)]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(recipes.RECIPES))
+def test_every_full_recipe_passes_the_tools_own_checks_and_its_rules_fit_its_model(name, tmp_path):
+    """Each main.py step parses and passes main.py's checks; each prune step's rule prunes the
+    model its source step trains (random weights of that shape)."""
+    import main
+    import models
+    import options
+    import pruning
+    from pruning import cli
+    recipe = recipes.recipe(name, "CIFAR10")
+    pipe = recipes.Pipeline(recipe, "CIFAR10", str(tmp_path), str(tmp_path / "run"))
+    arch_of = {}
+    for step in recipe.steps:
+        if step.kind == "train":
+            argv = pipe.commands(step)[0][2:]
+            args = main.parse_args([a for a in argv if a != recipes.OFFICIAL_TINY_1K and a != "--finetune"]
+                                   if "--model" in argv else argv)
+            options.check_ranges(args)
+            options.check_combinations(args)
+            arch_of[step.name] = models.default_arch(args.model) if args.model else arch_of[step.source]
+        elif step.kind == "prune":
+            spec = cli.spec_from_args(cli.get_args_parser().parse_args(["--checkpoint", "x", *step.argv]))
+            model = models.build_model(arch_of[step.source])
+            arch_of[step.name] = pruning.prune(model, spec).checkpoint["arch"]
+    assert arch_of  # at least one model was checked
