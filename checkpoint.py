@@ -379,6 +379,12 @@ class Held:
         return models.registered_name(self.arch) or models.describe_arch(self.arch)
 
     @property
+    def trained_epochs(self):
+        """Epochs of training the checkpoint records (its last epoch + 1), or None."""
+        epoch = self.ckpt.get("epoch") if isinstance(self.ckpt, dict) else None
+        return epoch + 1 if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None
+
+    @property
     def num_classes(self):
         """Classes of the weights (the arch's, the head's rows, else the trained --nb_classes)."""
         if self.arch is not None and "num_classes" in self.arch:

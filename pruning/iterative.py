@@ -17,6 +17,7 @@ same command after a kill: finished rounds are kept and a fine-tuning resumes wh
 """
 import os
 import sys
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -25,7 +26,7 @@ import datasets  # noqa: E402
 import models  # noqa: E402
 from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
-from pruning import api, study  # noqa: E402
+from pruning import api, dispatch, study  # noqa: E402
 
 
 def get_args_parser():
@@ -41,11 +42,13 @@ def get_args_parser():
     p.add_argument("--kd_temperature", type=float, default=5.0, help="distillation temperature")
     p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS, help="default: the checkpoint's")
     p.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
+    dispatch.add_flags(p)
     return p
 
 
 def check_args(args):
     study.check_common(args)
+    dispatch.check_flags(args)
     if args.rounds < 1 or args.finetune_epochs < 1 or args.distill_epochs < 0:
         raise UserError("--rounds and --finetune_epochs must be >= 1, --distill_epochs >= 0")
     if not 0 <= args.kd_alpha <= 1 or args.kd_temperature <= 0:
@@ -66,7 +69,8 @@ def finetune(args, data, start, out, epochs, teachers=()):
     if teachers:
         extra += ["--teacher", *teachers, "--kd_alpha", str(args.kd_alpha),
                   "--kd_temperature", str(args.kd_temperature)]
-    return study.finetune(start, out, epochs, data, args.train_args, "main.py", extra)
+    return study.finetune(start, out, epochs, data, args.train_args, "main.py", extra,
+                          launcher=dispatch.torchrun(args.gpus_per_cell))
 
 
 def prune_round(args, current, path):
@@ -87,49 +91,65 @@ def print_table(rows, source_row):
               f"{r['acc_finetuned']:.2f} |")
 
 
+def context(args):
+    return SimpleNamespace(evaluator=study.Evaluator(args.data))
+
+
+def compute(ctx, args, cell):
+    """One round (prune the current model, measure, fine-tune) or the distillation round."""
+    r, current, snapshots = cell
+    if r == "distill":
+        final, tuned = finetune(args, args.data, current, os.path.join(args.output_dir, "distill"),
+                                args.distill_epochs, teachers=snapshots)
+        params, macs = models.count_arch(load_checkpoint_file(current, mmap=True)["arch"], args.data.input_size)
+        return {"round": "distill", "params": params, "macs": macs, "acc_pruned": None, "acc_finetuned": tuned,
+                "snapshot": final}
+    folder = os.path.join(args.output_dir, f"round{r}")
+    os.makedirs(folder, exist_ok=True)
+    pruned = prune_round(args, current, os.path.join(folder, "pruned.pth"))
+    params, macs = models.count_arch(pruned["arch"], args.data.input_size)
+    acc = ctx.evaluator.accuracy(pruned["arch"], pruned["model"])
+    print(f"[round {r}/{args.rounds}] pruned to {params / 1e6:.2f}M params: top-1 {acc:.2f}; "
+          f"fine-tuning {args.finetune_epochs} epochs", flush=True)
+    snapshot, tuned = finetune(args, args.data, os.path.join(folder, "pruned.pth"), os.path.join(folder, "finetune"),
+                               args.finetune_epochs)
+    return {"round": r, "params": params, "macs": macs, "acc_pruned": acc, "acc_finetuned": tuned,
+            "snapshot": snapshot}
+
+
+def say(n, total, row):
+    if row["round"] == "distill":
+        print(f"[distill] top-1 {row['acc_finetuned']:.2f}; {row['snapshot']}", flush=True)
+    else:
+        print(f"[round {row['round']}] fine-tuned: top-1 {row['acc_finetuned']:.2f}; snapshot {row['snapshot']}",
+              flush=True)
+
+
 def run(args):
     check_args(args)
     source, _ = study.open_source(args.checkpoint)
-    data = source.held.data_args(args.data_set, args.data_path)
+    data = args.data = source.held.data_args(args.data_set, args.data_path)
     settings = {k: getattr(args, k) for k in ("rounds", "prune", "finetune_epochs", "train_args",
                                               "distill_epochs", "kd_alpha", "kd_temperature", "data_set",
                                               "data_path")}
     settings["source_sha256"] = source.sha256
-    evaluator = study.Evaluator(data)  # before the folder: a data error leaves none
+    local = SimpleNamespace(evaluator=study.Evaluator(data))  # before the folder: a data error leaves none
     results = study.Results(args.output_dir, settings, ("round",),
                             ("round", "params", "macs", "acc_pruned", "acc_finetuned", "snapshot"))
     params, macs = models.count_arch(source.arch, data.input_size)
     source_row = {"round": "source", "params": params, "macs": macs, "acc_pruned": None,
-                  "acc_finetuned": evaluator.accuracy(source.arch, source.sds["model"])}
+                  "acc_finetuned": local.evaluator.accuracy(source.arch, source.sds["model"])}
     current, snapshots = args.checkpoint, []
-    for r in range(1, args.rounds + 1):
-        folder = os.path.join(args.output_dir, f"round{r}")
-        done = [x for x in results.rows if x["round"] == r]
-        if done:
-            current = done[0]["snapshot"]
+    for r in list(range(1, args.rounds + 1)) + (["distill"] if args.distill_epochs else []):
+        if r == "distill":
+            print(f"[distill] {args.distill_epochs} epochs from the ensemble of {len(snapshots)} snapshots "
+                  f"(T = {args.kd_temperature:g}, alpha = {args.kd_alpha:g})", flush=True)
+        # rounds depend on each other: one cell (one job) at a time
+        dispatch.run_cells(args, results, [({"round": r}, (r, current, list(snapshots)))], context, compute, say,
+                           name="iterative", ctx=local)
+        if r != "distill":
+            current = next(x for x in results.rows if x["round"] == r)["snapshot"]
             snapshots.append(current)
-            continue
-        os.makedirs(folder, exist_ok=True)
-        pruned = prune_round(args, current, os.path.join(folder, "pruned.pth"))
-        params, macs = models.count_arch(pruned["arch"], data.input_size)
-        acc = evaluator.accuracy(pruned["arch"], pruned["model"])
-        print(f"[round {r}/{args.rounds}] pruned to {params / 1e6:.2f}M params: top-1 {acc:.2f}; "
-              f"fine-tuning {args.finetune_epochs} epochs", flush=True)
-        current, tuned = finetune(args, data, os.path.join(folder, "pruned.pth"),
-                                  os.path.join(folder, "finetune"), args.finetune_epochs)
-        snapshots.append(current)
-        results.add({"round": r, "params": params, "macs": macs, "acc_pruned": acc,
-                     "acc_finetuned": tuned, "snapshot": current})
-        print(f"[round {r}/{args.rounds}] fine-tuned: top-1 {tuned:.2f}; snapshot {current}", flush=True)
-    if args.distill_epochs and not results.has(round="distill"):
-        print(f"[distill] {args.distill_epochs} epochs from the ensemble of {len(snapshots)} snapshots "
-              f"(T = {args.kd_temperature:g}, alpha = {args.kd_alpha:g})", flush=True)
-        final, tuned = finetune(args, data, current, os.path.join(args.output_dir, "distill"),
-                                args.distill_epochs, teachers=snapshots)
-        last = [x for x in results.rows if x["round"] == args.rounds][0]
-        results.add({"round": "distill", "params": last["params"], "macs": last["macs"], "acc_pruned": None,
-                     "acc_finetuned": tuned, "snapshot": final})
-        print(f"[distill] top-1 {tuned:.2f}; {final}", flush=True)
     print_table(results.rows, source_row)
 
 

@@ -167,7 +167,7 @@ def _efficient(quick, data_set, pretrained):
         dense = ("--model", f"convnext_tiny_unpruned_{head}", "--finetune", pretrained, "--drop_path", "0.1",
                  "--lr", "1e-4", "--warmup_epochs", "2", "--layer_decay", "0.8", "--head_init_scale", "0.001", *adamw)
     steps = [Step("dense", "train", ("--epochs", "1" if quick else "30", *dense), epochs=1 if quick else 30,
-                  label="ConvNeXt-T fine-tuned (unpruned)", published=EFFICIENT["dense"][1])]
+                  label="ConvNeXt-T (unpruned)", published=EFFICIENT["dense"][1])]
     tune = ("--drop_path", "0" if quick else "0.1", "--lr", "2e-3" if quick else "1e-4", "--warmup_epochs", "0",
             *(("--aa", "none", "--reprob", "0", "--smoothing", "0") if quick else ()), *adamw)
     for budget, (dims, published) in list(EFFICIENT.items())[1:]:

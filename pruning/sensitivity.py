@@ -20,13 +20,14 @@ import fnmatch
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 import datasets  # noqa: E402
 import models  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
-from pruning import study  # noqa: E402
+from pruning import dispatch, study  # noqa: E402
 
 
 def get_args_parser():
@@ -43,11 +44,13 @@ def get_args_parser():
                    help="evaluation data (default: the checkpoint's)")
     p.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
     p.add_argument("--eval_subset", type=int, default=None, help="evaluate on this many images (fixed)")
+    dispatch.add_flags(p)
     return p
 
 
 def check_args(args):
     study.check_common(args)
+    dispatch.check_flags(args)
     if not all(0 < r < 1 for r in args.ratios) or len(set(args.ratios)) != len(args.ratios):
         raise UserError("--ratios must be distinct values in (0, 1)")
     if args.tolerance is not None and args.tolerance < 0:
@@ -76,17 +79,23 @@ def plan_cells(args, c_argv):
     return cells
 
 
-def run_cells(cells, source, results, evaluator, input_size):
-    evidence = {}
-    for n, (pattern, ratio, seed, spec) in enumerate(cells, start=1):
-        if results.has(set=pattern, ratio=ratio, seed=seed):
-            continue
-        pruned = study.prune_cell(source, spec, evidence)
-        params, _ = models.count_arch(pruned["arch"], input_size)
-        acc = evaluator.accuracy(pruned["arch"], pruned["model"])
-        results.add({"set": pattern, "ratio": ratio, "seed": seed, "params": params, "acc": acc})
-        print(f"[{n}/{len(cells)}] {pattern} pruned by {ratio:g} (seed {seed}): top-1 {acc:.2f} "
-              f"({params / 1e6:.2f}M params)", flush=True)
+def context(args):
+    """What every cell reads: the source (opened once), the evaluation images, calibrations."""
+    source, _ = study.open_source(args.checkpoint)
+    return SimpleNamespace(source=source, evaluator=study.Evaluator(args.data, args.eval_subset), evidence={})
+
+
+def compute(ctx, args, cell):
+    pattern, ratio, seed, spec = cell
+    pruned = study.prune_cell(ctx.source, spec, ctx.evidence)
+    params, _ = models.count_arch(pruned["arch"], args.input_size)
+    return {"set": pattern, "ratio": ratio, "seed": seed, "params": params,
+            "acc": ctx.evaluator.accuracy(pruned["arch"], pruned["model"])}
+
+
+def say(n, total, row):
+    print(f"[{n}/{total}] {row['set']} pruned by {row['ratio']:g} (seed {row['seed']}): top-1 {row['acc']:.2f} "
+          f"({row['params'] / 1e6:.2f}M params)", flush=True)
 
 
 def curves(args, results):
@@ -129,7 +138,7 @@ def run(args):
     args.sets = args.sets or [g.name for g in source.groups]
     check_sets(args.sets, source.groups)
     cells = plan_cells(args, c_argv)
-    data = source.held.data_args(args.data_set, args.data_path, args.input_size)
+    data = args.data = source.held.data_args(args.data_set, args.data_path, args.input_size)
     settings = {k: getattr(args, k) for k in ("criterion", "sets", "ratios", "seeds", "data_set",
                                               "data_path", "eval_subset")}
     settings.update(source_sha256=source.sha256, input_size=args.input_size)
@@ -140,7 +149,9 @@ def run(args):
     print(f"{len(cells)} cells ({len(results.rows)} done before); source top-1 {base:.2f} on "
           f"{evaluator.images} {data.data_set} images", flush=True)
     start = time.time()
-    run_cells(cells, source, results, evaluator, args.input_size)
+    local = SimpleNamespace(source=source, evaluator=evaluator, evidence={})
+    dispatch.run_cells(args, results, [({"set": c[0], "ratio": c[1], "seed": c[2]}, c) for c in cells], context,
+                       compute, say, name="sensitivity", ctx=local)
     curve_of = curves(args, results)
     header = ["set"] + [f"{r:g}" for r in sorted(args.ratios)]
     rows = [[p] + [round(a, 2) for _, a in c] for p, c in curve_of.items()]

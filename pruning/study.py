@@ -8,7 +8,9 @@ A study folder holds `study.json` (the settings that define the rows) and `resul
 folder skips the rows already there, so a killed study loses at most the row in progress;
 different settings in the same folder are refused instead of mixed.
 """
+import contextlib
 import ctypes
+import fcntl
 import json
 import math
 import os
@@ -72,10 +74,11 @@ def die_with_parent(parent=os.getpid()):
         os._exit(1)
 
 
-def finetune(start, out, epochs, data, train_args, what, extra=()):
+def finetune(start, out, epochs, data, train_args, what, extra=(), launcher=()):
     """main.py --finetune `start` into `out` (auto-resumed after a kill) with the data flags,
-    `extra` and the pass-through recipe; (its last checkpoint, top-1). One line if it fails."""
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--finetune", start, "--output_dir", out,
+    `extra` and the pass-through recipe (`launcher`: python flags before main.py, e.g.
+    torchrun's); (its last checkpoint, top-1). One line if it fails."""
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, "main.py"), "--finetune", start, "--output_dir", out,
            "--epochs", str(epochs), "--data_set", data.data_set, "--input_size", str(data.input_size),
            *(["--data_path", data.data_path] if data.data_path else []), *extra, *shlex.split(train_args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent)
@@ -248,9 +251,17 @@ class Results:
             write_json(settings_path, settings)
         self.rows = self._read()
 
-    def _read(self):
+    def _read(self, rewrite=True):
         if not os.path.exists(self.path):
             return []
+        with row_lock(self.path):
+            return self._read_locked(rewrite)
+
+    def reload(self):
+        """Read the rows again (jobs of --launcher slurm append them from other processes)."""
+        self.rows = self._read(rewrite=False)
+
+    def _read_locked(self, rewrite):
         lines = _read_text(self.path).splitlines()
         rows, seen = [], {}
         for n, line in enumerate(lines, start=1):
@@ -266,8 +277,9 @@ class Results:
                 raise UserError(f"{self.path} line {n} repeats the row of line {seen[key]} ({key})")
             seen[key] = n
             rows.append(row)
-        with atomic_open(self.path) as f:  # drop a cut line so appends stay line-aligned
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        if rewrite:  # drop a cut line so appends stay line-aligned
+            with atomic_open(self.path) as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
         return rows
 
     def _check(self, row, n):
@@ -287,11 +299,51 @@ class Results:
         return self.key(fields) in {self.key(r) for r in self.rows}
 
     def add(self, row):
-        with open(self.path, "a") as f:
+        if append_row(self.path, self.key_fields, row):
+            self.rows.append(row)
+        else:  # another process (a job of the same study) wrote it first
+            self.reload()
+
+
+@contextlib.contextmanager
+def row_lock(path):
+    """An exclusive lock on a results file (its `.lock` twin: a rewrite replaces the file)."""
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _drop_cut_tail(path):
+    """Cut a last line that a writer killed mid-write left without its newline (the lock is
+    held: no live writer is in the middle of it)."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def append_row(path, key_fields, row):
+    """Append one row (a JSON line, flushed and fsynced) unless a row with its key is there:
+    jobs of one study append from other processes, and a retried job must not write twice."""
+    key = tuple(row[k] for k in key_fields)
+    with row_lock(path):
+        if os.path.exists(path):
+            _drop_cut_tail(path)
+            for line in _read_text(path).splitlines():
+                try:
+                    held = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(held, dict) and tuple(held.get(k) for k in key_fields) == key:
+                    return False
+        with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.rows.append(row)
+    return True
 
 
 def _read_text(path):

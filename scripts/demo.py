@@ -85,7 +85,8 @@ def main():
     _, tuned_acc = train(os.path.join(out, "3M_finetune"), args.finetune_epochs, 1e-3,
                          ["--finetune", pruned, "--save_ckpt", "false"])
     print(f"\nDIGITS top-1 (%), {INPUT_SIZE} px, 360 test images; dense model {dense_acc:.2f}; right after "
-          f"pruning, mean +- sample SD over seeds (deterministic criteria: n = 1)\n")
+          f"pruning, mean +- the half-width of its 95% t interval over seeds (deterministic criteria: n = 1); "
+          f"vs random: the difference from random on the same seeds, * where its 95% interval excludes 0\n")
     print("\n".join(table))
     print(f"\n3M with {CRITERIA[0]}, fine-tuned {args.finetune_epochs} epochs (one run): {tuned_acc:.2f}")
     print(f"\ndemo finished in {time.time() - start:.0f} s; checkpoints, results.jsonl and accuracy.png in {out}")
