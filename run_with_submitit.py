@@ -1,6 +1,6 @@
 """Submit main.py to a SLURM cluster with submitit (as the official repo; see TRAINING.md).
 
-    pip install submitit
+    (submitit is in requirements.txt)
     python run_with_submitit.py --nodes 4 --ngpus 8 --model convnext_tiny --drop_path 0.1 \
         --batch_size 128 --lr 4e-3 --update_freq 1 --model_ema true --model_ema_eval true \
         --data_path /path/to/imagenet-1k --job_dir /path/to/save_results

@@ -12,12 +12,16 @@ A budget is a named shape of the family (ConvNeXt-T: 21M, 16M, 13M, 3M), `dims=3
 data-driven ones, whose calibration batches the seed draws) run once per seed; deterministic
 ones once, unless --finetune_epochs fine-tunes every cell with each seed (main.py --seed).
 
-Accuracy right after pruning is measured in this process on the evaluation split (or a fixed
---eval_subset); with --finetune_epochs K each pruned model is also fine-tuned by main.py.
+Accuracy right after pruning is measured on the evaluation split (or a fixed --eval_subset);
+with --finetune_epochs K each pruned model is also fine-tuned by main.py, and --controls
+scratch_e scratch_b add the pruned shapes trained from fresh weights (K epochs; or as many as
+match the dense training plus the fine-tuning in MACs x epochs). The table gives each cell's
+mean with its 95% t interval and the paired difference from random on the same seeds.
 Writes results.jsonl (one row per cell), summary.csv / summary.json (mean, sample standard
-deviation, min, max per criterion and budget) and accuracy.png (accuracy against params or
-MACs, one line per criterion, the random criterion's mean +- 1 SD shaded) into --output_dir.
-Rerun the same command after a kill: finished cells are kept, the rest run.
+deviation, min, max, intervals per criterion and budget) and accuracy.png (accuracy against
+params or MACs, one line per criterion, the random criterion's mean +- 1 SD shaded) into
+--output_dir. Rerun the same command after a kill: finished cells are kept, the rest run.
+--launcher slurm runs every cell as a submitit job (pruning/dispatch.py).
 """
 import math
 import os

@@ -3,7 +3,6 @@ of the default CPU run). fp16 with the gradient scaler, clipping and accumulatio
 resume, bf16, channels_last, compile, EMA, NCCL under torchrun, the pinned-memory loader,
 CPU / GPU parity and export from a CUDA-trained checkpoint, all on DIGITS at 32 px."""
 import json
-import os
 import re
 import subprocess
 import sys
