@@ -119,17 +119,11 @@ def test_a_failing_cell_is_reported_with_its_log(trained, tmp_path):
     assert Path(log).exists() and "smaller than one optimizer step" in err[-1] + Path(log).read_text()
 
 
-def test_sensitivity_and_iterative_cells_run_as_jobs(trained, tmp_path):
+def test_sensitivity_cells_run_as_jobs(trained, tmp_path):  # iterative: tests/test_studies.py
     sens = subprocess.run([sys.executable, str(ROOT / "pruning/sensitivity.py"), "--checkpoint", str(trained),
                            "--output_dir", str(tmp_path / "sens"), "--sets", "stages.1.*", "--ratios", "0.25", "0.5",
                            "--eval_subset", "60", "--launcher", "slurm", "--max_parallel", "2"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert sens.returncode == 0, sens.stderr[-2000:]
     assert sorted(r["ratio"] for r in rows(tmp_path / "sens")) == [0.25, 0.5] and "local executor" in sens.stdout
-    it = subprocess.run([sys.executable, str(ROOT / "pruning/iterative.py"), "--checkpoint", str(trained),
-                         "--output_dir", str(tmp_path / "iter"), "--rounds", "1", "--prune", "--criterion l1 --ratio 0.3",
-                         "--finetune_epochs", "1", "--train_args", TRAIN, "--launcher", "slurm"],
-                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert it.returncode == 0, it.stderr[-2000:]
-    (row,) = rows(tmp_path / "iter")
-    assert row["round"] == 1 and Path(row["snapshot"]).exists() and "| 1 |" in it.stdout
+

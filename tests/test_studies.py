@@ -1,5 +1,6 @@
 """Pruning studies end to end: compare_criteria, sensitivity and iterative rounds, with kills."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -70,6 +71,7 @@ def test_compare_criteria_rows_files_and_resume_after_a_kill(source, tmp_path):
 def test_compare_criteria_bad_input(source, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare_criteria
+    logging.getLogger().handlers.clear()  # an earlier in-process run may have logged to a closed stream
     for argv, message in [(["--criteria", "l1:scope"], "expected scope=VALUE"),
                           (["--criteria", "l1:depth=3"], "is not a scoring flag"),
                           (["--budgets", "13M"], "give a named shape (none for this model)"),
@@ -114,14 +116,17 @@ def test_two_iterative_rounds_with_ensemble_distillation(source, tmp_path):
             "--distill_epochs", "1"]
     assert kill_after([sys.executable, str(ROOT / "pruning/iterative.py"), *argv], "[round 2/2] pruned") \
         == -signal.SIGKILL
-    proc = tool("pruning/iterative.py", *argv)
+    proc = tool("pruning/iterative.py", *argv, "--launcher", "slurm")  # another parent, rounds as jobs
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "local executor" in proc.stdout
     got = rows(out)
     assert [r["round"] for r in got] == [1, 2, "distill"]
     params = [r["params"] for r in got[:2]]
     src_params = models.count_arch(load_checkpoint_file(source)["arch"], 32)[0]
     assert src_params > params[0] > params[1]
-    for r in got:  # every snapshot evaluates with main.py
+    for r in got[:2]:
+        load_checkpoint_file(r["snapshot"])
+    for r in got[2:]:  # the final snapshot evaluates with main.py
         ev = subprocess.run([sys.executable, str(ROOT / "main.py"), "--eval", "true", "--resume", r["snapshot"],
                              "--data_set", "DIGITS", "--num_workers", "0", "--device", "cpu"],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -131,13 +136,17 @@ def test_two_iterative_rounds_with_ensemble_distillation(source, tmp_path):
     assert "| distill |" in proc.stdout
 
 
-def test_flags_that_would_be_ignored_are_refused(source, tmp_path):
+def test_flags_that_would_be_ignored_are_refused(source, tmp_path, capsys):
+    from pruning import iterative, sensitivity
     out = tmp_path / "never"
+    logging.getLogger().handlers.clear()  # an earlier in-process run may have logged to a closed stream
     for script, argv, message in [
             ("pruning/sensitivity.py", ["--criterion", "l1", "--seeds", "0", "1"], "gives the same scores for every seed"),
             ("pruning/iterative.py", ["--prune", "--ratio 0.2", "--kd_alpha", "0.5"], "give --distill_epochs"),
             ("pruning/iterative.py", ["--prune", "--ratio 0.2", "--train_args", "--disable_eval true"],
              "--disable_eval is set by this tool")]:
-        proc = tool(script, "--checkpoint", source, "--output_dir", out, *argv)
-        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        tool_main = (sensitivity if "sensitivity" in script else iterative).main
+        status = tool_main(["--checkpoint", str(source), "--output_dir", str(out), *argv])
+        err = capsys.readouterr().err
+        assert status == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
