@@ -26,6 +26,7 @@ from errors import UserError
 from files import atomic_open, sha256_file
 
 from .calibration import calibration_batches, measure
+from .compensate import compensate
 from .costs import CostModel
 from .plan import plan_keep
 from .scoring import score_groups
@@ -49,6 +50,7 @@ class Source:
     groups: list
     sha256: str | None
     _sizes_checked: set = field(default_factory=set, repr=False)
+    _batches: dict = field(default_factory=dict, repr=False)
 
     @property
     def ckpt(self):
@@ -59,6 +61,22 @@ class Source:
         if size not in self._sizes_checked:
             models.count_arch(self.arch, size)
             self._sizes_checked.add(size)
+
+    def calibration(self, calib, input_size, seed):
+        """(batches, data set name) of a Calibration: its own data, or training images drawn
+        with `seed` (the last draw is kept: a study's cells of one seed read it once)."""
+        if calib.data is not None:
+            batches = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in calib.data]
+            if not batches:
+                raise UserError("calibration data holds no batches")
+            return batches, "(batches given in Python)"
+        key = (calib, input_size, seed)
+        if key not in self._batches:
+            data = self.held.data_args(calib.data_set, calib.data_path, input_size)
+            models.check_memory(models.meta_model(self.arch), data.input_size, calib.batch_size, True)
+            self._batches.clear()
+            self._batches[key] = calibration_batches(data, calib.batches, calib.batch_size, seed)[0], data.data_set
+        return self._batches[key]
 
 
 def open_source(source, *, model=None, use_ema=False):
@@ -102,19 +120,10 @@ class Evidence:
 
 def calibrate(spec, source):
     """The Evidence for a resolved spec's data-driven criterion, or None for a data-free one."""
-    crit, calib = spec.criterion, spec.calibration
+    crit = spec.criterion
     if crit.evidence is None:
         return None
-    if calib.data is not None:
-        batches = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in calib.data]
-        if not batches:
-            raise UserError("calibration data holds no batches")
-        name = "(batches given in Python)"
-    else:
-        data = source.held.data_args(calib.data_set, calib.data_path, spec.input_size)
-        models.check_memory(models.meta_model(source.arch), data.input_size, calib.batch_size, True)
-        batches, _ = calibration_batches(data, calib.batches, calib.batch_size, spec.seed)
-        name = data.data_set
+    batches, name = source.calibration(spec.calibration, spec.input_size, spec.seed)
     tensors = measure(source.arch, source.sds[source.scored], batches, (crit.evidence,))
     return Evidence(tensors, sum(len(y) for _, y in batches), len(batches), name)
 
@@ -201,6 +210,16 @@ def _summary(arch, input_size):
     return params, macs, models.FAMILIES[arch["family"]].widths(arch)
 
 
+def _compensate(src, spec, keep, pruned):
+    """Apply spec.compensate to every state dict of the pruned checkpoint, in place."""
+    batches, name = src.calibration(spec.calibration, spec.input_size, spec.seed)
+    for key in list(src.sds):
+        pruned[key], report = compensate(src.arch, src.sds[key], pruned["arch"], pruned[key], src.groups, keep,
+                                         batches, spec.compensate)
+    pruned["pruning"]["compensation"] = {"method": spec.compensate, "data_set": name,
+                                         "images": sum(len(y) for _, y in batches), **report}
+
+
 def prune(source, spec, *, evidence=None):
     """Prune `source` as `spec` says.
 
@@ -234,4 +253,6 @@ def prune(source, spec, *, evidence=None):
                   "source": os.path.basename(src.label), "source_sha256": src.sha256,
                   "scored_weights": src.scored, "torch": str(torch.__version__)}
     pruned = prune_checkpoint(src.ckpt, src.sds, src.groups, keep, src.arch, provenance)
+    if spec.compensate != "none":
+        _compensate(src, spec, keep, pruned)
     return Result(pruned, keep, scores, spec, src, evidence)

@@ -38,7 +38,7 @@ from files import check_output_file
 
 from . import api
 from .criteria import BASE_AGGREGATION, CRITERIA, NORMALIZATIONS, REDUCTIONS, SCOPES, Aggregation
-from .spec import Calibration, KeepRules, PruneSpec
+from .spec import COMPENSATIONS, Calibration, KeepRules, PruneSpec
 
 
 def _count(text):
@@ -96,7 +96,10 @@ def get_args_parser():
     scoring.add_argument("--seed", type=int, default=None,
                          help="draws of a seeded criterion (random) or the calibration images of a "
                          "data-driven one (default 0); refused for the others")
-    calib = p.add_argument_group("calibration (data-driven criteria: taylor, activation)")
+    p.add_argument("--compensate", default="none", choices=COMPENSATIONS,
+                   help="after the cut: " + "; ".join(f"{k}: {v}" for k, v in COMPENSATIONS.items())
+                   + " (reads the calibration images)")
+    calib = p.add_argument_group("calibration (data-driven criteria: taylor, activation; --compensate stats)")
     calib.add_argument("--calib_batches", type=int, default=None,
                        help=f"training batches the data-driven criteria measure (default {Calibration().batches})")
     calib.add_argument("--calib_batch_size", type=int, default=None,
@@ -152,7 +155,7 @@ def spec_from_args(args):
     return PruneSpec(criterion=args.criterion, rules=rules,
                      aggregation=Aggregation(scope=args.scope, normalize=args.normalize, reduce=args.reduce),
                      raw_weights=args.raw_weights, seed=args.seed, calibration=calib, use_ema=args.use_ema,
-                     model=args.model, input_size=args.input_size)
+                     model=args.model, input_size=args.input_size, compensate=args.compensate)
 
 
 def check_args(args):
@@ -194,6 +197,10 @@ def run(args):
     if result.evidence is not None:
         ev = result.evidence
         print(f"calibration: {ev.images} {ev.data_set} training images in {ev.batches} batches (seed {result.spec.seed})")
+    comp = result.checkpoint["pruning"].get("compensation")
+    if comp is not None:
+        print(f"compensation {comp['method']}: {comp['layernorms']} LayerNorms refit, {comp['batchnorms']} "
+              f"BatchNorms re-measured on {comp['images']} {comp['data_set']} training images")
     print(f"{result.spec.criterion.name} pruning of {args.checkpoint} ({models.describe_arch(result.source.arch)})")
     print(result.table())
     print(f"result: {models.describe_arch(result.arch)}")

@@ -12,6 +12,12 @@ from errors import UserError
 
 from .criteria import Aggregation, Criterion, get_criterion
 
+# What is done after the cut (pruning/compensate.py), by --compensate name
+COMPENSATIONS = {
+    "none": "nothing",
+    "stats": "each LayerNorm's affine refit to the dense model's normalised outputs, BatchNorm statistics re-measured",
+    "refit": "stats, and each layer reading a LayerNorm refit by least squares to the dense outputs"}
+
 
 def _tuple(value):
     return None if value is None else tuple(value)
@@ -113,6 +119,8 @@ class PruneSpec:
     use_ema: score the checkpoint's model_ema weights.
     model: a registered model the weights must have the shape of.
     input_size: image side for MACs (default: the source's training size, else 224).
+    compensate: what is done after the cut (COMPENSATIONS): "none", "stats" or "refit" (fit
+        to the dense model on the calibration images, which then apply).
     """
     criterion: str | Criterion = "opnorm"
     rules: KeepRules = field(default_factory=KeepRules)
@@ -123,8 +131,11 @@ class PruneSpec:
     use_ema: bool = False
     model: str | None = None
     input_size: int | None = None
+    compensate: str = "none"
 
     def __post_init__(self):
+        if self.compensate not in COMPENSATIONS:
+            raise UserError(f"--compensate {self.compensate!r}: choose one of {', '.join(COMPENSATIONS)}")
         if self.input_size is not None and self.input_size < 1:
             raise UserError(f"--input_size must be >= 1, got {self.input_size}")
         if self.seed is not None and self.seed < 0:
@@ -135,6 +146,8 @@ class PruneSpec:
         option given that the criterion does not read, and for a spec without a keep rule."""
         crit = get_criterion(self.criterion)
         applies = crit.options()
+        if self.compensate != "none":  # the compensation reads calibration images the seed draws
+            applies |= {"seed", "calibration"}
         scope = self.aggregation.scope  # a criterion's own fixed scope is what it reads anyway
         given = {"scope": scope is not None and scope != crit.aggregation.scope, "raw_weights": self.raw_weights,
                  "seed": self.seed is not None, "calibration": self.calibration is not None}
@@ -146,8 +159,8 @@ class PruneSpec:
                             "--target_params, --target_macs or --ratio (without one the output "
                             "equals the input)")
         return replace(self, criterion=crit, aggregation=self.aggregation.filled(crit.aggregation),
-                       seed=(self.seed or 0) if crit.uses_seed else None,
-                       calibration=(self.calibration or Calibration()) if crit.evidence else None)
+                       seed=(self.seed or 0) if "seed" in applies else None,
+                       calibration=(self.calibration or Calibration()) if "calibration" in applies else None)
 
     def record(self):
         """The settings a resolved spec used, as JSON-able values (checkpoint `pruning.options`)."""
@@ -157,7 +170,8 @@ class PruneSpec:
             rules[key] = list(rules[key]) if rules[key] is not None else None
         out = {"criterion": self.criterion.name, "model": self.model, **rules, **asdict(self.aggregation),
                "raw_weights": self.raw_weights if "raw_weights" in self.criterion.options() else None,
-               "use_ema": self.use_ema, "seed": self.seed, "input_size": self.input_size}
+               "use_ema": self.use_ema, "seed": self.seed, "input_size": self.input_size,
+               "compensate": self.compensate}
         calib = self.calibration
         out.update(calib_batches=None, calib_batch_size=None, data_set=None)
         if calib is not None:
@@ -180,5 +194,5 @@ def _why(crit, option):
         return ("its scores do not depend on the weight values" if crit.reads == "weights"
                 else f"it reads {crit.reads}, not weight rows")
     if option == "seed":
-        return "its scores do not depend on a seed"
-    return "it reads no calibration data"
+        return "its scores do not depend on a seed (and --compensate is none)"
+    return "it reads no calibration data (and --compensate is none)"

@@ -113,7 +113,7 @@ class Evaluator:
         return evaluate(self.batches, model, torch.device("cpu"), print_freq=10 ** 9)["acc1"]
 
 
-SCORING_FLAGS = ("scope", "normalize", "reduce", "raw_weights", "calib_batches", "calib_batch_size")
+SCORING_FLAGS = ("scope", "normalize", "reduce", "raw_weights", "calib_batches", "calib_batch_size", "compensate")
 
 
 def criterion_argv(spec):
@@ -136,9 +136,16 @@ def criterion_argv(spec):
     return argv
 
 
+def _compensates(criterion_args):
+    """Whether the cell compensates after the cut (which reads calibration images)."""
+    i = criterion_args.index("--compensate") if "--compensate" in criterion_args else None
+    return i is not None and criterion_args[i + 1] != "none"
+
+
 def uses_seed(criterion_args):
-    """Whether --seed changes the criterion's scores (its draws or its calibration images)."""
-    return get_criterion(criterion_args[1]).uses_seed
+    """Whether --seed changes the cell (the criterion's draws or calibration images, or the
+    images a compensation fits on)."""
+    return get_criterion(criterion_args[1]).uses_seed or _compensates(criterion_args)
 
 
 def seed_flags(criterion_args, seed):
@@ -147,8 +154,9 @@ def seed_flags(criterion_args, seed):
 
 
 def calibration_flags(criterion_args, data_set, data_path):
-    """prune.py's data flags for a data-driven criterion (the study's data), else none."""
-    if get_criterion(criterion_args[1]).evidence is None:
+    """prune.py's data flags for a data-driven criterion or a compensation (the study's data),
+    else none."""
+    if get_criterion(criterion_args[1]).evidence is None and not _compensates(criterion_args):
         return []
     return (["--data_set", data_set] if data_set else []) + (["--data_path", data_path] if data_path else [])
 

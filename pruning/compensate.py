@@ -1,0 +1,167 @@
+"""Statistics-preserving compensation after a cut (`--compensate stats`, any criterion).
+
+Why (docs/design.md section 7, pruning/diagnose.py): a LayerNorm normalises each token by the
+mean and variance over its channels, so cutting a stream changes what every norm of that
+stream divides by; magnitude criteria keep the few channels of very large activation, and
+after a deep cut those dominate the statistics and squash the rest. A LayerNorm has no state
+to re-measure, so its affine is refit instead: on calibration images, in forward order (each
+fit sees the norms before it already compensated), each kept channel's normalised value in
+the pruned model is mapped by least squares onto the dense model's (w' = w a, b' = b + w c),
+and the dense mean output of the channels that were cut goes into the bias of the layer that
+reads the norm (its missing contribution, replaced by its mean). A BatchNorm's running
+statistics are estimates of its input's, so they are measured again on the same images.
+Only norm affines, biases and running statistics change: the shape, folding and export are
+those of the uncompensated model.
+"""
+import torch
+import torch.nn as nn
+
+import models
+
+from .probe import FixedInputs, capture, channels_last, consumers, kept_channels, norm_order
+
+
+def compensate(dense_arch, dense_sd, pruned_arch, pruned_sd, groups, keep, batches, method="refit"):
+    """The pruned weights, compensated.
+
+    Args:
+        method: "stats" (the norms only) or "refit" (the norms and the layers reading them).
+        dense_arch, dense_sd: the source model.
+        pruned_arch, pruned_sd: the pruned one (not modified).
+        groups: channel groups of the source shape; keep: group name -> kept indices.
+        batches: calibration (images, labels) batches.
+    Returns:
+        (new pruned state dict, {"layernorms": refit, "batchnorms": re-measured}).
+    """
+    dense, pruned = _model(dense_arch, dense_sd), _model(pruned_arch, pruned_sd)
+    images = [x for x, _ in batches]
+    order = norm_order(dense, images[0])
+    layer_norms = [n for n in order if isinstance(dense.get_submodule(n), nn.LayerNorm)]
+    readers = consumers(dense, images[0], layer_norms)
+    dense_in, refit = FixedInputs(dense, layer_norms, images), 0
+    for name in layer_norms:
+        kept = kept_channels(groups, keep, f"{name}.weight")
+        if kept is None:
+            kept = torch.arange(dense.get_submodule(name).normalized_shape[0])
+        reader = readers.get(name) if method == "refit" else None
+        refit += _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in)
+    batch_norms = [n for n in order if not isinstance(dense.get_submodule(n), nn.LayerNorm)]
+    if batch_norms:
+        _remeasure_batch_norms(pruned, images)
+    state = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
+    return state, {"layernorms": refit, "batchnorms": len(batch_norms)}
+
+
+def _model(arch, sd):
+    model = models.build_model(arch)
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def _normalised(module, x):
+    """(tokens, channels) of a LayerNorm's input, normalised without its affine (float64)."""
+    t = channels_last(module, x)
+    return (t - t.mean(1, keepdim=True)) / torch.sqrt(t.var(1, unbiased=False, keepdim=True) + module.eps)
+
+
+RIDGE = 1e-2  # a reader's refit is pulled toward its weights by this share of the mean input energy
+
+
+def _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in):
+    """Fit one LayerNorm of `pruned` (and the layer that reads it, if given) to the dense
+    model; 0 when the norm sees the dense input already (nothing upstream was cut), else 1."""
+    d_norm, p_norm = dense.get_submodule(name), pruned.get_submodule(name)
+    width = d_norm.normalized_shape[0]
+    cut = torch.ones(width, dtype=torch.bool)
+    cut[kept] = False
+    d_reader = dense.get_submodule(reader) if reader else None
+    linear = isinstance(d_reader, nn.Linear)
+    rows = kept_channels(groups, keep, f"{reader}.weight", axis=0) if reader else None
+    sums = torch.zeros(4, kept.numel(), dtype=torch.float64)  # of p, d, p^2, p d per kept channel
+    cut_sum, n, ptp, ptz = torch.zeros(int(cut.sum()), dtype=torch.float64), 0, 0, 0
+    for i, x in enumerate(dense_in.images):
+        xd, xp = dense_in.get(name, i), capture(pruned, name, x)
+        if i == 0 and kept.numel() == width and torch.equal(xp, xd):
+            return 0
+        d, p = _normalised(d_norm, xd), _normalised(p_norm, xp)
+        dk = d[:, kept]
+        sums += torch.stack([p.sum(0), dk.sum(0), (p * p).sum(0), (p * dk).sum(0)])
+        cut_sum += d[:, cut].sum(0)
+        n += d.shape[0]
+        if linear:  # the reader's dense output, from the dense norm's output (kept rows)
+            z = nn.functional.linear(d * d_norm.weight.double() + d_norm.bias.double(),
+                                     d_reader.weight.double(), d_reader.bias.double())
+            z = z if rows is None else z[:, rows]
+            aug = torch.cat([p, torch.ones(p.shape[0], 1, dtype=p.dtype)], 1)
+            ptp, ptz = ptp + aug.T @ aug, ptz + aug.T @ z
+    _fit_affine(p_norm, sums / n)
+    if linear:
+        _refit_reader(pruned.get_submodule(reader), p_norm, ptp, ptz)
+    elif reader is not None and bool(cut.any()):
+        _absorb_cut_mean(dense, pruned, d_norm, reader, cut, cut_sum / n, rows)
+    return 1
+
+
+def _fit_affine(norm, means):
+    """Per channel least squares d ~ a p + c (means: of p, d, p^2, p d); w' = w a, b' = b + w c."""
+    mp, md, mpp, mpd = means
+    var_p = mpp - mp ** 2
+    flat = var_p <= 1e-12  # a constant channel: keep its scale, match its mean
+    slope = torch.where(flat, torch.ones_like(mp), (mpd - mp * md) / var_p.clamp_min(1e-12))
+    offset = md - slope * mp
+    with torch.no_grad():
+        w, b = norm.weight.double(), norm.bias.double()
+        norm.bias.copy_((b + w * offset).to(norm.bias.dtype))
+        norm.weight.copy_((w * slope).to(norm.weight.dtype))
+
+
+def _refit_reader(reader, norm, ptp, ptz):
+    """Ridge least squares of a Linear reader (weights and bias) onto the dense reader's
+    outputs, from the refit norm's outputs; ptp / ptz: sums of [p 1]^T [p 1] and [p 1]^T z
+    over tokens of the unnormalised-affine p (the norm's affine is applied here)."""
+    k = norm.weight.numel()
+    m = torch.eye(k + 1, dtype=torch.float64)  # [p 1] m = [norm output, 1]
+    m[range(k), range(k)] = norm.weight.detach().double()
+    m[k, :k] = norm.bias.detach().double()
+    g, h = m.T @ ptp @ m, m.T @ ptz
+    theta0 = torch.cat([reader.weight.detach().double().T, reader.bias.detach().double()[None]], 0)
+    lam = RIDGE * float(torch.diagonal(g)[:k].mean())
+    theta = torch.linalg.solve(g + lam * torch.eye(k + 1, dtype=g.dtype), h + lam * theta0)
+    with torch.no_grad():
+        reader.weight.copy_(theta[:k].T.to(reader.weight.dtype))
+        reader.bias.copy_(theta[k].to(reader.bias.dtype))
+
+
+def _absorb_cut_mean(dense, pruned, d_norm, reader, cut, cut_mean, rows):
+    """A conv reader: the dense mean output of the cut channels, through its weights, into
+    its bias (rows: its kept output channels, None for all)."""
+    p_reader = pruned.get_submodule(reader)
+    if p_reader.bias is None:
+        return
+    mean_out = d_norm.weight.double()[cut] * cut_mean + d_norm.bias.double()[cut]
+    weight = dense.get_submodule(reader).weight.double()[:, cut]
+    if weight.dim() == 4:  # a conv without padding sees the mean at every tap
+        weight = weight.sum((2, 3))
+    delta = weight @ mean_out
+    if rows is not None:
+        delta = delta[rows]
+    with torch.no_grad():
+        p_reader.bias.add_(delta.to(p_reader.bias.dtype))
+
+
+def _remeasure_batch_norms(model, images):
+    """Every BatchNorm's running mean / variance as the cumulative average over the images."""
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for x in images:
+                model(x)
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+            m.eval()
