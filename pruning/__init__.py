@@ -10,11 +10,13 @@ scoring.py      group scores (rows per producer, slice, scale or input; normalis
 plan.py         keep rules: which channels of every group survive
 costs.py        fast params / MACs of candidate plans (exact counts: models.count_arch)
 surgery.py      cut state dicts and rewrite checkpoints
+compensate.py   optional fit of the pruned model's norms (and their readers) to the dense model
 api.py          prune(source, spec) -> Result: the stages above in one call
 prune.py        the command-line tool over api.py (prune_convnext.py: the same tool under its first name)
 
 Studies built on api.py: study.py (shared), sensitivity.py, iterative.py and
-scripts/compare_criteria.py. recipes.py: the seeds' whole pipelines (scripts/reproduce.py).
+scripts/compare_criteria.py; diagnosis.py (diagnose.py: its command line) measures what a cut
+did to every norm's statistics, probe.py holds the hooks both it and compensate.py use. recipes.py: the seeds' whole pipelines (scripts/reproduce.py).
 """
 from .api import Evidence, Result, Source, calibrate, open_source, prune
 from .criteria import CRITERIA, Aggregation, Criterion, get_criterion, register_criterion

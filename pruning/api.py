@@ -71,6 +71,9 @@ class Source:
                 raise UserError("calibration data holds no batches")
             return batches, "(batches given in Python)"
         key = (calib, input_size, seed)
+        if calib.data_set is None and not self.held.trained.get("data_set"):
+            raise UserError(f"{self.label} does not record the data it was trained on: give the "
+                            "calibration images (--data_set and --data_path, or Calibration(data=...))")
         if key not in self._batches:
             data = self.held.data_args(calib.data_set, calib.data_path, input_size)
             models.check_memory(models.meta_model(self.arch), data.input_size, calib.batch_size, True)

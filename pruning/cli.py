@@ -20,6 +20,11 @@ Every group keeps at least one channel (and one per multi-scale branch). Equal s
 the lower channel index; kept indices stay in their original order. The output loads with
 `python main.py --eval true --resume OUT.pth` (no --model needed).
 
+--compensate refit fits the pruned model to the dense one on --calib_batches training images:
+each LayerNorm's affine to the dense normalised outputs, each Linear that reads a LayerNorm
+(MLP input, head) by least squares to the dense outputs, BatchNorm statistics re-measured
+(--compensate stats: the norms only). It changes weights, not the shape.
+
 Efficient ConvNeXt-T shapes: 21M --dims 96 192 384 576, 16M --dims 96 192 384 384,
 13M --dims 96 192 384 192, 3M --dims 32 64 128 256 (from a 4x-MLP source such as ConvNeXt-T).
 A URL (http/https) is downloaded once to the torch hub cache. MACs are counted at the

@@ -1,17 +1,18 @@
-"""Statistics-preserving compensation after a cut (`--compensate stats`, any criterion).
+"""Fitting the pruned model to the dense one after the cut (`--compensate`, any criterion;
+docs/design.md section 7b).
 
-Why (docs/design.md section 7, pruning/diagnose.py): a LayerNorm normalises each token by the
-mean and variance over its channels, so cutting a stream changes what every norm of that
-stream divides by; magnitude criteria keep the few channels of very large activation, and
-after a deep cut those dominate the statistics and squash the rest. A LayerNorm has no state
-to re-measure, so its affine is refit instead: on calibration images, in forward order (each
-fit sees the norms before it already compensated), each kept channel's normalised value in
-the pruned model is mapped by least squares onto the dense model's (w' = w a, b' = b + w c),
-and the dense mean output of the channels that were cut goes into the bias of the layer that
-reads the norm (its missing contribution, replaced by its mean). A BatchNorm's running
-statistics are estimates of its input's, so they are measured again on the same images.
-Only norm affines, biases and running statistics change: the shape, folding and export are
-those of the uncompensated model.
+A cut changes what every later layer sees. On calibration images, in forward order (each fit
+sees the ones before it done), with the dense model as the target:
+- stats: a LayerNorm has no state to re-measure, so its affine is refit: each kept channel's
+  normalised value p is mapped onto the dense model's d by least squares, d ~ a p + c
+  (w' = w a, b' = b + w c). BatchNorm running statistics are measured again.
+- refit: stats, and each Linear that reads a LayerNorm (MLP input, head) is fit by ridge least
+  squares to the dense outputs; a conv reading one (downsampling) gets the cut channels' mean
+  output in its bias. pruning/diagnose.py showed why the readers matter: the statistics the
+  norms compute barely move at the 13M shape, while the layer after the cut loses the
+  contributions it was trained to read.
+Only affines, weights, biases and running statistics change: the shape, folding and export
+are those of the uncompensated model.
 """
 import torch
 import torch.nn as nn

@@ -141,6 +141,11 @@ def test_spec_and_cli_refuse_bad_compensation(source, capsys):
     assert "invalid choice: 'stat'" in capsys.readouterr().err
 
 
+def test_compensation_refuses_to_guess_the_images():
+    with pytest.raises(UserError, match="does not record the data it was trained on"):
+        pruning.prune(planted(), PruneSpec(criterion="l1", rules=KeepRules(dims=[4, 6]), compensate="refit"))
+
+
 def test_prune_py_compensates_on_the_checkpoints_data(source, tmp_path, capsys):
     from pruning.cli import main
     out = tmp_path / "p.pth"
