@@ -26,14 +26,16 @@ def compensate(dense_arch, dense_sd, pruned_arch, pruned_sd, groups, keep, batch
     """The pruned weights, compensated.
 
     Args:
-        method: "stats" (the norms only) or "refit" (the norms and the layers reading them).
         dense_arch, dense_sd: the source model.
         pruned_arch, pruned_sd: the pruned one (not modified).
         groups: channel groups of the source shape; keep: group name -> kept indices.
         batches: calibration (images, labels) batches.
+        method: "stats" (the norms only) or "refit" (the norms and the layers reading them).
     Returns:
         (new pruned state dict, {"layernorms": refit, "batchnorms": re-measured}).
     """
+    if method not in ("stats", "refit"):
+        raise ValueError(f"compensate: method must be stats or refit, not {method!r}")
     dense, pruned = _model(dense_arch, dense_sd), _model(pruned_arch, pruned_sd)
     images = [x for x, _ in batches]
     order = norm_order(dense, images[0])
