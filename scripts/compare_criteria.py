@@ -8,9 +8,9 @@ A criterion is a name of pruning/criteria.py, optionally with prune.py scoring f
 `l2:scope=group,normalize=mean` is `--criterion l2 --scope group --normalize mean`.
 A budget is a named shape of the family (ConvNeXt-T: 21M, 16M, 13M, 3M), `dims=32,64,128,256`,
 `params=0.25` / `macs=0.25` (that share of the source's params / MACs, global ranking) or
-`ratio=0.5` (that share of all channels, global ranking). Seeded criteria (random, and the
-data-driven ones, whose calibration batches the seed draws) run once per seed; deterministic
-ones once, unless --finetune_epochs fine-tunes every cell with each seed (main.py --seed).
+`ratio=0.5` (that share of all channels, global ranking). Seeded criteria (random, the
+data-driven ones, whose calibration batches the seed draws, and any with compensate=stats|refit,
+whose fit images it draws) run once per seed; deterministic ones once, unless --finetune_epochs fine-tunes every cell with each seed (main.py --seed).
 
 Accuracy right after pruning is measured on the evaluation split (or a fixed --eval_subset);
 with --finetune_epochs K each pruned model is also fine-tuned by main.py, and --controls
