@@ -16,7 +16,7 @@ __all__ = ["Family", "Group", "Part", "Producer", "FAMILIES", "layer_ids", "head
            "check_model_name", "check_input_size", "activation_bytes", "check_memory", "weights", "ARCH_FACTORY", "base_name", "is_stock_timm", "is_tagged", "pretrained_classes",
            "our_layout", "timm_export",
            "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",
-           "check_arch_matches", "scale_factor_names", "meta_model", "count_arch", "fold"]
+           "check_arch_matches", "scale_factor_names", "meta_model", "with_weights", "count_arch", "fold"]
 
 
 def build_model(arch, **kwargs):
@@ -29,6 +29,13 @@ def build_model(arch, **kwargs):
         return family.from_arch(arch, **kwargs)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"malformed arch {describe_arch(arch)}: {e}") from None
+
+
+def with_weights(arch, state_dict):
+    """The model an arch describes with these weights loaded, in eval mode."""
+    model = build_model(arch)
+    model.load_state_dict(state_dict)
+    return model.eval()
 
 
 def meta_model(arch):

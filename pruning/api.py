@@ -166,9 +166,7 @@ class Result:
     @cached_property
     def model(self):
         """The pruned model with its weights, in eval mode."""
-        model = models.build_model(self.arch)
-        model.load_state_dict(self.checkpoint["model"])
-        return model.eval()
+        return models.with_weights(self.arch, self.checkpoint["model"])
 
     def table(self):
         """The before/after lines: params, MACs at the spec's input size, the family's widths."""

@@ -86,9 +86,7 @@ def measure(arch, state_dict, batches, kinds):
     unknown = set(kinds) - set(EVIDENCE)
     if unknown:
         raise ValueError(f"unknown calibration evidence {sorted(unknown)}; known: {', '.join(EVIDENCE)}")
-    model = models.build_model(arch)
-    model.load_state_dict(state_dict)
-    model.eval()
+    model = models.with_weights(arch, state_dict)
     sums, counts = {}, {}
     handles = _activity_hooks(model, sums, counts) if "activation" in kinds else []
     total = sum(len(y) for _, y in batches)

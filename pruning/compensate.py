@@ -36,7 +36,7 @@ def compensate(dense_arch, dense_sd, pruned_arch, pruned_sd, groups, keep, batch
     """
     if method not in ("stats", "refit"):
         raise ValueError(f"compensate: method must be stats or refit, not {method!r}")
-    dense, pruned = _model(dense_arch, dense_sd), _model(pruned_arch, pruned_sd)
+    dense, pruned = models.with_weights(dense_arch, dense_sd), models.with_weights(pruned_arch, pruned_sd)
     images = [x for x, _ in batches]
     order = norm_order(dense, images[0])
     layer_norms = [n for n in order if isinstance(dense.get_submodule(n), nn.LayerNorm)]
@@ -53,12 +53,6 @@ def compensate(dense_arch, dense_sd, pruned_arch, pruned_sd, groups, keep, batch
         _remeasure_batch_norms(pruned, images)
     state = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
     return state, {"layernorms": refit, "batchnorms": len(batch_norms)}
-
-
-def _model(arch, sd):
-    model = models.build_model(arch)
-    model.load_state_dict(sd)
-    return model.eval()
 
 
 def _normalised(module, x):
@@ -80,6 +74,11 @@ def _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in)
     d_reader = dense.get_submodule(reader) if reader else None
     linear = isinstance(d_reader, nn.Linear)
     rows = kept_channels(groups, keep, f"{reader}.weight", axis=0) if reader else None
+    if linear:  # the reader's dense output from the dense norm's output, kept rows only
+        d_affine = d_norm.weight.detach().double(), d_norm.bias.detach().double()
+        r_weight, r_bias = d_reader.weight.detach().double(), d_reader.bias.detach().double()
+        if rows is not None:
+            r_weight, r_bias = r_weight[rows], r_bias[rows]
     sums = torch.zeros(4, kept.numel(), dtype=torch.float64)  # of p, d, p^2, p d per kept channel
     cut_sum, n, ptp, ptz = torch.zeros(int(cut.sum()), dtype=torch.float64), 0, 0, 0
     for i, x in enumerate(dense_in.images):
@@ -91,10 +90,8 @@ def _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in)
         sums += torch.stack([p.sum(0), dk.sum(0), (p * p).sum(0), (p * dk).sum(0)])
         cut_sum += d[:, cut].sum(0)
         n += d.shape[0]
-        if linear:  # the reader's dense output, from the dense norm's output (kept rows)
-            z = nn.functional.linear(d * d_norm.weight.double() + d_norm.bias.double(),
-                                     d_reader.weight.double(), d_reader.bias.double())
-            z = z if rows is None else z[:, rows]
+        if linear:
+            z = nn.functional.linear(d * d_affine[0] + d_affine[1], r_weight, r_bias)
             aug = torch.cat([p, torch.ones(p.shape[0], 1, dtype=p.dtype)], 1)
             ptp, ptz = ptp + aug.T @ aug, ptz + aug.T @ z
     _fit_affine(p_norm, sums / n)

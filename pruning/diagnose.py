@@ -50,6 +50,8 @@ def check_args(args):
         check_source(path, path)
     if len(set(args.pruned)) != len(args.pruned):
         raise UserError("--pruned lists a checkpoint twice")
+    if len({os.path.basename(p) for p in args.pruned}) != len(args.pruned):
+        raise UserError("--pruned: two checkpoints share a file name; their tables would be confused")
     if args.seed < 0 or args.top < 1 or (args.input_size is not None and args.input_size < 1):
         raise UserError("--seed must be >= 0, --top and --input_size >= 1")
     calib = Calibration(batches=args.calib_batches, batch_size=args.calib_batch_size,
@@ -69,8 +71,6 @@ def run(args):
     size = source.held.input_size(args.input_size)
     batches, name = source.calibration(calib, size, args.seed)
     pruned = {os.path.basename(p): load_checkpoint_file(p) for p in args.pruned}
-    if len(pruned) != len(args.pruned):
-        raise UserError("--pruned: two checkpoints share a file name; their tables would be confused")
     results = diagnosis.diagnose_checkpoints(source, pruned, batches, args.top)
     print(f"{sum(len(y) for _, y in batches)} {name} training images at {size} px, dense {args.checkpoint}")
     for label, rows in results.items():

@@ -184,15 +184,11 @@ def diagnose_checkpoints(source, pruned, batches, top=5):
         pruned: {label: loaded pruned checkpoint dict}.
         batches: calibration (images, labels) batches.
     """
-    dense = models.build_model(source.arch)
-    dense.load_state_dict(source.sds[source.scored])
-    dense.eval()
+    dense = models.with_weights(source.arch, source.sds[source.scored])
     images = [x for x, _ in batches]
     out = {}
     for label, ckpt in pruned.items():
         keep = pruned_keep(ckpt, source, label)
         held = read_held(ckpt)
-        model = models.build_model(held.arch)
-        model.load_state_dict(held.state)
-        out[label] = diagnose(dense, model.eval(), source.groups, keep, images, top)
+        out[label] = diagnose(dense, models.with_weights(held.arch, held.state), source.groups, keep, images, top)
     return out

@@ -15,18 +15,25 @@ class _Stop(Exception):
     """Raised by a hook once the tensor asked for is captured: the rest of the forward is skipped."""
 
 
+def _forward(model, images, handles):
+    """One forward without gradients (stopped early by a hook raising _Stop), then the hooks removed."""
+    try:
+        with torch.no_grad():
+            model(images)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def norm_order(model, images):
     """Names of the model's LayerNorm / BatchNorm modules in the order a forward calls them."""
     order, handles = [], []
     for name, module in model.named_modules():
         if isinstance(module, NORMS):
             handles.append(module.register_forward_pre_hook(lambda m, i, name=name: order.append(name)))
-    try:
-        with torch.no_grad():
-            model(images[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    _forward(model, images[:1], handles)
     return list(dict.fromkeys(order))
 
 
@@ -51,14 +58,7 @@ def capture(model, name, images):
         seen["x"] = inputs[0].detach()
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            model(images)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    _forward(model, images, [module.register_forward_pre_hook(hook)])
     return seen["x"]
 
 
@@ -68,12 +68,7 @@ def capture_all(model, names, images):
     for name in names:
         handles.append(model.get_submodule(name).register_forward_pre_hook(
             lambda m, i, name=name: seen.__setitem__(name, i[0].detach())))
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward(model, images, handles)
     return seen
 
 
@@ -107,12 +102,7 @@ def consumers(model, images, names):
                 if norm is not None and norm[1] is inputs[0]:
                     found.setdefault(norm[0], name)
             handles.append(module.register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            model(images[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    _forward(model, images[:1], handles)
     return found
 
 

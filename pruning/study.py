@@ -108,9 +108,7 @@ class Evaluator:
         self.batches = stacked_batches(dataset, index, batch_size)
 
     def accuracy(self, arch, state_dict):
-        model = models.build_model(arch)
-        model.load_state_dict(state_dict)
-        return evaluate(self.batches, model, torch.device("cpu"), print_freq=10 ** 9)["acc1"]
+        return evaluate(self.batches, models.with_weights(arch, state_dict), torch.device("cpu"), print_freq=10 ** 9)["acc1"]
 
 
 SCORING_FLAGS = ("scope", "normalize", "reduce", "raw_weights", "calib_batches", "calib_batch_size", "compensate")
