@@ -24,7 +24,8 @@ import torch.nn as nn  # noqa: E402
 import engine  # noqa: E402
 import optim_factory  # noqa: E402
 import utils  # noqa: E402
-from benchmark import AMP_DTYPES, Settings, backward_step, build, check_settings  # noqa: E402
+from benchmark import build  # noqa: E402
+from runtime import AMP_DTYPES, Settings, backward_step, check_settings  # noqa: E402
 from models.complexity import forward_cost, in_chans_of  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 

@@ -18,23 +18,19 @@ Throughput is batch / median step time (robust to the odd slow step on a shared 
 import argparse
 import json
 import logging
-import math
 import os
 import statistics
 import sys
-import tempfile
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # scripts/export.py
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 import models  # noqa: E402
-from models.complexity import count_params, forward_cost, in_chans_of  # noqa: E402
+from models.complexity import count_params, forward_cost  # noqa: E402
 import utils  # noqa: E402
+from runtime import AMP_DTYPES, BACKENDS, ORT_BACKENDS, Settings, check_settings, make_runner, percentile  # noqa: E402
 from checkpoint import add_download_flag, load_held_model, set_download_timeout  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from files import atomic_open, atomic_path, check_output_file  # noqa: E402
@@ -42,31 +38,10 @@ from files import atomic_open, atomic_path, check_output_file  # noqa: E402
 logger = logging.getLogger("benchmark")
 
 MODES = ("eval", "latency", "train")
-BACKENDS = ("eager", "compile", "onnxruntime")  # onnxruntime: eval and latency only
-DEFAULT_THREADS = torch.get_num_threads()
-AMP_DTYPES = {"none": None, **utils.AMP_DTYPES}
 JSON_FIELDS = ("model", "backend", "params", "macs", "input_size", "batch_size", "device", "amp",
                "channels_last", "compile", "threads", "eval_img_s", "eval_ms_median",
                "latency_ms_median", "latency_ms_p90", "train_img_s", "train_ms_median",
                "torch", "timm")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How a model is run; `--vs_settings` overrides any field but device and input_size."""
-    device: str
-    input_size: int
-    batch_size: int
-    channels_last: bool = False
-    amp: str = "none"
-    compile: bool = False
-    threads: int = 0  # 0: torch's default
-    backend: str = "eager"
-
-    def describe(self):
-        return (f"backend={self.backend},amp={self.amp},channels_last={int(self.channels_last)},"
-                f"compile={int(self.compile)},"
-                f"batch_size={self.batch_size}" + (f",threads={self.threads}" if self.threads else ""))
 
 
 def _parse_amp(text):
@@ -107,19 +82,6 @@ def parse_settings(text, base):
     return check_settings(replace(base, **changes))
 
 
-def check_settings(s):
-    """Refuse settings this machine cannot run, before any model is built."""
-    if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {s.device}: CUDA is not available on this machine")
-    if s.amp == "fp16" and not s.device.startswith("cuda"):
-        raise UserError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
-    if s.backend == "onnxruntime" and (s.amp != "none" or s.channels_last or s.compile
-                                       or s.device != "cpu"):
-        raise UserError("the onnxruntime backend runs the fp32 graph on the CPU: no --amp, "
-                        "--channels_last, --compile or CUDA device with it")
-    return s
-
-
 # --- building models ----------------------------------------------------------------------
 
 def build(spec):
@@ -156,143 +118,6 @@ def from_checkpoint(path):
 
 # --- measuring ----------------------------------------------------------------------------
 
-def backward_step(loss, optimizer, scaler=None):
-    """loss.backward() and the optimizer step, through the textbook GradScaler steps in fp16."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-
-
-class Runner:
-    """One model under one Settings, ready to run eval, latency (batch 1) or train steps."""
-
-    def __init__(self, model, settings, num_classes):
-        s = self.settings = settings
-        self.device = torch.device(s.device)
-        fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=fmt)
-        if s.compile or s.backend == "compile":
-            try:
-                self.model = torch.compile(self.model, dynamic=False)
-            except Exception as e:  # e.g. a Python version this torch cannot compile for
-                raise UserError(f"torch.compile is unsupported here: {_first_line(e)}") from None
-        size, chans = s.input_size, in_chans_of(model)
-
-        def images(n):
-            return torch.randn(n, chans, size, size, device=self.device).to(memory_format=fmt)
-        self.inputs = {"eval": images(s.batch_size), "latency": images(1),
-                       "train": images(s.batch_size)}
-        self.targets = torch.randint(0, num_classes, (s.batch_size,), device=self.device)
-        self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = None  # made on the first train step: eval-only runs need no state
-        self.scaler = torch.amp.GradScaler("cuda") if s.amp == "fp16" else None
-
-    def autocast(self):
-        dtype = AMP_DTYPES[self.settings.amp]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
-    def images_per_step(self, mode):
-        return 1 if mode == "latency" else self.settings.batch_size
-
-    def enter(self, mode):
-        """Set train/eval mode and the thread count before steps of `mode`."""
-        torch.set_num_threads(self.settings.threads or DEFAULT_THREADS)  # sides may differ
-        self.model.train(mode == "train")
-        if mode == "train" and self.optimizer is None:
-            # a tiny lr: random data must not drive the weights anywhere odd
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
-
-    def step(self, mode):
-        if mode == "train":
-            return self._train_step()
-        with torch.inference_mode(), self.autocast():
-            self.model(self.inputs[mode])
-
-    def _train_step(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = self.criterion(self.model(self.inputs["train"]).float(), self.targets)
-        backward_step(loss, self.optimizer, self.scaler)
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def warmup(self, mode, steps):
-        """Untimed steps; the first one compiles under --compile, so its failure is explained."""
-        self.enter(mode)
-        compiled = self.settings.compile or self.settings.backend == "compile"
-        for i in range(max(steps, 1 if compiled else 0)):
-            try:
-                self.step(mode)
-            except Exception as e:
-                if not compiled or i:
-                    raise
-                raise UserError(f"torch.compile failed ({type(e).__name__}: {_first_line(e)}); "
-                                f"run without --compile") from None
-        self.sync()
-
-    def time(self, mode, iters, min_time):
-        """Seconds of each timed step: at least `iters` steps and at least `min_time` seconds."""
-        self.enter(mode)
-        times, start = [], time.perf_counter()
-        while len(times) < iters or time.perf_counter() - start < min_time:
-            t0 = time.perf_counter()
-            self.step(mode)
-            self.sync()
-            times.append(time.perf_counter() - t0)
-        return times
-
-
-class OrtRunner(Runner):
-    """The same steps in ONNX Runtime: the model exported by scripts/export.py's exporter
-    (dynamic batch) and run by the CPU execution provider with the torch thread count."""
-
-    def __init__(self, model, settings, num_classes):
-        super().__init__(model, settings, num_classes)
-        try:
-            import onnxruntime
-            from export import export as export_onnx
-        except ImportError as e:
-            raise UserError(f"--backend onnxruntime needs onnx, onnxruntime and onnxscript ({e})") from None
-        self._folder = tempfile.TemporaryDirectory()
-        path = os.path.join(self._folder.name, "model.onnx")
-        # two example images even at batch 1: torch.export fixes a batch axis of size 1
-        example = self.inputs["eval"][:1].expand(2, -1, -1, -1).contiguous()
-        export_onnx(self.model.eval(), example, path, dynamic_size=False)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = settings.threads or DEFAULT_THREADS
-        self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.arrays = {k: v.numpy() for k, v in self.inputs.items()}
-
-    def enter(self, mode):
-        if mode == "train":
-            raise UserError("the onnxruntime backend has no training step")
-
-    def step(self, mode):
-        self.session.run(None, {"images": self.arrays[mode]})
-
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [""])[0][:200]
-
-
-def percentile(values, q):
-    """Nearest-rank percentile, q in [0, 100]."""
-    ordered = sorted(values)
-    rank = math.ceil(q / 100 * len(ordered))  # 1-based: the smallest value with q% at or below
-    return ordered[min(len(ordered), max(rank, 1)) - 1]
-
-
-def make_runner(model, settings, num_classes):
-    cls = OrtRunner if settings.backend == "onnxruntime" else Runner
-    return cls(model, settings, num_classes)
-
-
 def benchmark_model(spec, settings, args):
     """Every measurement of one model, as one JSON-able dict with all JSON_FIELDS."""
     import timm
@@ -305,7 +130,7 @@ def benchmark_model(spec, settings, args):
                compile=settings.compile, threads=settings.threads or torch.get_num_threads(),
                torch=torch.__version__, timm=timm.__version__)
     runner = make_runner(model, settings, num_classes)
-    skip = set(args.skip) | ({"train"} if settings.backend == "onnxruntime" else set())
+    skip = set(args.skip) | ({"train"} if settings.backend in ORT_BACKENDS else set())
     for mode in (m for m in MODES if m not in skip):
         logger.info("%s: %s", spec, mode)
         runner.warmup(mode, args.warmup)
@@ -404,8 +229,8 @@ def run_vs(args, settings):
         s = parse_settings(text, settings)
         model = build(spec)
         macs, num_classes = forward_cost(model, s.input_size)
-        if s.backend == "onnxruntime" and args.vs_mode == "train":
-            raise UserError("the onnxruntime backend has no training step: --vs_mode eval or latency")
+        if s.backend in ORT_BACKENDS and args.vs_mode == "train":
+            raise UserError(f"the {s.backend} backend has no training step: --vs_mode eval or latency")
         sides.append((f"{spec} [{s.describe()}]", make_runner(model, s, num_classes), macs))
     mode = args.vs_mode
     for _, runner, _ in sides:
@@ -456,8 +281,9 @@ def get_args_parser():
     p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (= --backend compile)")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
-                   help="runtimes to time, each model in each (default: eager); onnxruntime "
-                        "exports the model first and has no train step")
+                   help="runtimes to time, each model in each (default: eager); onnxruntime exports "
+                        "the model first, onnxruntime-int8 also quantizes it (calibrated on random "
+                        "images: speed only; neither has a train step)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--iters", type=int, default=10, help="timed steps (at least)")

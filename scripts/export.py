@@ -21,6 +21,15 @@ largest |logit| when that exceeds 1) the export fails (exit status 2) and no fil
 under --output. The file carries
 the checkpoint's input size, normalisation and arch as metadata (scripts/inference.py reads
 them).
+
+--quantize int8 writes ONNX Runtime's static int8 quantization of that checked graph instead
+(QDQ, int8 weights per output channel, uint8 activations calibrated on --calib_batches x
+--calib_batch_size training images of --data_set, default the checkpoint's own data; depthwise
+convs stay fp32). Both graphs then classify the whole evaluation split (or --eval_images of it):
+the top-1 of each, the change and their top-1 agreement are printed, and the int8 file is not
+written when top-1 falls by more than --max_drop points.
+
+    python scripts/export.py --checkpoint pruned_3M.pth --output pruned_3M_int8.onnx --quantize int8
 """
 import copy
 import json
@@ -28,6 +37,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -37,10 +48,12 @@ import models  # noqa: E402
 import hub  # noqa: E402
 from checkpoint import add_download_flag, load_held_model, local_copy, onnx_graph_sha256, set_download_timeout  # noqa: E402
 from engine import evaluate  # noqa: E402
-from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
+from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from files import atomic_path, check_output_file, sha256_file  # noqa: E402
+from pruning.calibration import calibration_batches  # noqa: E402
+from runtime import OPSET, export_onnx, onnx_modules, ort_session, quantize_int8  # noqa: E402
 
-OPSET = 18
+QUANTIZE = ("none", "int8")
 
 
 def get_args_parser():
@@ -69,6 +82,16 @@ def get_args_parser():
                         "ONNX, 1e-5 for the timm folder")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output (--format timm: only its three files)")
+    q = p.add_argument_group("int8 (--quantize int8)")
+    q.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="int8: write ONNX Runtime's static int8 quantization of the graph")
+    q.add_argument("--calib_batches", type=int, default=8, help="training batches that calibrate it")
+    q.add_argument("--calib_batch_size", type=int, default=32, help="images per calibration batch")
+    q.add_argument("--eval_images", type=int, default=None,
+                   help="evaluation images both graphs classify (default: the whole split)")
+    q.add_argument("--max_drop", type=float, default=1.0,
+                   help="largest accepted fall of top-1, in points, from fp32 to int8")
+    q.add_argument("--seed", type=int, default=0, help="which training images calibrate")
     add_download_flag(p)
     return p
 
@@ -85,7 +108,8 @@ def check_args(args):
         raise UserError("--data_path needs --data_set")
     if args.format == "timm":
         given = [f for f, on in (("--fold", args.fold), ("--dynamic_size", args.dynamic_size),
-                                 ("--parity_images", args.parity_images != 64)) if on]
+                                 ("--parity_images", args.parity_images != 64),
+                                 ("--quantize", args.quantize != "none")) if on]
         if given:
             raise UserError(f"{', '.join(given)} apply to --format onnx (a timm folder holds the "
                             "unfolded weights and is checked on 4 random images)")
@@ -96,17 +120,25 @@ def check_args(args):
     check_output_file(args.output, "--output", args.overwrite)
     if args.parity_images < 1:
         raise UserError("--parity_images must be >= 1")
+    check_quantize_args(args)
 
 
-def runtime():
-    """onnx and onnxruntime, imported only here (one clear line when missing)."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        raise UserError(f"export needs the onnx and onnxruntime packages ({e}); "
-                        "pip install -r requirements.txt") from None
-    return onnx, onnxruntime
+def check_quantize_args(args):
+    given = [f for f, on in (("--calib_batches", args.calib_batches != 8),
+                             ("--calib_batch_size", args.calib_batch_size != 32),
+                             ("--eval_images", args.eval_images is not None),
+                             ("--max_drop", args.max_drop != 1.0), ("--seed", args.seed != 0)) if on]
+    if args.quantize == "none":
+        if given:
+            raise UserError(f"{', '.join(given)} apply to --quantize int8")
+        return
+    for name in ("calib_batches", "calib_batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.eval_images is not None and args.eval_images < 1:
+        raise UserError(f"--eval_images must be >= 1, got {args.eval_images}")
+    if not args.max_drop >= 0:
+        raise UserError(f"--max_drop must be >= 0 points, got {args.max_drop}")
 
 
 def load_model(args):
@@ -137,35 +169,25 @@ def fold(model, images):
     return folded
 
 
-def export(model, example, path, dynamic_size):
-    """torch's exporter (torch.export based) to `path`."""
-    batch = torch.export.Dim("batch", min=1)
-    shape = {0: batch}
-    if dynamic_size:
-        shape.update({2: torch.export.Dim("height", min=8), 3: torch.export.Dim("width", min=8)})
-    try:
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
-                                    input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=(shape,), verbose=False)
-        program.save(path)
-    except Exception as e:  # the exporter's own errors come from many modules
-        raise UserError(f"ONNX export failed ({type(e).__name__}: {first_line(e)})") from None
-
-
 def add_metadata(onnx, path, meta):
     m = onnx.load(path)
     meta = {**meta, "graph_sha256": onnx_graph_sha256(m)}
+    del m.metadata_props[:]  # the quantizer's own marks (not JSON) give way to ours
     for key, value in meta.items():
         m.metadata_props.add(key=key, value=json.dumps(value))
     onnx.save(m, path)
     onnx.checker.check_model(path, full_check=True)
 
 
-def parity(ort, path, model, images):
+def run_graph(session, images, batch=16):
+    """Logits of an ONNX Runtime session over a tensor of images, in batches."""
+    return np.concatenate([session.run(None, {"images": images[i:i + batch].numpy()})[0]
+                           for i in range(0, len(images), batch)])
+
+
+def parity(path, model, images):
     """(max |logit difference|, largest |logit|, top-1 agreement): ONNX Runtime vs PyTorch."""
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    onnx_out = np.concatenate([session.run(None, {"images": images[i:i + 16].numpy()})[0]
-                               for i in range(0, len(images), 16)])
+    onnx_out = run_graph(ort_session(path), images)
     with torch.no_grad():
         torch_out = model(images).numpy()
     diff = float(np.abs(onnx_out - torch_out).max())
@@ -193,11 +215,46 @@ def export_timm(args, model, name, held, data_args):
           f"checked: {who} loads it with the same logits")
 
 
+def quantize(args, held, fp32_path, dst):
+    """--quantize int8: `fp32_path` quantized into `dst`, calibrated on training images; both
+    graphs classify the evaluation split; refused above --max_drop. Returns its metadata."""
+    data = held.data_args(args.data_set, args.data_path, args.input_size)
+    if args.eval_data_path:
+        data.eval_data_path = args.eval_data_path
+    calib, n_calib = calibration_batches(data, args.calib_batches, args.calib_batch_size, args.seed)
+    n_int8, n_fp32 = quantize_int8(fp32_path, dst, [x.numpy() for x, _ in calib])
+    dataset, _ = datasets.build_dataset(is_train=False, args=data)
+    n = min(args.eval_images or len(dataset), len(dataset))
+    subset = torch.utils.data.Subset(dataset, range(n))
+    sessions = ort_session(fp32_path), ort_session(dst)
+    right, agree = [0, 0], 0
+    for images, labels in torch.utils.data.DataLoader(subset, batch_size=32):
+        fp, q = (run_graph(sess, images, 32).argmax(1) for sess in sessions)
+        right[0] += int((fp == labels.numpy()).sum())
+        right[1] += int((q == labels.numpy()).sum())
+        agree += int((fp == q).sum())
+    top1 = [100 * r / n for r in right]
+    drop = top1[0] - top1[1]
+    change = top1[1] - top1[0]  # not -drop: no "-0.00"
+    print(f"int8: {n_int8} ops quantized ({n_fp32} depthwise convs kept fp32), calibrated on "
+          f"{n_calib} {data.data_set} training images")
+    print(f"int8 on {n} {data.data_set} evaluation images: top-1 {top1[1]:.2f}% vs fp32 {top1[0]:.2f}% "
+          f"(change {change:+.2f} points; one image is {100 / n:.2f}), top-1 agreement {agree / n:.2%}")
+    if drop > args.max_drop:
+        raise UserError(f"int8 loses {drop:.2f} points of top-1 (more than --max_drop {args.max_drop:g}): "
+                        f"{args.output} not written")
+    return {"precision": "int8", "calibration": {"data_set": data.data_set, "images": n_calib, "seed": args.seed},
+            "top1_fp32": top1[0], "top1_int8": top1[1], "eval_images": n}
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    onnx, ort = runtime() if args.format == "onnx" else (None, None)
+    onnx, _ = onnx_modules() if args.format == "onnx" else (None, None)
     model, name, held = load_model(args)
+    if args.quantize == "int8" and not (args.data_set or held.trained.get("data_set")):
+        raise UserError(f"{name} does not record the data it was trained on: --quantize int8 needs "
+                        "--data_set (and --data_path) for its calibration and evaluation images")
     # DIGITS only names the transform when no --data_set is given (the images are random)
     data_args = held.data_args(args.data_set or "DIGITS", args.data_path, args.input_size)
     data_args.eval_data_path = args.eval_data_path
@@ -207,21 +264,24 @@ def main(argv=None):
         return export_timm(args, model, name, held, data_args)
     images, source = parity_images(args, data_args, args.parity_images)
     exported = fold(model, images) if args.fold else model
-    with atomic_path(args.output, suffix=".onnx") as tmp:
-        export(exported, images[:2], tmp, args.dynamic_size)
-        add_metadata(onnx, tmp, {"input_size": size, "crop_pct": data_args.crop_pct,
-                                 "imagenet_default_mean_and_std": data_args.imagenet_default_mean_and_std,
-                                 "arch": getattr(model, "arch", None), "model": name,
-                                 "data_set": held.trained.get("data_set"), "folded": args.fold,
-                                 "dynamic_size": args.dynamic_size})
-        diff, scale, agree = parity(ort, tmp, model, images)
+    meta = {"input_size": size, "crop_pct": data_args.crop_pct,
+            "imagenet_default_mean_and_std": data_args.imagenet_default_mean_and_std,
+            "arch": getattr(model, "arch", None), "model": name, "data_set": held.trained.get("data_set"),
+            "folded": args.fold, "dynamic_size": args.dynamic_size, "precision": "fp32"}
+    with atomic_path(args.output, suffix=".onnx") as tmp, tempfile.TemporaryDirectory() as work:
+        fp32 = tmp if args.quantize == "none" else os.path.join(work, "fp32.onnx")
+        export_onnx(exported, images[:2], fp32, args.dynamic_size)
+        diff, scale, agree = parity(fp32, model, images)
         allowed = args.tolerance * max(1.0, scale)
         print(f"parity on {len(images)} {source}: max |logit difference| {diff:.3g} (largest |logit| "
               f"{scale:.3g}, allowed {allowed:.3g}), top-1 agreement {agree:.2%}")
         if diff > allowed:
             raise UserError(f"ONNX Runtime disagrees with PyTorch (max |logit difference| {diff:.3g}, "
                             f"top-1 agreement {agree:.2%}): {args.output} not written")
-    print(f"{name} exported to {args.output} (opset {OPSET}, {size} px, dynamic batch"
+        if args.quantize == "int8":
+            meta.update(quantize(args, held, fp32, tmp))
+        add_metadata(onnx, tmp, meta)
+    print(f"{name} exported to {args.output} (opset {OPSET}, {meta['precision']}, {size} px, dynamic batch"
           f"{', height and width' if args.dynamic_size else ''})")
 
 

@@ -149,6 +149,21 @@ def test_backends_each_model_in_each_runtime(tmp_path, tiny_ckpt, capsys):
     assert summary["ratios"][0] > 0
 
 
+def test_int8_and_bf16_runtimes_time_a_tiny_model(tiny_ckpt, capsys):
+    """onnxruntime-int8 quantizes the exported graph (its QDQ nodes are there) and times it;
+    bf16 autocast runs in eager and both appear in the table."""
+    rows = bench.main(["--models", tiny_ckpt, *FAST, "--backend", "onnxruntime-int8", "--skip", "latency"])
+    assert rows[0]["backend"] == "onnxruntime-int8" and rows[0]["eval_img_s"] > 0
+    assert rows[0]["train_img_s"] is None
+    import onnx
+    runner = bench.make_runner(bench.build(tiny_ckpt), bench.Settings("cpu", 32, 2, backend="onnxruntime-int8"), 10)
+    ops = {n.op_type for n in onnx.load(runner.path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul", "Conv"} <= ops
+    summary = bench.main(["--vs", tiny_ckpt, "--vs_settings", "amp=none", "amp=bf16", *FAST, "--rounds", "1"])
+    assert "amp=bf16" in summary["b"] and summary["ratios"][0] > 0
+    assert "onnxruntime-int8" in capsys.readouterr().out
+
+
 def test_vs_two_models(tiny_ckpt, capsys):
     summary = bench.main(["--vs", tiny_ckpt, "resnet18", *FAST, "--rounds", "2"])
     assert len(summary["ratios"]) == 2 and summary["mode"] == "eval"
@@ -164,7 +179,8 @@ def test_vs_two_models(tiny_ckpt, capsys):
     (["--models", "resnet18", "--json", "/missing/dir/x.json"], "its folder does not exist"),
     (["--models", "resnet18", "--input_size", "-5"], "--input_size must be at least 1"),
     (["--models", "resnet18", "--backend", "compile", "--compile"], "give --backend compile"),
-    (["--models", "resnet18", "--backend", "onnxruntime", "--amp", "bf16"], "fp32 graph on the CPU"),
+    (["--models", "resnet18", "--backend", "onnxruntime", "--amp", "bf16"], "runs its own graph on the CPU"),
+    (["--models", "resnet18", "--backend", "onnxruntime-int8", "--channels_last"], "runs its own graph"),
     (["--vs", "resnet18", "--vs_settings", "backend=onnxruntime", "", "--vs_mode", "train"],
      "no training step"),
 ])

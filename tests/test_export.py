@@ -1,6 +1,7 @@
 """scripts/export.py: every family and a pruned shape to ONNX, parity in ONNX Runtime, dynamic
 batch and size, inference from the .onnx file, clear errors."""
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -140,3 +141,45 @@ def test_export_of_the_folded_form(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "folded model: max |logit difference|" in text and "top-1 agreement 100.00%" in text
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+def test_int8_export_keeps_top1_reads_in_inference_and_refuses_a_drop(tmp_path, trained, capsys, monkeypatch):
+    """--quantize int8 on the DIGITS-trained 3M: calibrated on training images, compared on the
+    evaluation split; inference.py reads the int8 graph; a calibration that saturates every
+    activation (images scaled by 1e-3) loses top-1 and is refused without a file."""
+    ckpt = trained[0] / "checkpoint-0.pth"
+    out = tmp_path / "int8.onnx"
+    argv = ["--checkpoint", str(ckpt), "--output", str(out), "--quantize", "int8", "--calib_batches", "2",
+            "--parity_images", "8"]
+    assert export.main(argv) is None
+    text = capsys.readouterr().out
+    found = re.search(r"top-1 ([\d.]+)% vs fp32 ([\d.]+)% \(change ([-+][\d.]+) points.*agreement ([\d.]+)%", text)
+    int8, fp32, change, agree = map(float, found.groups())
+    assert "360 DIGITS evaluation images" in text and "64 DIGITS training images" in text
+    assert agree >= 90 and abs(change - (int8 - fp32)) < 0.01
+    proto = onnx.load(str(out))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert '"int8"' == meta["precision"] and any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    img = tmp_path / "digit.png"
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(img)
+    assert inference.main(["--image", str(img), "--checkpoint", str(out)]) == 0
+    assert "Load ONNX model" in capsys.readouterr().out
+
+    real = export.calibration_batches
+    monkeypatch.setattr(export, "calibration_batches",
+                        lambda *a: ([(x * 1e-3, y) for x, y in real(*a)[0]], real(*a)[1]))
+    bad = tmp_path / "bad.onnx"
+    with pytest.raises(export.UserError, match=r"int8 loses [\d.]+ points of top-1 .* not written"):
+        export.main([*argv[:3], str(bad), *argv[4:], "--max_drop", "0.5"])
+    assert not bad.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--calib_batches", "4"], "apply to --quantize int8"),
+    (["--quantize", "int8", "--max_drop", "-1"], "--max_drop must be >= 0"),
+    (["--quantize", "int8", "--calib_batch_size", "0"], "--calib_batch_size must be >= 1"),
+    (["--quantize", "int8", "--format", "timm"], "apply to --format onnx"),
+])
+def test_int8_flags_are_checked_first(tmp_path, argv, message):
+    with pytest.raises(export.UserError, match=message):
+        export.main(["--checkpoint", str(tmp_path / "none.pth"), "--output", str(tmp_path / "o.onnx"), *argv])
