@@ -1,28 +1,20 @@
-"""The runtimes a model is deployed on, one way to run each: eager PyTorch, torch.compile (both
-with bf16 autocast), ONNX Runtime on the fp32 graph and on its int8 quantization.
+"""The runtimes a model is deployed on: eager PyTorch, torch.compile (both with bf16 / fp16
+autocast), ONNX Runtime on the fp32 graph and on its int8 quantization; their names, the
+settings a model runs under, and the ONNX graph tools that need no PyTorch.
 
-scripts/benchmark.py times them, the latency keep rule (pruning/latency.py) measures candidate
-shapes with them, scripts/export.py writes the ONNX and int8 graphs with `export_onnx` and
-`quantize_int8`.
+Importable without torch (the command lines' --help and flag checks read these names);
+runners.py runs a model under a Settings, scripts/export.py writes the graphs.
 """
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 
-import torch
-import torch.nn as nn
-
-import utils
-from errors import UserError, first_line
-from models.complexity import in_chans_of
+from errors import UserError
 
 BACKENDS = ("eager", "compile", "onnxruntime", "onnxruntime-int8")  # onnxruntime*: no train step
 ORT_BACKENDS = ("onnxruntime", "onnxruntime-int8")
-AMP_DTYPES = {"none": None, **utils.AMP_DTYPES}
-DEFAULT_THREADS = torch.get_num_threads()
-OPSET = 18
+AMP = ("none", "bf16", "fp16")  # autocast dtypes of the PyTorch backends
 
 
 @dataclass(frozen=True)
@@ -45,7 +37,7 @@ class Settings:
 
 def check_settings(s):
     """Refuse settings this machine cannot run, before any model is built."""
-    if s.device.startswith("cuda") and not torch.cuda.is_available():
+    if s.device.startswith("cuda") and not _cuda_available():
         raise UserError(f"--device {s.device}: CUDA is not available on this machine")
     if s.amp == "fp16" and not s.device.startswith("cuda"):
         raise UserError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
@@ -53,6 +45,11 @@ def check_settings(s):
         raise UserError(f"the {s.backend} backend runs its own graph on the CPU: no --amp, "
                         "--channels_last, --compile or CUDA device with it (int8 is onnxruntime-int8)")
     return s
+
+
+def _cuda_available():
+    import torch
+    return torch.cuda.is_available()
 
 
 # --- ONNX ---------------------------------------------------------------------------------
@@ -66,21 +63,6 @@ def onnx_modules():
         raise UserError(f"this needs the onnx and onnxruntime packages ({e}); "
                         "pip install -r requirements.txt") from None
     return onnx, onnxruntime
-
-
-def export_onnx(model, example, path, dynamic_size=False):
-    """torch's exporter (torch.export based, opset 18) to `path`, with a dynamic batch axis."""
-    batch = torch.export.Dim("batch", min=1)
-    shape = {0: batch}
-    if dynamic_size:
-        shape.update({2: torch.export.Dim("height", min=8), 3: torch.export.Dim("width", min=8)})
-    try:
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET,
-                                    input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=(shape,), verbose=False)
-        program.save(path)
-    except Exception as e:  # the exporter's own errors come from many modules
-        raise UserError(f"ONNX export failed ({type(e).__name__}: {first_line(e)})") from None
 
 
 def quantize_int8(src, dst, batches):
@@ -117,142 +99,11 @@ def quantize_int8(src, dst, batches):
 
 
 def ort_session(path, threads=0):
-    """An ONNX Runtime CPU session with `threads` intra-op threads (0: torch's count)."""
+    """An ONNX Runtime CPU session with `threads` intra-op threads (0: its default)."""
     _, onnxruntime = onnx_modules()
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or DEFAULT_THREADS
+    options.intra_op_num_threads = threads
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-# --- running ------------------------------------------------------------------------------
-
-def backward_step(loss, optimizer, scaler=None):
-    """loss.backward() and the optimizer step, through the textbook GradScaler steps in fp16."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-
-
-class Runner:
-    """One model under one Settings, ready to run eval, latency (batch 1) or train steps."""
-
-    def __init__(self, model, settings, num_classes):
-        s = self.settings = settings
-        self.device = torch.device(s.device)
-        fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=fmt)
-        if s.compile or s.backend == "compile":
-            try:
-                self.model = torch.compile(self.model, dynamic=False)
-            except Exception as e:  # e.g. a Python version this torch cannot compile for
-                raise UserError(f"torch.compile is unsupported here: {first_line(e)}") from None
-        size, chans = s.input_size, in_chans_of(model)
-
-        def images(n):
-            return torch.randn(n, chans, size, size, device=self.device).to(memory_format=fmt)
-        self.inputs = {"eval": images(s.batch_size), "latency": images(1),
-                       "train": images(s.batch_size)}
-        self.targets = torch.randint(0, num_classes, (s.batch_size,), device=self.device)
-        self.criterion = nn.CrossEntropyLoss()
-        self.optimizer = None  # made on the first train step: eval-only runs need no state
-        self.scaler = torch.amp.GradScaler("cuda") if s.amp == "fp16" else None
-
-    def autocast(self):
-        dtype = AMP_DTYPES[self.settings.amp]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
-    def images_per_step(self, mode):
-        return 1 if mode == "latency" else self.settings.batch_size
-
-    def enter(self, mode):
-        """Set train/eval mode and the thread count before steps of `mode`."""
-        torch.set_num_threads(self.settings.threads or DEFAULT_THREADS)  # sides may differ
-        self.model.train(mode == "train")
-        if mode == "train" and self.optimizer is None:
-            # a tiny lr: random data must not drive the weights anywhere odd
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-6)
-
-    def step(self, mode):
-        if mode == "train":
-            return self._train_step()
-        with torch.inference_mode(), self.autocast():
-            self.model(self.inputs[mode])
-
-    def _train_step(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = self.criterion(self.model(self.inputs["train"]).float(), self.targets)
-        backward_step(loss, self.optimizer, self.scaler)
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def warmup(self, mode, steps):
-        """Untimed steps; the first one compiles under --compile, so its failure is explained."""
-        self.enter(mode)
-        compiled = self.settings.compile or self.settings.backend == "compile"
-        for i in range(max(steps, 1 if compiled else 0)):
-            try:
-                self.step(mode)
-            except Exception as e:
-                if not compiled or i:
-                    raise
-                raise UserError(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); "
-                                f"run without --compile") from None
-        self.sync()
-
-    def time(self, mode, iters, min_time):
-        """Seconds of each timed step: at least `iters` steps and at least `min_time` seconds."""
-        self.enter(mode)
-        times, start = [], time.perf_counter()
-        while len(times) < iters or time.perf_counter() - start < min_time:
-            t0 = time.perf_counter()
-            self.step(mode)
-            self.sync()
-            times.append(time.perf_counter() - t0)
-        return times
-
-
-class OrtRunner(Runner):
-    """The same steps in ONNX Runtime: the model exported (dynamic batch) and run by the CPU
-    execution provider with the torch thread count; onnxruntime-int8 runs its int8
-    quantization, calibrated on random images (speed only: scripts/export.py --quantize int8
-    calibrates on training images and reports the accuracy)."""
-
-    def __init__(self, model, settings, num_classes):
-        super().__init__(model, settings, num_classes)
-        self._folder = tempfile.TemporaryDirectory()
-        path = os.path.join(self._folder.name, "model.onnx")
-        # two example images even at batch 1: torch.export fixes a batch axis of size 1
-        example = self.inputs["eval"][:1].expand(2, -1, -1, -1).contiguous()
-        onnx_modules()
-        export_onnx(self.model.eval(), example, path)
-        if settings.backend == "onnxruntime-int8":
-            generator = torch.Generator().manual_seed(0)
-            batches = [torch.randn(tuple(self.inputs["eval"].shape), generator=generator).numpy()
-                       for _ in range(2)]
-            quantize_int8(path, path + ".int8", batches)
-            path += ".int8"
-        self.path = path
-        self.session = ort_session(path, settings.threads)
-        self.arrays = {k: v.numpy() for k, v in self.inputs.items()}
-
-    def enter(self, mode):
-        if mode == "train":
-            raise UserError(f"the {self.settings.backend} backend has no training step")
-
-    def step(self, mode):
-        self.session.run(None, {"images": self.arrays[mode]})
-
-
-def make_runner(model, settings, num_classes):
-    cls = OrtRunner if settings.backend in ORT_BACKENDS else Runner
-    return cls(model, settings, num_classes)
 
 
 def percentile(values, q):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import args_to_dict
+from runners import AMP_DTYPES as RUN_DTYPES
 from errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected (true/false), not {v!r}")
 
 
-# --amp_dtype / --amp names -> autocast dtypes (main.py and the benchmarks)
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# --amp_dtype names -> autocast dtypes (main.py; the runtimes' own mapping, without "none")
+AMP_DTYPES = {k: v for k, v in RUN_DTYPES.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- metric logging

@@ -25,7 +25,8 @@ import engine  # noqa: E402
 import optim_factory  # noqa: E402
 import utils  # noqa: E402
 from benchmark import build  # noqa: E402
-from runtime import AMP_DTYPES, Settings, backward_step, check_settings  # noqa: E402
+from runners import AMP_DTYPES, backward_step  # noqa: E402
+from runtime import Settings, check_settings  # noqa: E402
 from models.complexity import forward_cost, in_chans_of  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 

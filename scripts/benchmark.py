@@ -30,7 +30,8 @@ import torch  # noqa: E402
 import models  # noqa: E402
 from models.complexity import count_params, forward_cost  # noqa: E402
 import utils  # noqa: E402
-from runtime import AMP_DTYPES, BACKENDS, ORT_BACKENDS, Settings, check_settings, make_runner, percentile  # noqa: E402
+from runners import make_runner  # noqa: E402
+from runtime import AMP, BACKENDS, ORT_BACKENDS, Settings, check_settings, percentile  # noqa: E402
 from checkpoint import add_download_flag, load_held_model, set_download_timeout  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from files import atomic_open, atomic_path, check_output_file  # noqa: E402
@@ -45,8 +46,8 @@ JSON_FIELDS = ("model", "backend", "params", "macs", "input_size", "batch_size",
 
 
 def _parse_amp(text):
-    if text not in AMP_DTYPES:
-        raise ValueError(f"expected one of {', '.join(AMP_DTYPES)}")
+    if text not in AMP:
+        raise ValueError(f"expected one of {', '.join(AMP)}")
     return text
 
 
@@ -278,7 +279,7 @@ def get_args_parser():
     p.add_argument("--batch_size", type=int, default=32, help="batch of eval and train steps")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
+    p.add_argument("--amp", default="none", choices=AMP, help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (= --backend compile)")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
                    help="runtimes to time, each model in each (default: eager); onnxruntime exports "

@@ -51,7 +51,8 @@ from engine import evaluate  # noqa: E402
 from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 from files import atomic_path, check_output_file, sha256_file  # noqa: E402
 from pruning.calibration import calibration_batches  # noqa: E402
-from runtime import OPSET, export_onnx, onnx_modules, ort_session, quantize_int8  # noqa: E402
+from runners import OPSET, export_onnx  # noqa: E402
+from runtime import onnx_modules, ort_session, quantize_int8  # noqa: E402
 
 QUANTIZE = ("none", "int8")
 

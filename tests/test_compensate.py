@@ -116,7 +116,7 @@ def test_batch_norms_are_measured_again():
 
 def test_compensated_models_fold_and_export_exactly(tmp_path):
     import export
-    from runtime import export_onnx
+    from runners import export_onnx
     result = prune(planted(), [4, 6], "refit")
     model, x = result.model, torch.cat(images(1))
     folded = export.fold(model, x)
