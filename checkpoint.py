@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-import datasets
+import flags
 import models
 from errors import UserError, first_line
+from flags import HF_HUB, is_url
 from files import atomic_open, atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -39,29 +40,7 @@ SAFE_GLOBALS = [argparse.Namespace, np.dtype, _NP_CORE.multiarray.scalar,
                 pathlib.PureWindowsPath]
 
 
-HF_HUB = "hf-hub:"  # hf-hub:ORG/NAME[@REVISION], as timm names Hub weights
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a Hub model repo holds, preferred first
-
-
-def is_url(path):
-    return bool(re.match(r"^https?://", os.fspath(path), re.I))
-
-
-def is_remote(path):
-    """An http(s) URL or an hf-hub: id: fetched into a cache, then read like a local file."""
-    return is_url(path) or os.fspath(path).startswith(HF_HUB)
-
-
-def check_source(path, what):
-    """Refuse a local checkpoint path that is missing or a folder, before any work (URLs and
-    hf-hub: ids are checked when fetched). `what` names it: "--resume x.pth", "checkpoint"."""
-    path = os.fspath(path)
-    if is_remote(path):
-        return
-    if os.path.isdir(path):
-        raise UserError(f"{what}: is a folder, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise UserError(f"{what}: no such file (checkpoint not found)")
 
 
 def local_copy(path):
@@ -76,24 +55,6 @@ def local_copy(path):
             raise UserError(f"cannot read {path}: only local paths, http(s) URLs and hf-hub:ORG/NAME are supported")
         return path
     return download(path)
-
-
-DOWNLOAD_TIMEOUT = 60.0  # seconds a connect or a read may wait (--download_timeout)
-
-
-def add_download_flag(parser):
-    """--download_timeout, for every command that reads checkpoints (apply: set_download_timeout)."""
-    parser.add_argument("--download_timeout", type=float, default=DOWNLOAD_TIMEOUT, metavar="SECONDS",
-                        help="an http(s) checkpoint download fails when connecting or a read waits "
-                             f"longer than this (default {DOWNLOAD_TIMEOUT:g})")
-
-
-def set_download_timeout(seconds):
-    """Range-checked, before any work."""
-    global DOWNLOAD_TIMEOUT
-    if not (isinstance(seconds, (int, float)) and 0 < seconds <= 86400):
-        raise UserError(f"--download_timeout must be in (0, 86400] seconds, got {seconds}")
-    DOWNLOAD_TIMEOUT = float(seconds)
 
 
 def download(url):
@@ -121,7 +82,7 @@ def download(url):
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
         raise UserError(f"cannot download {url}: {first_line(reason)}"
-                        + (f" (no answer within --download_timeout {DOWNLOAD_TIMEOUT:g} s)"
+                        + (f" (no answer within --download_timeout {flags.DOWNLOAD_TIMEOUT:g} s)"
                            if isinstance(reason, TimeoutError) else "")) from None
     return dst
 
@@ -129,7 +90,7 @@ def download(url):
 def _fetch(url, path, name):
     from tqdm import tqdm
     request = urllib.request.Request(url, headers={"User-Agent": "efficient-convnext"})
-    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response, open(path, "wb") as f:
+    with urllib.request.urlopen(request, timeout=flags.DOWNLOAD_TIMEOUT) as response, open(path, "wb") as f:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
         got = 0
@@ -407,6 +368,7 @@ class Held:
         transform), overridden where given; a new data set or path drops the saved paths."""
         t = self.trained
         keep_paths = data_set is None and data_path is None
+        import datasets  # here: torchvision and timm's transforms load only when data is read
         return datasets.default_data_args(
             input_size=self.input_size(input_size), crop_pct=t.get("crop_pct"),
             imagenet_default_mean_and_std=t.get("imagenet_default_mean_and_std", True),

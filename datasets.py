@@ -29,10 +29,10 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 
 from errors import UserError
+from flags import DATA_SETS
 
 logger = logging.getLogger(__name__)
 
-DATA_SETS = ("CIFAR10", "CIFAR100", "TINY_IMAGENET", "IMNET", "image_folder", "DIGITS")
 DIGITS_SEED = 0          # fixes the DIGITS train/val split: the same on every run
 DIGITS_VAL_SHARE = 0.2
 

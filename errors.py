@@ -90,3 +90,13 @@ def run_cli(main, argv=None, extra_errors=None, stopped=None):
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def parse_first(make_parser, argv=None):
+    """Parse the flags before a command's heavy imports: --help prints, and a bad flag is one
+    `error:` line (exit status 2), without waiting for torch to load. main() parses again."""
+    try:
+        make_parser().parse_args(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -17,24 +17,30 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
-from timm.data.mixup import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
+import options
+from errors import parse_first
 
-import checkpoint
-import datasets
-import models
-import utils
-from engine import evaluate, train_one_epoch
-from errors import UserError, first_line, run_cli
-from losses import DistillationLoss, load_teachers
-from optim_factory import LayerDecayValueAssigner, create_optimizer
-from options import DEFAULT_MODEL, check_args, parse_args
-from files import drop_lock, hold_lock
-from run_folder import RunFolder, list_epoch_checkpoints, resolve_resume, resume_label
-from utils import NativeScalerWithGradNormCount as NativeScaler
+if __name__ == "__main__":
+    parse_first(options.parser)  # --help and flag errors before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from timm.data.mixup import Mixup  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.utils import ModelEmaV3  # noqa: E402
+
+import checkpoint  # noqa: E402
+import datasets  # noqa: E402
+import models  # noqa: E402
+import utils  # noqa: E402
+from engine import evaluate, train_one_epoch  # noqa: E402
+from errors import UserError, first_line, run_cli  # noqa: E402
+from losses import DistillationLoss, load_teachers  # noqa: E402
+from optim_factory import LayerDecayValueAssigner, create_optimizer  # noqa: E402
+from options import DEFAULT_MODEL, check_args, parse_args  # noqa: E402
+from files import drop_lock, hold_lock  # noqa: E402
+from run_folder import RunFolder, list_epoch_checkpoints, resolve_resume, resume_label  # noqa: E402
+from utils import NativeScalerWithGradNormCount as NativeScaler  # noqa: E402
 
 logger = logging.getLogger("main")
 

@@ -8,13 +8,9 @@ import math
 import os
 import sys
 
-import torch
-
-import checkpoint
-import datasets
-import models
 from errors import ArgumentParser, HelpFormatter, UserError  # noqa: F401  (ArgumentParser: run_with_submitit)
-from utils import AMP_DTYPES, SCHEDULES, str2bool
+from flags import DATA_SETS, SCHEDULES, add_download_flag, check_source, set_download_timeout, str2bool
+from runtime import AMP
 
 DEFAULT_MODEL = "convnext_tiny"
 
@@ -110,7 +106,7 @@ def get_args_parser():
     a("--nb_classes", default=1000, type=int, help="number of the classification types")
     a("--imagenet_default_mean_and_std", type=str2bool, default=True,
       help="normalise with the ImageNet mean/std (false: Inception's 0.5)")
-    a("--data_set", default="IMNET", choices=["CIFAR", *datasets.DATA_SETS], type=str,
+    a("--data_set", default="IMNET", choices=["CIFAR", *DATA_SETS], type=str,
       help="data set (CIFAR is the official name of CIFAR100)")
     a("--output_dir", default="", help="path where to save, empty for no saving")
     a("--log_dir", default=None, help="path where to tensorboard log")
@@ -150,7 +146,7 @@ def get_args_parser():
     a("--project", default="convnext", type=str, help="The name of the W&B project")
     a("--wandb_ckpt", type=str2bool, default=False, help="Save model checkpoints as W&B Artifacts.")
     # Speed (not in the official repo)
-    a("--amp_dtype", default=None, choices=sorted(AMP_DTYPES),
+    a("--amp_dtype", default=None, choices=sorted(a for a in AMP if a != "none"),
       help="AMP precision with --use_amp true (default: fp16 + GradScaler on CUDA, bf16 on CPU)")
     a("--channels_last", type=str2bool, default=False, help="channels-last memory format")
     a("--compile", type=str2bool, default=False, help="torch.compile the model")
@@ -168,13 +164,17 @@ def get_args_parser():
     a("--kd_temperature", default=5.0, type=float, help="distillation temperature T")
     a("--kd_alpha", default=0.5, type=float,
       help="weight of the distillation term (1: pure distillation from the teachers)")
-    checkpoint.add_download_flag(p)
+    add_download_flag(p)
     return p
 
 
+def parser():
+    """main.py's parser (flag errors are UserErrors)."""
+    return ArgumentParser("ConvNeXt training and evaluation script", parents=[get_args_parser()])
+
+
 def parse_args(argv=None):
-    parser = ArgumentParser("ConvNeXt training and evaluation script", parents=[get_args_parser()])
-    return parser.parse_args(argv)
+    return parser().parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -286,6 +286,8 @@ def check_combinations(args):
     if args.save_format != "pth" and (args.eval or not args.save_ckpt):
         raise UserError(f"--save_format {args.save_format} applies to the best checkpoints a "
                         "training run writes (not with --eval true or --save_ckpt false)")
+    import models  # here: --help and flag errors come before torch loads
+    import torch
     tagged = args.model is not None and models.is_tagged(args.model)
     if args.eval and not (args.resume or args.finetune or tagged or (args.auto_resume and args.output_dir)):
         raise UserError("--eval true needs trained weights: give --resume CHECKPOINT "
@@ -302,16 +304,17 @@ def check_paths(args):
             raise UserError(f"--{flag} {folder} is a file, not a folder")
     for flag in ("resume", "finetune"):
         if getattr(args, flag):
-            checkpoint.check_source(getattr(args, flag), f"--{flag} {getattr(args, flag)}")
+            check_source(getattr(args, flag), f"--{flag} {getattr(args, flag)}")
     for path in args.teacher or ():
-        checkpoint.check_source(path, f"--teacher {path}")
+        check_source(path, f"--teacher {path}")
     if args.model is not None:
+        import models
         models.check_model_name(args.model)
 
 
 def check_args(args):
     """Reject values and combinations that cannot give a meaningful run, before anything heavy."""
-    checkpoint.set_download_timeout(args.download_timeout)
+    set_download_timeout(args.download_timeout)
     if args.data_set == "CIFAR":
         args.data_set = "CIFAR100"  # the official repo's CIFAR is CIFAR-100
     check_ranges(args)

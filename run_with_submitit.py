@@ -13,12 +13,11 @@ import sys
 import uuid
 from pathlib import Path
 
-import main as classification
 import options
 from errors import UserError, run_cli
 
 
-def parse_args(argv=None):
+def get_args_parser():
     parser = options.ArgumentParser("Submitit for ConvNeXt",
                                     parents=[options.get_args_parser()])
     a = parser.add_argument
@@ -32,7 +31,11 @@ def parse_args(argv=None):
       help="Ask for 32 GB V100s (slurm constraint volta32gb); the official script always did")
     a("--constraint", default="", type=str, help="Any other SLURM constraint")
     a("--comment", default="", type=str, help="Comment to pass to scheduler, e.g. priority message")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return get_args_parser().parse_args(argv)
 
 
 def _submitit():
@@ -74,6 +77,7 @@ class Trainer:
 
     def __call__(self):
         self._setup_gpu_args()
+        import main as classification  # in the job: torch and the data load there
         classification.main(self.args)
 
     def checkpoint(self):

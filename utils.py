@@ -4,7 +4,6 @@ Mirrors the official ConvNeXt `utils.py` (MetricLogger, init_distributed_mode, c
 NativeScalerWithGradNormCount) on today's PyTorch and timm. Checkpoint files live in
 checkpoint.py and run_folder.py, user errors in errors.py.
 """
-import argparse
 import datetime
 import logging
 import os
@@ -21,17 +20,6 @@ from runners import AMP_DTYPES as RUN_DTYPES
 from errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-def str2bool(v):
-    """Parse `true/false` style flag values (the official `--flag true` convention)."""
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), not {v!r}")
 
 
 # --amp_dtype names -> autocast dtypes (main.py; the runtimes' own mapping, without "none")
@@ -382,7 +370,6 @@ class NativeScalerWithGradNormCount:
             self._scaler.load_state_dict(state_dict)
 
 
-SCHEDULES = ("cosine", "step", "multistep")
 
 
 def step_scheduler(base_value, final_value, epochs, niter_per_ep, decay_epochs, decay_rate,

@@ -5,7 +5,6 @@ split: a pruned checkpoint of any shape rebuilds from its `arch`.
 """
 import math
 
-import timm.models.convnext as timm_convnext
 import torch.nn as nn
 
 from errors import UserError
@@ -313,9 +312,14 @@ EFFICIENT_DIMS = {
     "3M_pruned": [32, 64, 128, 256],
 }
 DATASET_CLASSES = {"cifar10": 10, "tinyimagenet": 200}
-# timm's pretrained tags of the names ours replace: timm's registry reads a module's
-# `default_cfgs` when a name is registered, so `convnext_tiny.fb_in22k` keeps its hub weights.
-default_cfgs = {name: timm_convnext.default_cfgs[name] for name in OFFICIAL}
+
+
+def timm_default_cfgs():
+    """timm's pretrained tags of the names ours replace: timm's registry reads a module's
+    `default_cfgs` when a name is registered (models.registry sets it from this, once timm is
+    imported), so `convnext_tiny.fb_in22k` keeps its hub weights."""
+    import timm.models.convnext as timm_convnext
+    return {name: timm_convnext.default_cfgs[name] for name in OFFICIAL}
 
 
 def _register():

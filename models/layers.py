@@ -2,7 +2,6 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
 
 # Multi-scale depthwise branches: name -> (kernel size, dilation). Order is channel order.
 MS_BRANCHES = {"local": (3, 1), "mid": (7, 1), "wide": (7, 3)}
@@ -81,7 +80,10 @@ class Block(nn.Module):
         self.pwconv2 = ScaledLinear(hidden, dim)
         self.gamma = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
                       if layer_scale_init_value > 0 else None)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.drop_path = nn.Identity()
+        if drop_path > 0.:  # timm only when training with drop path: eval and pruning start without it
+            from timm.layers import DropPath
+            self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
         shortcut = x

@@ -1,12 +1,19 @@
-"""One registry: our factories live in timm's, and each family rebuilds from its `arch`."""
+"""One registry: our factories live in timm's, and each family rebuilds from its `arch`.
+
+timm is imported only where it is needed (a stock timm name, a pretrained tag, a Hub folder,
+training): our names build without it, so pruning and evaluation start without timm's
+import cost. Our factories enter timm's registry the moment timm is imported, by anyone
+(`_AfterTimm`), so `import models; timm.create_model("convnext_tiny_13M_pruned_cifar10")`
+works as it always has.
+"""
 import functools
+import importlib.abc
+import importlib.util
 import os
+import sys
 import warnings
 
-import timm
 import torch
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-from timm.models import build_model_with_cfg, get_pretrained_cfg, register_model, resolve_pretrained_cfg
 
 from errors import UserError, first_line
 
@@ -40,12 +47,50 @@ def our_layout(state_dict):
     return state_dict
 
 
+_PENDING = []  # (name, build, doc, module, head_key) not yet in timm's registry
+
+
+def _timm():
+    """timm, imported (our factories then enter its registry: _AfterTimm)."""
+    import timm
+    _register_pending()
+    return timm
+
+
+def _register_pending():
+    while _PENDING:
+        _register_timm(*_PENDING.pop(0))
+
+
+class _AfterTimm(importlib.abc.MetaPathFinder):
+    """Registers our factories right after `import timm` completes, whoever imports it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("timm")
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _register_pending()
+        spec.loader.exec_module = exec_module
+        return spec
+
+
 def _register_timm(name, build, doc, module, head_key):
     """Register `build(**kwargs)` under `name` in timm's registry (quietly: some names replace
     timm's own). Pretrained weights (pretrained=True, a tag such as `.fb_in22k`,
     pretrained_cfg_overlay=dict(file=...), a local-dir: / hf-hub: folder) come through timm's
     own machinery, renamed into our layout; `head_key` is the classifier (None: as the
     folder's config says)."""
+
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from timm.models import build_model_with_cfg, register_model
+    mod = sys.modules[module]
+    if hasattr(mod, "timm_default_cfgs") and not hasattr(mod, "default_cfgs"):
+        mod.default_cfgs = mod.timm_default_cfgs()  # timm's registry reads it when a name registers
 
     def factory(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
                 pretrained_model_args=None, **kwargs):  # timm passes pretrained_model_args; unused
@@ -73,6 +118,7 @@ def _register_timm(name, build, doc, module, head_key):
 def _resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key):
     """timm's pretrained cfg for `name` (a tag, a dict, an overlay), refused in one line where
     it names no weights to load."""
+    from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
     if pretrained and not (pretrained_cfg or overlay or get_pretrained_cfg(name)):
         raise UserError(f"{name}: timm has no pretrained weights for it; start from a checkpoint "
                         "with --finetune, or give pretrained_cfg_overlay=dict(file=...)")
@@ -104,9 +150,15 @@ def _pretrained_filter(name):
 
 
 def register_factory(name, cls, doc, **defaults):
-    """Register `name` for `cls` with default kwargs."""
-    _register_timm(name, lambda **kwargs: cls(**{**defaults, **kwargs}), doc, cls.__module__, cls.head_key)
+    """Register `name` for `cls` with default kwargs (in timm's registry once timm is imported)."""
+    _register_later(name, lambda **kwargs: cls(**{**defaults, **kwargs}), doc, cls.__module__, cls.head_key)
     OUR_MODELS[name] = (cls, defaults)
+
+
+def _register_later(*entry):
+    _PENDING.append(entry)
+    if "timm.models" in sys.modules and hasattr(sys.modules["timm.models"], "register_model"):
+        _register_pending()  # timm was imported before us
 
 
 def _from_arch(arch=None, **kwargs):
@@ -130,25 +182,28 @@ def is_tagged(name):
 
 def pretrained_classes(name):
     """The class count of timm's pretrained weights for a tagged name, or None."""
-    cfg = get_pretrained_cfg(name)
+    cfg = _timm().models.get_pretrained_cfg(name)
     return cfg.num_classes if cfg is not None else None
 
 
 def is_stock_timm(name):
     """A timm model name (a tag allowed) that is not one of ours."""
-    return base_name(name) not in OUR_MODELS and base_name(name) != ARCH_FACTORY and timm.is_model(name)
+    return base_name(name) not in OUR_MODELS and base_name(name) != ARCH_FACTORY and _timm().is_model(name)
 
 
 def check_model_name(name):
     """Refuse a name that is neither one of ours nor a timm model (e.g. a typo), or a
     pretrained tag timm does not have."""
+    if name in OUR_MODELS:
+        return
+    timm = _timm()
     if base_name(name) not in OUR_MODELS and not timm.is_model(name):
         close = [n for n in OUR_MODELS if n.startswith(name.split("_")[0])][:4]
         hint = f" (ours include {', '.join(close)})" if close else " (see the README's model zoo)"
         raise UserError(f"unknown model {name!r}: not one of ours nor a timm model name{hint}")
     if "." in name:
         try:
-            get_pretrained_cfg(name)
+            timm.models.get_pretrained_cfg(name)
         except RuntimeError:
             tags = timm.list_pretrained(f"{base_name(name)}.*")
             raise UserError(f"unknown pretrained tag in {name!r}; timm has "
@@ -158,10 +213,22 @@ def check_model_name(name):
 def create_model(name, **kwargs):
     """Build a registered model by name: ours (a pretrained tag allowed), or any stock timm model."""
     check_model_name(name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # as timm.create_model does
+    if name in OUR_MODELS and not any(kwargs.pop(k, None) for k in ("pretrained", "pretrained_cfg",
+                                                                      "pretrained_cfg_overlay")):
+        cls, defaults = OUR_MODELS[name]
+        return _build(name, lambda: cls(**{**defaults, **kwargs}))
     if is_stock_timm(name):
         for key in OURS_ONLY_KWARGS:
             kwargs.pop(key, None)
-    return timm.create_model(name, **kwargs)
+    return _timm().create_model(name, **kwargs)
+
+
+def _build(name, build):
+    try:
+        return build()
+    except ValueError as e:  # an option the family does not have (e.g. drop path in VGG)
+        raise UserError(f"{name}: {e}") from None
 
 
 @functools.cache
@@ -172,5 +239,7 @@ def default_arch(name):
         return cls(**defaults).arch
 
 
-_register_timm(ARCH_FACTORY, _from_arch, "Any shape of this toolkit's families, from its `arch` dict.",
-               __name__, None)
+_register_later(ARCH_FACTORY, _from_arch, "Any shape of this toolkit's families, from its `arch` dict.",
+                __name__, None)
+if "timm" not in sys.modules:
+    sys.meta_path.insert(0, _AfterTimm())

@@ -18,9 +18,20 @@ Studies built on api.py: study.py (shared), sensitivity.py, iterative.py and
 scripts/compare_criteria.py; diagnosis.py (diagnose.py: its command line) measures what a cut
 did to every norm's statistics, probe.py holds the hooks both it and compensate.py use. recipes.py: the seeds' whole pipelines (scripts/reproduce.py).
 """
-from .api import Evidence, Result, Source, calibrate, open_source, prune
 from .criteria import CRITERIA, Aggregation, Criterion, get_criterion, register_criterion
 from .spec import Calibration, KeepRules, PruneSpec
+
+_API = ("prune", "open_source", "calibrate", "Result", "Source", "Evidence")
+
+
+def __getattr__(name):
+    """The api names load torch on first use, so `import pruning` (and every command line's
+    --help) does not."""
+    if name in _API:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'pruning' has no attribute {name!r}")
+
 
 __all__ = ["prune", "open_source", "calibrate", "Result", "Source", "Evidence", "PruneSpec", "KeepRules", "Calibration",
            "Aggregation", "Criterion", "CRITERIA", "register_criterion", "get_criterion"]

@@ -28,6 +28,7 @@ from files import atomic_open, sha256_file
 from .calibration import calibration_batches, measure
 from .compensate import compensate
 from .costs import CostModel
+from .latency import LatencyModel, LatencySettings, meet_target
 from .plan import plan_keep
 from .scoring import score_groups
 from .spec import PruneSpec
@@ -150,7 +151,8 @@ class Result:
     checkpoint: the pruned checkpoint dict (weights, arch, args, `pruning` provenance);
     keep: group name -> kept channel indices; scores: group name -> scoring.GroupScores;
     spec: the resolved PruneSpec actually used; source: the Source;
-    evidence: the calibration Evidence of a data-driven criterion (None otherwise).
+    evidence: the calibration Evidence of a data-driven criterion (None otherwise);
+    latency: with a latency target, its measurement (latency.meet_target's report).
     """
     checkpoint: dict
     keep: dict
@@ -158,6 +160,7 @@ class Result:
     spec: PruneSpec
     source: Source
     evidence: Evidence | None = None
+    latency: dict | None = None
 
     @property
     def arch(self):
@@ -243,10 +246,7 @@ def prune(source, spec, *, evidence=None):
         scores = score_groups(src.sds[src.scored], src.groups, spec.criterion, aggregation=spec.aggregation,
                               raw_weights=spec.raw_weights, seed=spec.seed or 0,
                               evidence=evidence.tensors if evidence else None)
-        rules = spec.rules
-        needs_cost = rules.target_params is not None or rules.target_macs is not None
-        cost_model = CostModel(src.arch, src.groups, spec.input_size) if needs_cost else None
-        keep = plan_keep(src.groups, scores, rules, cost_model=cost_model)
+    keep, latency = _plan(src, spec, scores)
     options = spec.record()
     if evidence is not None:
         options["data_set"] = evidence.data_set  # the data the evidence came from, also a default one
@@ -254,6 +254,27 @@ def prune(source, spec, *, evidence=None):
                   "source": os.path.basename(src.label), "source_sha256": src.sha256,
                   "scored_weights": src.scored, "torch": str(torch.__version__)}
     pruned = prune_checkpoint(src.ckpt, src.sds, src.groups, keep, src.arch, provenance)
+    if latency is not None:
+        pruned["pruning"]["latency"] = latency
     if spec.compensate != "none":
         _compensate(src, spec, keep, pruned)
-    return Result(pruned, keep, scores, spec, src, evidence)
+    return Result(pruned, keep, scores, spec, src, evidence, latency)
+
+
+def _plan(src, spec, scores):
+    """(keep, latency report or None): the keep plan; with a latency target, planned against
+    this machine's latency model and checked by timing (outside one_thread: the runtime's
+    own thread count)."""
+    rules = spec.rules
+    needs_cost = rules.target_params is not None or rules.target_macs is not None
+    cost_model = CostModel(src.arch, src.groups, spec.input_size) if needs_cost else None
+    if not rules.latency_targeted:
+        with one_thread():
+            return plan_keep(src.groups, scores, rules, cost_model=cost_model), None
+    settings = LatencySettings(rules.latency_backend, rules.latency_batch, rules.latency_dtype)
+    model = LatencyModel(src.arch, src.groups, spec.input_size, settings).load_or_fit()
+
+    def plan(goal):
+        with one_thread():
+            return plan_keep(src.groups, scores, rules, cost_model=cost_model, latency=(model, goal))
+    return meet_target(plan, model, rules.target_latency, rules.target_speedup)

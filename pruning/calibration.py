@@ -12,7 +12,6 @@ pruning/scoring.py turns both into per-channel scores of each group.
 import torch
 import torch.nn as nn
 
-import datasets
 import models
 
 from .criteria import EVIDENCE
@@ -28,6 +27,7 @@ def calibration_batches(data_args, n_batches, batch_size, seed):
     Returns:
         (list of (images, labels), images used).
     """
+    import datasets  # here: pruning without calibration never loads torchvision
     dataset, _ = datasets.build_dataset(is_train=True, args=data_args, augment=False)
     gen = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(len(dataset), generator=gen)[:n_batches * batch_size].tolist()

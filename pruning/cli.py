@@ -12,11 +12,17 @@ Keep rules compose: --dims fixes the residual width of every stage, and each blo
 keeps its source ratio to it (4x stays 4x) unless --hidden_ratio (a share of the source width;
 1 keeps every MLP whole) or --mlp_ratio (a multiple of the new residual width) says otherwise;
 --group_ratio PATTERN=R prunes share R of every group whose name matches the glob (later
-patterns win, R = 0 leaves a group whole); --target_params / --target_macs / --ratio then rank
-all groups not fixed by those in one global ranking and drop the lowest-scored channels until
-every target is met. With --normalize none that ranking compares raw scores across layers:
-`--criterion slimming --ratio 0.7 --normalize none` is network slimming's global threshold.
-Every group keeps at least one channel (and one per multi-scale branch). Equal scores keep
+patterns win, R = 0 leaves a group whole); --target_params / --target_macs / --ratio /
+--target_latency / --target_speedup then rank all groups not fixed by those in one global
+ranking and drop the lowest-scored channels until every target is met. The latency targets
+are measured on this machine in --latency_backend at --latency_batch (a latency model fitted
+to real timings, cached per machine, plans the cut; the result is then timed for real, and
+re-planned until it is within 3% of the target; a miss of more than 5% is reported):
+
+    python pruning/prune.py --checkpoint IN.pth --output fast.pth --target_speedup 3 \
+        --latency_backend onnxruntime --latency_batch 16 --input_size 224
+
+With --normalize none that ranking compares raw scores across layers: --ratio 0.7 --normalize none` is network slimming's global threshold. Every group keeps at least one channel (and one per multi-scale branch). Equal scores keep
 the lower channel index; kept indices stay in their original order. The output loads with
 `python main.py --eval true --resume OUT.pth` (no --model needed).
 
@@ -33,15 +39,15 @@ checkpoint's training input size unless --input_size says otherwise.
 (pruning/cli.py: flags -> pruning.PruneSpec -> pruning.prune -> the printed table and files.)
 """
 import argparse
+import logging
 import os
+import sys
 
-import datasets
-import models
-from checkpoint import add_download_flag, check_source, is_remote, set_download_timeout
+from flags import DATA_SETS, add_download_flag, check_source, is_remote, set_download_timeout
 from errors import ArgumentParser, UserError, run_cli
 from files import check_output_file
+from runtime import BACKENDS
 
-from . import api
 from .criteria import BASE_AGGREGATION, CRITERIA, NORMALIZATIONS, REDUCTIONS, SCOPES, Aggregation
 from .spec import COMPENSATIONS, Calibration, KeepRules, PruneSpec
 
@@ -82,6 +88,16 @@ def get_args_parser():
     rules.add_argument("--target_params", type=_count, help="prune until params <= N (global ranking)")
     rules.add_argument("--target_macs", type=_count, help="prune until MACs at --input_size <= N")
     rules.add_argument("--ratio", type=float, help="prune this share of the channels of the ranked groups")
+    rules.add_argument("--target_latency", type=float, metavar="MS",
+                       help="prune until one batch runs in <= MS milliseconds on this machine "
+                       "(global ranking; measured, see --latency_backend)")
+    rules.add_argument("--target_speedup", type=float, metavar="X",
+                       help="prune until the model runs X times faster than the source on this machine")
+    rules.add_argument("--latency_backend", default="eager", choices=BACKENDS,
+                       help="the runtime latency is measured in")
+    rules.add_argument("--latency_batch", type=int, default=1, help="images per timed batch")
+    rules.add_argument("--latency_dtype", default="fp32", choices=("fp32", "bf16"),
+                       help="bf16: autocast (eager, compile)")
     rules.add_argument("--round_to", type=int, default=1,
                        help="widths chosen by --hidden_ratio, --mlp_ratio or a target round up "
                        "to a multiple of this")
@@ -109,7 +125,7 @@ def get_args_parser():
                        help=f"training batches the data-driven criteria measure (default {Calibration().batches})")
     calib.add_argument("--calib_batch_size", type=int, default=None,
                        help=f"images per calibration batch (default {Calibration().batch_size})")
-    calib.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+    calib.add_argument("--data_set", default=None, choices=DATA_SETS,
                        help="calibration data (default: the checkpoint's training data set)")
     calib.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
     p.add_argument("--input_size", type=int, default=None,
@@ -156,7 +172,10 @@ def spec_from_args(args):
                             data_set=args.data_set, data_path=args.data_path)
     rules = KeepRules(dims=args.dims, hidden_ratio=args.hidden_ratio, mlp_ratio=args.mlp_ratio,
                       group_ratio=args.group_ratio, target_params=args.target_params,
-                      target_macs=args.target_macs, ratio=args.ratio, round_to=args.round_to)
+                      target_macs=args.target_macs, ratio=args.ratio, round_to=args.round_to,
+                      target_latency=args.target_latency, target_speedup=args.target_speedup,
+                      latency_backend=args.latency_backend, latency_batch=args.latency_batch,
+                      latency_dtype=args.latency_dtype)
     return PruneSpec(criterion=args.criterion, rules=rules,
                      aggregation=Aggregation(scope=args.scope, normalize=args.normalize, reduce=args.reduce),
                      raw_weights=args.raw_weights, seed=args.seed, calibration=calib, use_ema=args.use_ema,
@@ -188,12 +207,32 @@ def check_args(args):
 
 def list_groups(arch, groups):
     """One line per channel group: the names --group_ratio matches."""
+    import models
     print(f"channel groups of {models.describe_arch(arch)}:")
     for g in groups:
         print(f"  {g.name:<24} {g.kind:<9} stage {g.stage}  width {g.width:>5}  cuts {len(g.slices)} tensor slices")
 
 
+def print_latency(r):
+    """Predicted against measured, and a warning when the measurement misses the target."""
+    from .latency import WARN_MISS
+    where = f"{r['backend']}, batch {r['batch']}, {r['dtype']}, {r['threads']} threads"
+    line = f"latency ({where}): predicted {r['predicted_ms']:.3g} ms, measured {r['measured_ms']:.3g} ms"
+    if r["target_speedup"] is not None:
+        line += (f"; source {r['source_ms']:.3g} ms: {r['speedup']:.2f}x faster (target {r['target_speedup']:g}x)")
+        gap = r["speedup"] / r["target_speedup"] - 1
+    else:
+        line += f" (target {r['target_ms']:g} ms)"
+        gap = r["target_ms"] / r["measured_ms"] - 1
+    print(line + f"; {r['attempts']} plan(s), latency model {r['cache']}")
+    if abs(gap) > WARN_MISS:
+        print(f"warning: the measurement is {abs(gap):.1%} {'faster' if gap > 0 else 'slower'} than the "
+              "target (more than 5%): the shapes reachable near it, or this machine's noise, do not allow closer")
+
+
 def run(args):
+    import models  # here, not above: --help and flag errors come before torch loads
+    from . import api
     spec = check_args(args)
     if args.list_groups:
         source = api.open_source(args.checkpoint, model=args.model, use_ema=args.use_ema)
@@ -209,6 +248,8 @@ def run(args):
     print(f"{result.spec.criterion.name} pruning of {args.checkpoint} ({models.describe_arch(result.source.arch)})")
     print(result.table())
     print(f"result: {models.describe_arch(result.arch)}")
+    if result.latency is not None:
+        print_latency(result.latency)
     if args.export_scores:
         result.export_scores(args.export_scores)
         print(f"scores written to {args.export_scores}")
@@ -222,5 +263,9 @@ def run(args):
 
 def main(argv=None):
     """The command line: exit status 0, or 2 with one `error:` line."""
+    progress = logging.getLogger("pruning.latency")
+    if not progress.handlers:
+        progress.addHandler(logging.StreamHandler(sys.stderr))
+        progress.setLevel(logging.INFO)
     return run_cli(lambda argv: run(get_args_parser().parse_args(argv)), argv)
 

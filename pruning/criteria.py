@@ -39,10 +39,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-import torch
-
 from errors import UserError
+
+# torch and numpy are imported in the functions that use them: the command lines list the
+# criteria in --help without loading either.
 
 # |u1[0]| below this (u1 is a unit vector) means filter 0 sits on the channel mean.
 ORIENT_TOL = 1e-9
@@ -56,6 +56,7 @@ def as_filters(weight):
     Args:
         weight: tensor of shape [F, C, kh, kw], [F, C, K] or [F, C].
     """
+    import torch
     w = torch.as_tensor(weight).detach().to("cpu", torch.float64)
     if w.dim() < 2:
         raise ValueError(f"a producer weight needs at least 2 dimensions, got shape {tuple(w.shape)}")
@@ -64,6 +65,7 @@ def as_filters(weight):
 
 def _finite(scores):
     """Scores of finite weights are finite; anything else means NaN / inf in the weight."""
+    import torch
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("weight holds NaN or infinite values")
     return scores
@@ -77,6 +79,7 @@ def _normalise_t(t, floor):
         floor: ZERO_TOL x sum_c (||A_c - mu_c||_F + sqrt(F) ||mu_c||), an upper bound of
             ZERO_TOL x sum_c ||A_c||_F computed from what the criterion already has.
     """
+    import torch
     _finite(t)
     peak = float(t.abs().max())
     if peak <= floor or peak == 0.0:
@@ -86,6 +89,7 @@ def _normalise_t(t, floor):
 
 def _floor(centred_norms, mu, n_filters):
     """Rounding-noise floor from per-channel norms of the centred weights and of the means."""
+    import torch
     mean_norms = torch.linalg.vector_norm(mu.reshape(mu.shape[-2], -1), dim=1)
     return ZERO_TOL * float(centred_norms.sum() + math.sqrt(n_filters) * mean_norms.sum())
 
@@ -100,6 +104,7 @@ def orientation(u0, u1_of):
     Returns:
         [C] float64 signs (+1 for a channel whose filters are all equal).
     """
+    import torch
     sign = torch.where(u0 < 0, -1.0, 1.0).to(u0.dtype)
     on_mean = u0.abs() < ORIENT_TOL
     if bool(on_mean.any()):
@@ -119,6 +124,7 @@ def opnorm(weight):
     Returns:
         [F] float64 scores in [0, 1].
     """
+    import torch
     w = as_filters(weight)
     mu = w.mean(dim=0, keepdim=True)            # [1, C, K] channel means over the filters
     x = w - mu                                  # centred, [F, C, K]
@@ -155,6 +161,7 @@ def opnorm_abs(weight):
     Returns:
         [F] float64 scores in [0, 1].
     """
+    import torch
     w = as_filters(weight)
     mu = w.mean(dim=0, keepdim=True)
     x = w - mu
@@ -178,6 +185,8 @@ def opnorm_loop(weight):
     Returns:
         [F] float64 scores in [0, 1].
     """
+    import torch
+    import numpy as np
     w = as_filters(weight)
     a = w.numpy()
     n_filters, n_channels, _ = a.shape
@@ -215,6 +224,7 @@ def l2(weight):
     Args:
         weight: producer weight [F, ...].
     """
+    import torch
     w = as_filters(weight)
     return _finite(torch.linalg.vector_norm(w, dim=(1, 2)))
 
@@ -225,6 +235,7 @@ def fpgm(weight):
     Args:
         weight: producer weight [F, ...].
     """
+    import torch
     w = as_filters(weight)
     flat = w.reshape(w.shape[0], -1)
     return _finite(torch.cdist(flat, flat).sum(dim=1))
@@ -237,6 +248,7 @@ def random(weight, seed=0):
         weight: producer weight [F, ...] or scale factors [F]; only F is used.
         seed: generator seed; the same seed and F give the same scores.
     """
+    import torch
     gen = torch.Generator().manual_seed(int(seed))
     return torch.rand(int(weight.shape[0]), generator=gen, dtype=torch.float64)
 
@@ -250,6 +262,7 @@ def slimming(weight):
     Args:
         weight: 1-D tensor of per-channel scale factors.
     """
+    import torch
     w = torch.as_tensor(weight).detach().to("cpu", torch.float64)
     if w.dim() != 1:
         raise ValueError(f"slimming scores 1-D scale factors, got shape {tuple(w.shape)}")
@@ -275,6 +288,7 @@ def activation(mean_abs):
     Args:
         mean_abs: [F] per-channel mean |input| measured on calibration batches.
     """
+    import torch
     return _finite(torch.as_tensor(mean_abs).detach().to("cpu", torch.float64).reshape(-1))
 
 

@@ -15,15 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-import datasets  # noqa: E402
-from checkpoint import add_download_flag, check_source, load_checkpoint_file, set_download_timeout  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from flags import DATA_SETS, add_download_flag, check_source, set_download_timeout  # noqa: E402
+from errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
 from files import atomic_open, check_output_file  # noqa: E402
 
-from pruning import api, diagnosis  # noqa: E402
 from pruning.spec import Calibration  # noqa: E402
-
-COLUMNS = ("energy", "peak", "top", "sel_shift", "sel_var", "shift", "var", "cos_in", "cos_out")
 
 
 def get_args_parser():
@@ -32,7 +28,7 @@ def get_args_parser():
     p.add_argument("--pruned", nargs="+", required=True, help="checkpoints pruned from it (prune.py outputs)")
     p.add_argument("--calib_batches", type=int, default=8, help="training batches to measure on")
     p.add_argument("--calib_batch_size", type=int, default=32)
-    p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+    p.add_argument("--data_set", default=None, choices=DATA_SETS,
                    help="the images (default: the checkpoint's training data set)")
     p.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
     p.add_argument("--input_size", type=int, default=None, help="image side (default: the training size)")
@@ -42,6 +38,16 @@ def get_args_parser():
     p.add_argument("--overwrite", action="store_true", help="replace those files")
     add_download_flag(p)
     return p
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
+
+from checkpoint import load_checkpoint_file  # noqa: E402
+from pruning import api, diagnosis  # noqa: E402
+
+
+COLUMNS = ("energy", "peak", "top", "sel_shift", "sel_var", "shift", "var", "cos_in", "cos_out")
 
 
 def check_args(args):

@@ -15,11 +15,22 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from errors import UserError
+from errors import ArgumentParser, UserError
+from flags import add_download_flag
 
 LAUNCHERS = ("local", "slurm")
 SLURM_DEFAULTS = {"slurm_partition": None, "slurm_time": 60, "gpus_per_cell": 1, "max_parallel": 8, "retries": 1}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def study_parser(name, doc):
+    """The flags every study takes (--checkpoint, --output_dir) in a parser of its own
+    (importable without torch: the studies' --help)."""
+    p = ArgumentParser(name, description=doc)
+    p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
+    p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
+    add_download_flag(p)
+    return p
 
 
 def add_flags(parser):

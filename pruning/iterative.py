@@ -22,15 +22,13 @@ from types import SimpleNamespace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import datasets  # noqa: E402
-import models  # noqa: E402
-from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
-from errors import UserError, run_cli  # noqa: E402
-from pruning import api, dispatch, study  # noqa: E402
+from flags import DATA_SETS  # noqa: E402
+from errors import UserError, parse_first, run_cli  # noqa: E402
+from pruning import dispatch  # noqa: E402
 
 
 def get_args_parser():
-    p = study.parser("iterative", __doc__)
+    p = dispatch.study_parser("iterative", __doc__)
     p.add_argument("--rounds", type=int, default=3, help="prune -> fine-tune rounds")
     p.add_argument("--prune", required=True,
                    help="prune.py flags of every round, one quoted string (e.g. \"--criterion l1 --ratio 0.2\")")
@@ -40,10 +38,18 @@ def get_args_parser():
                    help="final round: this many epochs distilled from the ensemble of snapshots (0: none)")
     p.add_argument("--kd_alpha", type=float, default=1.0, help="weight of the distillation term (1: pure)")
     p.add_argument("--kd_temperature", type=float, default=5.0, help="distillation temperature")
-    p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS, help="default: the checkpoint's")
+    p.add_argument("--data_set", default=None, choices=DATA_SETS, help="default: the checkpoint's")
     p.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
     dispatch.add_flags(p)
     return p
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
+
+import models  # noqa: E402
+from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
+from pruning import api, study  # noqa: E402
 
 
 def check_args(args):

@@ -173,7 +173,7 @@ def _need_scores(group, scores):
     return scores[group.name].score
 
 
-def plan_keep(groups, scores, rules, *, cost_model=None):
+def plan_keep(groups, scores, rules, *, cost_model=None, latency=None):
     """Kept channel indices per group from the composable keep rules.
 
     Groups fixed by dims / hidden_ratio / mlp_ratio / group_ratio keep their best channels;
@@ -187,6 +187,8 @@ def plan_keep(groups, scores, rules, *, cost_model=None):
         scores: dict group name -> GroupScores or None (from score_groups).
         rules: spec.KeepRules.
         cost_model: costs.CostModel, needed for params / MACs targets.
+        latency: (latency.LatencyModel, goal in predicted ms) for a latency target: the same
+            worst-first order, until the predicted latency meets the goal too.
     Returns:
         dict group name -> sorted int64 tensor of kept indices (every group).
     """
@@ -205,12 +207,14 @@ def plan_keep(groups, scores, rules, *, cost_model=None):
         if not free:
             raise UserError("--dims and --hidden_ratio / --mlp_ratio already fix every group: "
                             "nothing is left for --target_params / --target_macs / --ratio")
-        keep.update(_global_keep(free, scores, keep, rules, cost_model))
+        keep.update(_global_keep(free, scores, keep, rules, cost_model, latency))
     return keep
 
 
-def _global_keep(free, scores, keep, rules, cost_model):
+def _global_keep(free, scores, keep, rules, cost_model, latency):
     """Binary search on how many channels to drop from the global worst-first order."""
+    if rules.latency_targeted and latency is None:
+        raise ValueError("a latency target needs a latency model and goal")
     orders = [ranking(_need_scores(g, scores)) for g in free]
     entries = []  # (score, -rank, group position): ascending = removed first
     for gi, (g, order) in enumerate(zip(free, orders)):
@@ -232,6 +236,8 @@ def _global_keep(free, scores, keep, rules, cost_model):
         if rules.ratio is not None:
             if sum(v.numel() for v in cand.values()) > (1 - rules.ratio) * total + 1e-9:
                 return False
+        if latency is not None and latency[0].predict({**keep, **cand}) > latency[1]:
+            return False
         if rules.target_params is None and rules.target_macs is None:
             return True
         params, macs = cost_model({**keep, **cand})
@@ -243,7 +249,7 @@ def _global_keep(free, scores, keep, rules, cost_model):
         return candidate(lo)
     smallest = candidate(hi)
     if not meets(smallest):
-        raise UserError(_unmet_message(rules, smallest, keep, total, cost_model))
+        raise UserError(_unmet_message(rules, smallest, keep, total, cost_model, latency))
     while hi - lo > 1:  # invariant: candidate(lo) misses a target, candidate(hi) meets all
         mid = (lo + hi) // 2
         if meets(candidate(mid)):
@@ -253,8 +259,11 @@ def _global_keep(free, scores, keep, rules, cost_model):
     return candidate(hi)
 
 
-def _unmet_message(rules, smallest, keep, total, cost_model):
+def _unmet_message(rules, smallest, keep, total, cost_model, latency):
     parts = []
+    if latency is not None:
+        parts.append(f"the smallest reachable shape is predicted at {latency[0].predict({**keep, **smallest}):.3g} ms "
+                     f"(goal {latency[1]:.3g} ms)")
     if rules.target_params is not None or rules.target_macs is not None:
         params, macs = cost_model({**keep, **smallest})
         parts.append(f"the smallest reachable shape has {params:,} params and {macs:,} MACs")

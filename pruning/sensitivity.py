@@ -24,14 +24,13 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
-import datasets  # noqa: E402
-import models  # noqa: E402
-from errors import UserError, run_cli  # noqa: E402
-from pruning import dispatch, study  # noqa: E402
+from flags import DATA_SETS  # noqa: E402
+from errors import UserError, parse_first, run_cli  # noqa: E402
+from pruning import dispatch  # noqa: E402
 
 
 def get_args_parser():
-    p = study.parser("sensitivity", __doc__)
+    p = dispatch.study_parser("sensitivity", __doc__)
     p.add_argument("--criterion", default="l1", help="NAME or NAME:flag=value,... (see compare_criteria.py)")
     p.add_argument("--sets", nargs="+", default=None,
                    help="glob patterns over group names, one set each (default: every group)")
@@ -40,12 +39,19 @@ def get_args_parser():
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (used by seeded criteria)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="print the --group_ratio arguments keeping each set within this many points")
-    p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+    p.add_argument("--data_set", default=None, choices=DATA_SETS,
                    help="evaluation data (default: the checkpoint's)")
     p.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
     p.add_argument("--eval_subset", type=int, default=None, help="evaluate on this many images (fixed)")
     dispatch.add_flags(p)
     return p
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
+
+import models  # noqa: E402
+from pruning import study  # noqa: E402
 
 
 def check_args(args):

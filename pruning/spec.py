@@ -9,6 +9,7 @@ checkpoint stores as `pruning.options`: the settings actually used.
 from dataclasses import asdict, dataclass, field, replace
 
 from errors import UserError
+from runtime import BACKENDS
 
 from .criteria import Aggregation, Criterion, get_criterion
 
@@ -36,6 +37,10 @@ class KeepRules:
     target_params / target_macs / ratio: global ranking of the groups left free until params
         <= N, MACs <= N, or this share of their channels is gone.
     round_to: widths chosen by a ratio or a target round up to a multiple of this.
+    target_latency / target_speedup: global ranking until one batch runs in <= this many ms,
+        or this many times faster than the source, measured on
+        this machine (pruning/latency.py) in latency_backend (runtime.BACKENDS) at
+        latency_batch images in latency_dtype (fp32, or bf16 autocast in eager / compile).
     """
     dims: tuple | None = None
     hidden_ratio: tuple | None = None
@@ -45,6 +50,11 @@ class KeepRules:
     target_macs: int | None = None
     ratio: float | None = None
     round_to: int = 1
+    target_latency: float | None = None
+    target_speedup: float | None = None
+    latency_backend: str = "eager"
+    latency_batch: int = 1
+    latency_dtype: str = "fp32"
 
     def __post_init__(self):
         for name in ("dims", "hidden_ratio", "mlp_ratio"):
@@ -73,11 +83,37 @@ class KeepRules:
         for pattern, share in self.group_ratio or ():
             if not 0 <= share < 1:
                 raise UserError(f"--group_ratio {pattern}={share:g}: the share must be in [0, 1)")
+        self._check_latency()
+
+    def _check_latency(self):
+        if self.target_latency is not None and self.target_speedup is not None:
+            raise UserError("give --target_latency or --target_speedup, not both")
+        if self.target_latency is not None and not self.target_latency > 0:
+            raise UserError(f"--target_latency must be > 0 ms, got {self.target_latency}")
+        if self.target_speedup is not None and not self.target_speedup > 1:
+            raise UserError(f"--target_speedup must be > 1 (times faster than the source), got {self.target_speedup}")
+        given = [f"--{k}" for k, default in (("latency_backend", "eager"), ("latency_batch", 1),
+                                              ("latency_dtype", "fp32")) if getattr(self, k) != default]
+        if given and not self.latency_targeted:
+            raise UserError(f"{', '.join(given)} apply to --target_latency / --target_speedup")
+        if self.latency_backend not in BACKENDS:
+            raise UserError(f"--latency_backend {self.latency_backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.latency_batch < 1:
+            raise UserError(f"--latency_batch must be >= 1, got {self.latency_batch}")
+        if self.latency_dtype not in ("fp32", "bf16"):
+            raise UserError(f"--latency_dtype {self.latency_dtype!r}: choose fp32 or bf16")
+        if self.latency_dtype == "bf16" and self.latency_backend not in ("eager", "compile"):
+            raise UserError(f"--latency_dtype bf16 runs in eager or compile, not {self.latency_backend} "
+                            "(onnxruntime-int8 is the quantized runtime)")
+
+    @property
+    def latency_targeted(self):
+        return self.target_latency is not None or self.target_speedup is not None
 
     @property
     def targeted(self):
         """Whether a global target ranks the free groups."""
-        return any(v is not None for v in (self.target_params, self.target_macs, self.ratio))
+        return self.latency_targeted or any(v is not None for v in (self.target_params, self.target_macs, self.ratio))
 
     def any(self):
         return self.targeted or any(v is not None for v in (self.dims, self.hidden_ratio, self.mlp_ratio,
@@ -156,8 +192,8 @@ class PruneSpec:
                 raise UserError(f"{_flag(option)} does not apply to criterion {crit.name}: {_why(crit, option)}")
         if not self.rules.any():
             raise UserError("no keep rule: give --dims, --hidden_ratio, --mlp_ratio, --group_ratio, "
-                            "--target_params, --target_macs or --ratio (without one the output "
-                            "equals the input)")
+                            "--target_params, --target_macs, --ratio, --target_latency or "
+                            "--target_speedup (without one the output equals the input)")
         return replace(self, criterion=crit, aggregation=self.aggregation.filled(crit.aggregation),
                        seed=(self.seed or 0) if "seed" in applies else None,
                        calibration=(self.calibration or Calibration()) if "calibration" in applies else None)

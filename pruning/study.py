@@ -25,8 +25,8 @@ import torch
 import datasets
 import models
 from engine import evaluate
-from checkpoint import add_download_flag, check_source, set_download_timeout
-from errors import ArgumentParser, UserError, first_line
+from flags import check_source, set_download_timeout
+from errors import UserError, first_line
 from files import LOCK_NAME, atomic_open, drop_lock, hold_lock
 
 from . import api, cli
@@ -34,15 +34,6 @@ from .calibration import stacked_batches
 from .criteria import get_criterion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def parser(name, doc):
-    """The flags every study takes (--checkpoint, --output_dir) in a parser of its own."""
-    p = ArgumentParser(name, description=doc)
-    p.add_argument("--checkpoint", required=True, help="the trained source checkpoint")
-    p.add_argument("--output_dir", required=True, help="study folder (created; reused to resume)")
-    add_download_flag(p)
-    return p
 
 
 def check_common(args):

@@ -18,17 +18,40 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(SCRIPTS))
 sys.path.insert(0, SCRIPTS)  # reuse benchmark.py's model specs and settings checks
 
+
+from runtime import AMP, Settings, check_settings  # noqa: E402
+from errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
+
+
+def get_args_parser():
+    p = ArgumentParser("engine vs bare loop", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="convnext_tiny",
+                   help="registered name, timm_convnext:<name> or a checkpoint path")
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="batches per round")
+    p.add_argument("--rounds", type=int, default=5, help="bare/engine pairs timed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--amp", default="none", choices=AMP, help="autocast dtype")
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--model_ema", action="store_true", help="update an EMA model in both loops")
+    p.add_argument("--print_freq", type=int, default=10, help="engine log interval (iterations)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
+
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-
 import engine  # noqa: E402
 import optim_factory  # noqa: E402
 import utils  # noqa: E402
 from benchmark import build  # noqa: E402
 from runners import AMP_DTYPES, backward_step  # noqa: E402
-from runtime import Settings, check_settings  # noqa: E402
 from models.complexity import forward_cost, in_chans_of  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+
 
 logger = logging.getLogger("bench_engine")
 TARGET = 0.90
@@ -139,23 +162,6 @@ def run(args):
           f"engine median {statistics.median(rates['engine']):.2f} img/s; "
           f"target >= {TARGET:.2f}: {'met' if median >= TARGET else 'NOT met'}")
     return {"ratios": ratios, "ratio_median": median, **{f"{k}_img_s": v for k, v in rates.items()}}
-
-
-def get_args_parser():
-    p = ArgumentParser("engine vs bare loop", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="convnext_tiny",
-                   help="registered name, timm_convnext:<name> or a checkpoint path")
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10, help="batches per round")
-    p.add_argument("--rounds", type=int, default=5, help="bare/engine pairs timed")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype")
-    p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--model_ema", action="store_true", help="update an EMA model in both loops")
-    p.add_argument("--print_freq", type=int, default=10, help="engine log interval (iterations)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    return p
 
 
 def main(argv=None):

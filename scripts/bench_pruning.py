@@ -19,17 +19,8 @@ import dataclasses  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-import torch  # noqa: E402
 
-import models  # noqa: E402
-from pruning import criteria  # noqa: E402
-from pruning.plan import plan_keep  # noqa: E402
-from pruning.scoring import score_groups  # noqa: E402
-from pruning.spec import KeepRules  # noqa: E402
-from pruning.surgery import prune_state_dict  # noqa: E402
-from errors import ArgumentParser, run_cli  # noqa: E402
-
-LOOP = "opnorm_loop"
+from errors import ArgumentParser, parse_first, run_cli  # noqa: E402
 
 
 def get_args_parser():
@@ -44,6 +35,21 @@ def get_args_parser():
                    help="torch threads (1, as prune_convnext.py runs; the loop form is single-threaded)")
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
+
+import torch  # noqa: E402
+import models  # noqa: E402
+from pruning import criteria  # noqa: E402
+from pruning.plan import plan_keep  # noqa: E402
+from pruning.scoring import score_groups  # noqa: E402
+from pruning.spec import KeepRules  # noqa: E402
+from pruning.surgery import prune_state_dict  # noqa: E402
+
+
+LOOP = "opnorm_loop"
 
 
 def prune(sd, groups, criterion, dims):

@@ -25,24 +25,12 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-import models  # noqa: E402
-from models.complexity import count_params, forward_cost  # noqa: E402
-import utils  # noqa: E402
-from runners import make_runner  # noqa: E402
 from runtime import AMP, BACKENDS, ORT_BACKENDS, Settings, check_settings, percentile  # noqa: E402
-from checkpoint import add_download_flag, load_held_model, set_download_timeout  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from flags import add_download_flag, set_download_timeout, str2bool  # noqa: E402
+from errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
 from files import atomic_open, atomic_path, check_output_file  # noqa: E402
 
-logger = logging.getLogger("benchmark")
-
 MODES = ("eval", "latency", "train")
-JSON_FIELDS = ("model", "backend", "params", "macs", "input_size", "batch_size", "device", "amp",
-               "channels_last", "compile", "threads", "eval_img_s", "eval_ms_median",
-               "latency_ms_median", "latency_ms_p90", "train_img_s", "train_ms_median",
-               "torch", "timm")
 
 
 def _parse_amp(text):
@@ -64,8 +52,59 @@ def _parse_backend(text):
     return text
 
 
-SETTING_PARSERS = {"channels_last": utils.str2bool, "amp": _parse_amp, "compile": utils.str2bool,
+SETTING_PARSERS = {"channels_last": str2bool, "amp": _parse_amp, "compile": str2bool,
                    "batch_size": _parse_positive, "threads": _parse_positive, "backend": _parse_backend}
+
+
+def get_args_parser():
+    p = ArgumentParser("ConvNeXt benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", help="registered names, timm_convnext:<name> or checkpoints")
+    p.add_argument("--vs", nargs="+", metavar="MODEL",
+                   help="A B: time two models alternately; one model needs --vs_settings")
+    p.add_argument("--vs_settings", nargs=2, metavar=("SETTINGS_A", "SETTINGS_B"),
+                   help='per-side overrides, e.g. "channels_last=0" "channels_last=1,amp=bf16"; '
+                        f"keys: {', '.join(SETTING_PARSERS)}")
+    p.add_argument("--vs_mode", default="eval", choices=MODES, help="what --vs times")
+    p.add_argument("--rounds", type=int, default=10, help="A B rounds of --vs")
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=32, help="batch of eval and train steps")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--amp", default="none", choices=AMP, help="autocast dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (= --backend compile)")
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
+                   help="runtimes to time, each model in each (default: eager); onnxruntime exports "
+                        "the model first, onnxruntime-int8 also quantizes it (calibrated on random "
+                        "images: speed only; neither has a train step)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--iters", type=int, default=10, help="timed steps (at least)")
+    p.add_argument("--min_time", type=float, default=0., help="time steps for at least this many s")
+    p.add_argument("--skip", default="", help=f"comma list of {', '.join(MODES)} to skip")
+    p.add_argument("--json", help="write results as JSON lines (one per model)")
+    p.add_argument("--plot", help="PNG of throughput against MACs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
+    add_download_flag(p)
+    return p
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
+
+import torch  # noqa: E402
+
+import models  # noqa: E402
+from models.complexity import count_params, forward_cost  # noqa: E402
+from runners import make_runner  # noqa: E402
+from checkpoint import load_held_model  # noqa: E402
+
+
+logger = logging.getLogger("benchmark")
+
+JSON_FIELDS = ("model", "backend", "params", "macs", "input_size", "batch_size", "device", "amp",
+               "channels_last", "compile", "threads", "eval_img_s", "eval_ms_median",
+               "latency_ms_median", "latency_ms_p90", "train_img_s", "train_ms_median",
+               "torch", "timm")
 
 
 def parse_settings(text, base):
@@ -264,38 +303,6 @@ def run_vs(args, settings):
 
 
 # --- command line -------------------------------------------------------------------------
-
-def get_args_parser():
-    p = ArgumentParser("ConvNeXt benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", help="registered names, timm_convnext:<name> or checkpoints")
-    p.add_argument("--vs", nargs="+", metavar="MODEL",
-                   help="A B: time two models alternately; one model needs --vs_settings")
-    p.add_argument("--vs_settings", nargs=2, metavar=("SETTINGS_A", "SETTINGS_B"),
-                   help='per-side overrides, e.g. "channels_last=0" "channels_last=1,amp=bf16"; '
-                        f"keys: {', '.join(SETTING_PARSERS)}")
-    p.add_argument("--vs_mode", default="eval", choices=MODES, help="what --vs times")
-    p.add_argument("--rounds", type=int, default=10, help="A B rounds of --vs")
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--batch_size", type=int, default=32, help="batch of eval and train steps")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--amp", default="none", choices=AMP, help="autocast dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (= --backend compile)")
-    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
-                   help="runtimes to time, each model in each (default: eager); onnxruntime exports "
-                        "the model first, onnxruntime-int8 also quantizes it (calibrated on random "
-                        "images: speed only; neither has a train step)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
-    p.add_argument("--iters", type=int, default=10, help="timed steps (at least)")
-    p.add_argument("--min_time", type=float, default=0., help="time steps for at least this many s")
-    p.add_argument("--skip", default="", help=f"comma list of {', '.join(MODES)} to skip")
-    p.add_argument("--json", help="write results as JSON lines (one per model)")
-    p.add_argument("--plot", help="PNG of throughput against MACs")
-    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
-    add_download_flag(p)
-    return p
-
 
 def check_args(args):
     """Every bad flag combination is one clear line, before any timing starts."""

@@ -32,24 +32,22 @@ from types import SimpleNamespace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import datasets  # noqa: E402
-import models  # noqa: E402
-from checkpoint import save_checkpoint_file  # noqa: E402
-from errors import UserError, run_cli  # noqa: E402
-import torch  # noqa: E402
+from flags import DATA_SETS  # noqa: E402
+from errors import UserError, parse_first, run_cli  # noqa: E402
 
-from pruning import dispatch, stats, study  # noqa: E402
+from pruning import dispatch  # noqa: E402
+
 
 CONTROLS = ("scratch_e", "scratch_b")
 
 
 def get_args_parser():
-    p = study.parser("compare_criteria", __doc__)
+    p = dispatch.study_parser("compare_criteria", __doc__)
     p.add_argument("--criteria", nargs="+", default=["opnorm", "l1", "l2", "fpgm", "random"],
                    help="criteria, each NAME or NAME:flag=value,...")
     p.add_argument("--budgets", nargs="+", default=["13M", "3M"], help="named shapes or KIND=VALUE")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds of the seeded cells")
-    p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+    p.add_argument("--data_set", default=None, choices=DATA_SETS,
                    help="evaluation (and calibration) data (default: the checkpoint's)")
     p.add_argument("--data_path", default=None, help="its folder (default: the checkpoint's)")
     p.add_argument("--eval_subset", type=int, default=None,
@@ -65,6 +63,15 @@ def get_args_parser():
     p.add_argument("--x", default="params", choices=["params", "macs"], help="the plot's x axis")
     dispatch.add_flags(p)
     return p
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
+
+import models  # noqa: E402
+from checkpoint import save_checkpoint_file  # noqa: E402
+import torch  # noqa: E402
+from pruning import stats, study  # noqa: E402
 
 
 def budget_argv(spec, arch, input_size):

@@ -6,7 +6,6 @@ pruning/prune.py) as a user would and streams their progress. Each run writes in
 time-stamped folder under --output_dir, so no earlier result is ever replaced.
 About 4 minutes on 2 CPU cores.
 """
-import argparse
 import os
 import re
 import subprocess
@@ -14,6 +13,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 
 INPUT_SIZE = 32
@@ -55,15 +57,15 @@ def train(out_dir, epochs, lr, source):
     return os.path.join(out_dir, f"checkpoint-{epochs - 1}.pth"), last_accuracy(log)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv=None):
+    parser = ArgumentParser("demo", description=__doc__)
     parser.add_argument("--epochs", type=int, default=5, help="training epochs of the dense model")
     parser.add_argument("--finetune_epochs", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the random criterion")
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "demo_output"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.epochs, args.finetune_epochs, args.seeds) < 1:
-        parser.error("--epochs, --finetune_epochs and --seeds must be >= 1")
+        raise UserError("--epochs, --finetune_epochs and --seeds must be >= 1")
     start = time.time()
     out = os.path.join(args.output_dir, time.strftime("%Y%m%d-%H%M%S"))
     print(f"[1/4] training ConvNeXt-T (convnext_tiny_unpruned_cifar10) on DIGITS at {INPUT_SIZE} px, "
@@ -93,4 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -40,19 +40,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tempfile  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-import datasets  # noqa: E402
-import models  # noqa: E402
-import hub  # noqa: E402
-from checkpoint import add_download_flag, load_held_model, local_copy, onnx_graph_sha256, set_download_timeout  # noqa: E402
-from engine import evaluate  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from flags import DATA_SETS, add_download_flag, set_download_timeout  # noqa: E402
+from errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
 from files import atomic_path, check_output_file, sha256_file  # noqa: E402
-from pruning.calibration import calibration_batches  # noqa: E402
-from runners import OPSET, export_onnx  # noqa: E402
 from runtime import onnx_modules, ort_session, quantize_int8  # noqa: E402
+
 
 QUANTIZE = ("none", "int8")
 
@@ -72,7 +65,7 @@ def get_args_parser():
                    help="export the inference form: norm affines folded into the next layer "
                         "(LayerNorm) or the previous conv (BatchNorm), checked against the "
                         "unfolded model to 1e-5 of the largest |logit| first")
-    p.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+    p.add_argument("--data_set", default=None, choices=DATA_SETS,
                    help="real images for the parity check (default: random images)")
     p.add_argument("--data_path", default=None, help="data set folder for --data_set")
     p.add_argument("--eval_data_path", default=None, help="evaluation folder for --data_set")
@@ -95,6 +88,20 @@ def get_args_parser():
     q.add_argument("--seed", type=int, default=0, help="which training images calibrate")
     add_download_flag(p)
     return p
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import datasets  # noqa: E402
+import models  # noqa: E402
+import hub  # noqa: E402
+from checkpoint import load_held_model, local_copy, onnx_graph_sha256  # noqa: E402
+from engine import evaluate  # noqa: E402
+from pruning.calibration import calibration_batches  # noqa: E402
+from runners import OPSET, export_onnx  # noqa: E402
 
 
 def check_args(args):

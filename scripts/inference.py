@@ -15,17 +15,11 @@ import logging
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import datasets  # noqa: E402  (after the repo root is on the path)
-import models  # noqa: E402
-from checkpoint import Held, add_download_flag, load_held_model, onnx_graph_sha256, set_download_timeout  # noqa: E402
-from errors import ArgumentParser, UserError, first_line, run_cli  # noqa: E402
 
-logger = logging.getLogger("inference")
-TOP_K = 5
+from flags import DATA_SETS, add_download_flag, set_download_timeout  # noqa: E402
+from errors import ArgumentParser, UserError, first_line, parse_first, run_cli  # noqa: E402
 
 
 def get_args_parser():
@@ -38,7 +32,7 @@ def get_args_parser():
                         help="image size; default: the checkpoint's training input_size, else 224")
     names = parser.add_mutually_exclusive_group()
     names.add_argument("--class_names", default=None, help="text file, one class name per line")
-    names.add_argument("--data_set", default=None, choices=datasets.DATA_SETS,
+    names.add_argument("--data_set", default=None, choices=DATA_SETS,
                        help="take the class names from this data set (with --data_path)")
     parser.add_argument("--data_path", default=None, help="data set folder for --data_set")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -46,6 +40,19 @@ def get_args_parser():
                         help="run the inference form (norm affines folded into the next layer)")
     add_download_flag(parser)
     return parser
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
+
+import torch  # noqa: E402
+import datasets  # noqa: E402
+import models  # noqa: E402
+from checkpoint import Held, load_held_model, onnx_graph_sha256  # noqa: E402
+
+
+logger = logging.getLogger("inference")
+TOP_K = 5
 
 
 def read_class_names(args, held, num_classes):

@@ -1,9 +1,21 @@
 """Print the README's model zoo table: every registered model, params and MACs (FlopCounterMode)."""
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
+
+
+def get_args_parser():
+    p = ArgumentParser("model_zoo", description=__doc__)
+    p.add_argument("--input_sizes", type=int, nargs="+", default=[224, 32],
+                   help="image sides to count MACs at (CIFAR networks are meant for 32 px)")
+    return p
+
+
+if __name__ == "__main__":
+    parse_first(get_args_parser)  # --help and flag errors before torch loads
 
 import torch  # noqa: E402
 
@@ -11,11 +23,10 @@ import models  # noqa: E402
 from models.complexity import count_macs, count_params  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--input_sizes", type=int, nargs="+", default=[224, 32],
-                        help="image sides to count MACs at (CIFAR networks are meant for 32 px)")
-    args = parser.parse_args()
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if min(args.input_sizes) < 1:
+        raise UserError("--input_sizes must be >= 1")
     sizes = " | ".join(f"MACs @ {s} px" for s in args.input_sizes)
     print(f"| model | shape | classes | params | {sizes} |")
     print("|---|---|---:|---:|" + "---:|" * len(args.input_sizes))
@@ -33,4 +44,4 @@ def _giga(macs):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -15,10 +15,11 @@ from errors import UserError  # noqa: E402
 # ----------------------------------------------------------------------------- small helpers
 
 def test_str2bool():
-    assert utils.str2bool("true") and utils.str2bool("Y") and utils.str2bool("1")
-    assert not utils.str2bool("false") and not utils.str2bool("0") and not utils.str2bool("No")
+    from flags import str2bool
+    assert str2bool("true") and str2bool("Y") and str2bool("1")
+    assert not str2bool("false") and not str2bool("0") and not str2bool("No")
     with pytest.raises(argparse.ArgumentTypeError):
-        utils.str2bool("maybe")
+        str2bool("maybe")
 
 
 def test_cosine_scheduler_warmup_and_ends():

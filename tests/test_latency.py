@@ -1,0 +1,112 @@
+"""The latency keep rule (pruning/latency.py): the model against real timings, a speed-up target
+met on a small ConvNeXt, the per-machine cache, composition with the other rules, bad input.
+Timings are real (eager, this machine); the tolerances below allow a busy 2-core machine."""
+import json
+import os
+
+import pytest
+import torch
+
+import models
+from checkpoint import load_checkpoint_file, save_checkpoint_file
+from errors import UserError
+from pruning import KeepRules, PruneSpec, open_source, prune
+from pruning.cli import main as prune_main
+from pruning.latency import VARIANTS, LatencyModel, LatencySettings, time_shapes
+from pruning.plan import select
+
+ARCH = {"family": "convnext", "depths": [1, 1, 2, 1], "dims": [32, 64, 96, 128], "num_classes": 10}
+SIZE, BATCH = 96, 8  # big enough that compute, not per-op overhead, sets the time
+SPEEDUP_TOLERANCE = 0.2  # the test's own: 4x the rule's re-plan tolerance, for a shared CI machine
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    before = os.environ.get("EFFICIENT_CONVNEXT_CACHE")
+    os.environ["EFFICIENT_CONVNEXT_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["EFFICIENT_CONVNEXT_CACHE"]
+    else:
+        os.environ["EFFICIENT_CONVNEXT_CACHE"] = before
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    torch.manual_seed(0)
+    model = models.build_model(ARCH, layer_scale_init_value=0.5)
+    path = tmp_path_factory.mktemp("src") / "src.pth"
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
+                          "args": {"input_size": SIZE, "data_set": "DIGITS"}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(src, cache):
+    source = open_source(str(src))
+    return LatencyModel(source.arch, source.groups, SIZE, LatencySettings(batch=BATCH)).load_or_fit()
+
+
+def uniform(model, share):
+    return {g.name: select(g, torch.arange(g.width), max(1, round(share * g.width))) for g in model.groups}
+
+
+def test_prediction_orders_shapes_as_their_real_timings(fitted, cache):
+    keeps = [uniform(fitted, s) for s in (1.0, 0.5, 0.2)]
+    measured = time_shapes([fitted.arch_of(k) for k in keeps], SIZE, fitted.settings)
+    predicted = [fitted.predict(k) for k in keeps]
+    assert measured == sorted(measured, reverse=True) and predicted == sorted(predicted, reverse=True)
+    assert fitted.predict({}) == pytest.approx(fitted.features({}) @ fitted.rates)
+    cached = json.loads(open(fitted.cache_path).read())
+    assert cached["key"]["batch"] == BATCH and len(cached["samples"]) == VARIANTS + 1
+    assert os.path.dirname(fitted.cache_path) == str(cache / "latency")
+
+
+def test_target_speedup_is_met_and_recorded_and_the_cache_reused(src, fitted, tmp_path, capsys):
+    out = tmp_path / "fast.pth"
+    argv = ["--checkpoint", str(src), "--output", str(out), "--target_speedup", "1.6",
+            "--latency_batch", str(BATCH)]
+    assert prune_main(argv) == 0
+    text = capsys.readouterr()
+    assert "timing shape" not in text.err  # the fitted model's cache answered
+    report = load_checkpoint_file(out)["pruning"]["latency"]
+    assert report["cache"] == fitted.cache_path and report["backend"] == "eager"
+    assert abs(report["speedup"] / 1.6 - 1) <= SPEEDUP_TOLERANCE
+    assert f"{report['speedup']:.2f}x faster (target 1.6x)" in text.out
+    assert "predicted" in text.out and "measured" in text.out
+
+
+def test_latency_rule_composes_with_fixed_groups_and_round_to(src, fitted):
+    rules = KeepRules(target_latency=fitted.predict(uniform(fitted, 0.6)), group_ratio=[("stages.0.*", 0)],
+                      round_to=4, latency_batch=BATCH)
+    result = prune(str(src), PruneSpec(rules=rules))
+    widths = {g.name: len(result.keep[g.name]) for g in result.source.groups}
+    for g in result.source.groups:
+        if g.name.startswith("stages.0."):
+            assert widths[g.name] == g.width
+        else:
+            assert widths[g.name] % 4 == 0 or widths[g.name] == g.width
+    assert result.latency["target_ms"] == rules.target_latency and result.latency["attempts"] >= 1
+    assert sum(widths.values()) < sum(g.width for g in result.source.groups)
+
+
+def test_an_unreachable_target_is_one_line(src, fitted, capsys):
+    argv = ["--checkpoint", str(src), "--dry_run", "--target_latency", "0.001", "--latency_batch", str(BATCH)]
+    assert prune_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: target cannot be met: the smallest reachable shape is predicted at")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_latency": 5, "target_speedup": 2}, "not both"),
+    ({"target_speedup": 1.0}, "must be > 1"),
+    ({"target_latency": -1}, "must be > 0 ms"),
+    ({"ratio": 0.5, "latency_batch": 4}, "apply to --target_latency"),
+    ({"target_speedup": 2, "latency_backend": "tvm"}, "choose one of eager, compile"),
+    ({"target_speedup": 2, "latency_dtype": "bf16", "latency_backend": "onnxruntime"}, "runs in eager or compile"),
+    ({"target_speedup": 2, "latency_batch": 0}, "--latency_batch must be >= 1"),
+])
+def test_bad_latency_rules_are_refused_before_any_work(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        KeepRules(**kwargs)
