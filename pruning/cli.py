@@ -22,8 +22,10 @@ re-planned until it is within 3% of the target; a miss of more than 5% is report
     python pruning/prune.py --checkpoint IN.pth --output fast.pth --target_speedup 3 \
         --latency_backend onnxruntime --latency_batch 16 --input_size 224
 
-With --normalize none that ranking compares raw scores across layers: --ratio 0.7 --normalize none` is network slimming's global threshold. Every group keeps at least one channel (and one per multi-scale branch). Equal scores keep
-the lower channel index; kept indices stay in their original order. The output loads with
+With --normalize none that ranking compares raw scores across layers: `--criterion slimming
+--ratio 0.7 --normalize none` is network slimming's global threshold. Every group keeps at
+least one channel (and one per multi-scale branch). Equal scores keep the lower channel
+index; kept indices stay in their original order. The output loads with
 `python main.py --eval true --resume OUT.pth` (no --model needed).
 
 --compensate refit fits the pruned model to the dense one on --calib_batches training images:
