@@ -214,10 +214,11 @@ def create_model(name, **kwargs):
     """Build a registered model by name: ours (a pretrained tag allowed), or any stock timm model."""
     check_model_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}  # as timm.create_model does
-    if name in OUR_MODELS and not any(kwargs.pop(k, None) for k in ("pretrained", "pretrained_cfg",
-                                                                      "pretrained_cfg_overlay")):
+    pretrained = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay")
+    if name in OUR_MODELS and not any(kwargs.get(k) for k in pretrained):
         cls, defaults = OUR_MODELS[name]
-        return _build(name, lambda: cls(**{**defaults, **kwargs}))
+        own = {k: v for k, v in kwargs.items() if k not in pretrained}  # pretrained=False
+        return _build(name, lambda: cls(**{**defaults, **own}))
     if is_stock_timm(name):
         for key in OURS_ONLY_KWARGS:
             kwargs.pop(key, None)
