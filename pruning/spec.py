@@ -204,6 +204,8 @@ class PruneSpec:
         rules["group_ratio"] = [list(p) for p in self.rules.group_ratio] if self.rules.group_ratio else None
         for key in ("dims", "hidden_ratio", "mlp_ratio"):
             rules[key] = list(rules[key]) if rules[key] is not None else None
+        if not self.rules.latency_targeted:  # no latency was measured
+            rules.update(latency_backend=None, latency_batch=None, latency_dtype=None)
         out = {"criterion": self.criterion.name, "model": self.model, **rules, **asdict(self.aggregation),
                "raw_weights": self.raw_weights if "raw_weights" in self.criterion.options() else None,
                "use_ema": self.use_ema, "seed": self.seed, "input_size": self.input_size,
