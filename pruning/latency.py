@@ -269,7 +269,12 @@ def meet_target(plan, model, target_ms=None, target_speedup=None):
     goal = target_ms if target_ms is not None else model.predict({}) / target_speedup
     tried = []  # (miss, goal, keep, measured ms, source ms); miss > 0: faster than asked
     for attempt in range(1, ATTEMPTS + 1):
-        keep = plan(goal)
+        try:
+            keep = plan(goal)
+        except UserError:
+            if not tried:
+                raise
+            break  # a corrected aim beyond reach: the closest plan so far stands
         archs = [model.arch_of(keep)] + ([model.arch] if target_speedup is not None else [])
         measured = time_shapes(archs, model.input_size, model.settings)
         if target_speedup is not None:

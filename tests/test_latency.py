@@ -17,7 +17,7 @@ from pruning.plan import select
 
 ARCH = {"family": "convnext", "depths": [1, 1, 2, 1], "dims": [32, 64, 96, 128], "num_classes": 10}
 SIZE, BATCH = 96, 8  # big enough that compute, not per-op overhead, sets the time
-SPEEDUP_TOLERANCE = 0.2  # the test's own: 4x the rule's re-plan tolerance, for a shared CI machine
+SPEEDUP_TOLERANCE = 0.25  # the test's own: 8x the rule's re-plan tolerance, for a shared CI machine
 
 
 @pytest.fixture(scope="module")
