@@ -110,3 +110,42 @@ def test_an_unreachable_target_is_one_line(src, fitted, capsys):
 def test_bad_latency_rules_are_refused_before_any_work(kwargs, message):
     with pytest.raises(UserError, match=message):
         KeepRules(**kwargs)
+
+
+def test_replanning_brackets_the_target_and_keeps_the_closest_plan(monkeypatch):
+    """meet_target's loop on a stand-in model whose real latency is 0.8 x its prediction: the
+    second aim scales by the miss, the third interpolates between the bracketing aims, and an
+    aim beyond reach ends the loop with the closest plan so far."""
+    import pruning.latency as lat
+
+    class Stub:
+        arch, input_size, settings = {"family": "stub"}, 32, LatencySettings()
+        fit_errors, cache_path = None, None
+
+        def predict(self, keep):
+            return keep["goal"]
+
+        def arch_of(self, keep):
+            return {"ms": 0.8 * keep["goal"] ** 1.1}
+
+    monkeypatch.setattr(lat, "time_shapes", lambda archs, size, settings: [a.get("ms", 100.0) for a in archs])
+    goals = []
+
+    def plan(goal):
+        goals.append(goal)
+        return {"goal": goal}
+    keep, report = lat.meet_target(plan, Stub(), target_ms=20.0)
+    assert abs(report["miss"]) <= lat.TOLERANCE and report["attempts"] == len(goals) <= lat.ATTEMPTS
+    assert goals[1] == pytest.approx(goals[0] * (20.0 / (0.8 * 20.0 ** 1.1)))
+    assert report["measured_ms"] == pytest.approx(0.8 * keep["goal"] ** 1.1)
+
+    def unreachable_after_one(goal):
+        if goals:
+            raise UserError("target cannot be met")
+        goals.append(goal)
+        return {"goal": goal}
+    goals.clear()
+    keep, report = lat.meet_target(unreachable_after_one, Stub(), target_ms=5.0)
+    assert report["attempts"] == 1 and keep == {"goal": 5.0}
+    with pytest.raises(UserError):
+        lat.meet_target(lambda goal: (_ for _ in ()).throw(UserError("no")), Stub(), target_ms=5.0)
