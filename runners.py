@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from errors import UserError, first_line
 from models.complexity import in_chans_of
-from runtime import ORT_BACKENDS, onnx_modules, ort_session, quantize_int8
+from runtime import GRAPH_BACKENDS, graph_runner, onnx_modules, quantize_int8
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.AMP's dtypes
 DEFAULT_THREADS = torch.get_num_threads()
@@ -125,9 +125,10 @@ class Runner:
         return times
 
 
-class OrtRunner(Runner):
-    """The same steps in ONNX Runtime: the model exported (dynamic batch) and run by the CPU
-    execution provider with the torch thread count; onnxruntime-int8 runs its int8
+class GraphRunner(Runner):
+    """The same steps on the exported graph (dynamic batch) in ONNX Runtime on the CPU with the
+    torch thread count. The fp32 graph must give PyTorch's logits on the eval batch (1e-4 of
+    the largest |logit| above 1), else it is refused; onnxruntime-int8 runs its int8
     quantization, calibrated on random images (speed only: scripts/export.py --quantize int8
     calibrates on training images and reports the accuracy)."""
 
@@ -139,24 +140,35 @@ class OrtRunner(Runner):
         example = self.inputs["eval"][:1].expand(2, -1, -1, -1).contiguous()
         onnx_modules()
         export_onnx(self.model.eval(), example, path)
-        if settings.backend == "onnxruntime-int8":
+        self.arrays = {k: v.numpy() for k, v in self.inputs.items()}
+        threads = settings.threads or DEFAULT_THREADS
+        if settings.backend.endswith("-int8"):
             generator = torch.Generator().manual_seed(0)
             batches = [torch.randn(tuple(self.inputs["eval"].shape), generator=generator).numpy()
                        for _ in range(2)]
             quantize_int8(path, path + ".int8", batches)
             path += ".int8"
+        else:
+            self._check_parity(graph_runner(path, threads))
         self.path = path
-        self.session = ort_session(path, settings.threads or DEFAULT_THREADS)
-        self.arrays = {k: v.numpy() for k, v in self.inputs.items()}
+        self.run_graph = graph_runner(path, threads)
+
+    def _check_parity(self, run):
+        with torch.inference_mode():
+            ref = self.model(self.inputs["eval"]).float().numpy()
+        diff, scale = float(abs(run(self.arrays["eval"]) - ref).max()), float(abs(ref).max())
+        if diff > 1e-4 * max(1.0, scale):
+            raise UserError(f"{self.settings.backend} disagrees with PyTorch on this model (max |logit "
+                            f"difference| {diff:.3g}, largest |logit| {scale:.3g}): not timed")
 
     def enter(self, mode):
         if mode == "train":
             raise UserError(f"the {self.settings.backend} backend has no training step")
 
     def step(self, mode):
-        self.session.run(None, {"images": self.arrays[mode]})
+        self.run_graph(self.arrays[mode])
 
 
 def make_runner(model, settings, num_classes):
-    cls = OrtRunner if settings.backend in ORT_BACKENDS else Runner
+    cls = GraphRunner if settings.backend in GRAPH_BACKENDS else Runner
     return cls(model, settings, num_classes)

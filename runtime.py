@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from errors import UserError
 
-BACKENDS = ("eager", "compile", "onnxruntime", "onnxruntime-int8")  # onnxruntime*: no train step
-ORT_BACKENDS = ("onnxruntime", "onnxruntime-int8")
+# the exported graph run by ONNX Runtime, fp32 or its int8 quantization: no train step. (OpenVINO
+# was measured on the same graphs and not offered: README, Deploy.)
+GRAPH_BACKENDS = ("onnxruntime", "onnxruntime-int8")
+BACKENDS = ("eager", "compile", *GRAPH_BACKENDS)
 AMP = ("none", "bf16", "fp16")  # autocast dtypes of the PyTorch backends
 
 
@@ -41,9 +43,9 @@ def check_settings(s):
         raise UserError(f"--device {s.device}: CUDA is not available on this machine")
     if s.amp == "fp16" and not s.device.startswith("cuda"):
         raise UserError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
-    if s.backend in ORT_BACKENDS and (s.amp != "none" or s.channels_last or s.compile or s.device != "cpu"):
+    if s.backend in GRAPH_BACKENDS and (s.amp != "none" or s.channels_last or s.compile or s.device != "cpu"):
         raise UserError(f"the {s.backend} backend runs its own graph on the CPU: no --amp, "
-                        "--channels_last, --compile or CUDA device with it (int8 is onnxruntime-int8)")
+                        "--channels_last, --compile or CUDA device with it (int8: the -int8 backends)")
     return s
 
 
@@ -96,6 +98,12 @@ def quantize_int8(src, dst, batches):
                         op_types_to_quantize=list(ops), nodes_to_exclude=depthwise)
         candidates = sum(n.op_type in ops for n in graph.node)
     return candidates - len(depthwise), len(depthwise)
+
+
+def graph_runner(path, threads):
+    """images array -> logits array, for the graph at `path` in ONNX Runtime on the CPU."""
+    session = ort_session(path, threads)
+    return lambda images: session.run(None, {"images": images})[0]
 
 
 def ort_session(path, threads=0):

@@ -104,7 +104,7 @@ class KeepRules:
             raise UserError(f"--latency_dtype {self.latency_dtype!r}: choose fp32 or bf16")
         if self.latency_dtype == "bf16" and self.latency_backend not in ("eager", "compile"):
             raise UserError(f"--latency_dtype bf16 runs in eager or compile, not {self.latency_backend} "
-                            "(onnxruntime-int8 is the quantized runtime)")
+                            "(the -int8 backends are the quantized runtimes)")
 
     @property
     def latency_targeted(self):

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from runtime import AMP, BACKENDS, ORT_BACKENDS, Settings, check_settings, percentile  # noqa: E402
+from runtime import AMP, BACKENDS, GRAPH_BACKENDS, Settings, check_settings, percentile  # noqa: E402
 from flags import add_download_flag, set_download_timeout, str2bool  # noqa: E402
 from errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
 from files import atomic_open, atomic_path, check_output_file  # noqa: E402
@@ -74,8 +74,9 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model (= --backend compile)")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
                    help="runtimes to time, each model in each (default: eager); onnxruntime exports "
-                        "the model first, onnxruntime-int8 also quantizes it (calibrated on random "
-                        "images: speed only; neither has a train step)")
+                        "the model first (and checks the graph's logits against PyTorch), "
+                        "onnxruntime-int8 also quantizes it (calibrated on random images: speed only); "
+                        "neither has a train step")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--iters", type=int, default=10, help="timed steps (at least)")
@@ -170,7 +171,7 @@ def benchmark_model(spec, settings, args):
                compile=settings.compile, threads=settings.threads or torch.get_num_threads(),
                torch=torch.__version__, timm=timm.__version__)
     runner = make_runner(model, settings, num_classes)
-    skip = set(args.skip) | ({"train"} if settings.backend in ORT_BACKENDS else set())
+    skip = set(args.skip) | ({"train"} if settings.backend in GRAPH_BACKENDS else set())
     for mode in (m for m in MODES if m not in skip):
         logger.info("%s: %s", spec, mode)
         runner.warmup(mode, args.warmup)
@@ -269,7 +270,7 @@ def run_vs(args, settings):
         s = parse_settings(text, settings)
         model = build(spec)
         macs, num_classes = forward_cost(model, s.input_size)
-        if s.backend in ORT_BACKENDS and args.vs_mode == "train":
+        if s.backend in GRAPH_BACKENDS and args.vs_mode == "train":
             raise UserError(f"the {s.backend} backend has no training step: --vs_mode eval or latency")
         sides.append((f"{spec} [{s.describe()}]", make_runner(model, s, num_classes), macs))
     mode = args.vs_mode

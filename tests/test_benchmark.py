@@ -164,6 +164,14 @@ def test_int8_and_bf16_runtimes_time_a_tiny_model(tiny_ckpt, capsys):
     assert "onnxruntime-int8" in capsys.readouterr().out
 
 
+def test_a_graph_that_disagrees_with_pytorch_is_not_timed(tiny_ckpt, monkeypatch):
+    import runners
+    real = runners.graph_runner
+    monkeypatch.setattr(runners, "graph_runner", lambda *a: (lambda images: real(*a)(images) + 1.0))
+    with pytest.raises(UserError, match="onnxruntime disagrees with PyTorch"):
+        bench.make_runner(bench.build(tiny_ckpt), bench.Settings("cpu", 32, 2, backend="onnxruntime"), 10)
+
+
 def test_vs_two_models(tiny_ckpt, capsys):
     summary = bench.main(["--vs", tiny_ckpt, "resnet18", *FAST, "--rounds", "2"])
     assert len(summary["ratios"]) == 2 and summary["mode"] == "eval"
