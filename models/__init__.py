@@ -1,4 +1,8 @@
-"""Model families. Importing this package registers every factory in timm's registry."""
+"""Model families. Importing this package registers every factory (in timm's registry once timm is
+imported: registry.py)."""
+import functools
+import json
+
 import torch
 
 from errors import UserError
@@ -46,8 +50,13 @@ def meta_model(arch):
 
 def count_arch(arch, input_size):
     """(params, MACs) of the shape an arch describes (FlopCounterMode on the meta device: the
-    figures every table of the project uses; MACs = FLOPs / 2)."""
-    model = meta_model(arch).eval()
+    figures every table of the project uses; MACs = FLOPs / 2), counted once per shape."""
+    return _count_arch(json.dumps(arch, sort_keys=True), input_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _count_arch(arch_json, input_size):
+    model = meta_model(json.loads(arch_json)).eval()
     return count_params(model), count_macs(model, input_size)
 
 
@@ -105,8 +114,17 @@ def scale_factor_names(arch):
 
 
 def registered_name(arch):
-    """The registered model whose default shape is exactly `arch`, or None."""
-    return next((name for name in OUR_MODELS if default_arch(name) == arch), None)
+    """The registered model whose default shape is exactly `arch`, or None (only the names of
+    the arch's family whose own defaults agree with it are built, on the meta device)."""
+    family = FAMILIES.get(arch.get("family")) if isinstance(arch, dict) else None
+
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    def may_match(cls, defaults):
+        return cls is family and all(plain(arch.get(k, v)) == plain(v) for k, v in defaults.items())
+    return next((name for name, (cls, defaults) in OUR_MODELS.items()
+                 if may_match(cls, defaults) and default_arch(name) == arch), None)
 
 
 def named_dims(arch):
