@@ -196,6 +196,7 @@ class LatencyModel:
                                 "to time this machine again") from None
         samples = self._time_variants()
         self._fit(samples)
+        self._check_separates(samples)
         os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
         with atomic_open(self.cache_path) as f:
             json.dump({"key": key, "features": FEATURES, "rates": self.rates.tolist(),
@@ -223,6 +224,17 @@ class LatencyModel:
             ms = time_shapes([self.arch_of(keep)], self.input_size, self.settings, rounds=1)[0]
             samples.append({"features": self.features(keep).tolist(), "ms": ms})
         return samples
+
+    def _check_separates(self, samples):
+        """Refuse a fit that cannot tell the shapes apart (a machine too busy to time, or a model
+        whose time is all per-op overhead): it would plan nothing, or anything."""
+        smallest = min(samples[1:], key=lambda s: s["features"][0])
+        predicted = [float(np.array(s["features"]) @ self.rates) for s in (samples[0], smallest)]
+        if not (samples[0]["ms"] > 1.2 * smallest["ms"] and predicted[0] > 1.2 * predicted[1]):
+            raise UserError(f"latency: the timed shapes do not separate (source {samples[0]['ms']:.3g} ms, "
+                            f"smallest shape {smallest['ms']:.3g} ms, predicted {predicted[0]:.3g} / "
+                            f"{predicted[1]:.3g} ms): this machine is too busy to time, or the model's time "
+                            "at this batch and size is per-op overhead; nothing was cached")
 
     def _fit(self, samples):
         from scipy.optimize import nnls
