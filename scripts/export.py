@@ -35,17 +35,14 @@ import copy
 import json
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import tempfile  # noqa: E402
-
 
 from flags import DATA_SETS, add_download_flag, set_download_timeout  # noqa: E402
 from errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
 from files import atomic_path, check_output_file, sha256_file  # noqa: E402
 from runtime import onnx_modules, ort_session, quantize_int8  # noqa: E402
-
 
 QUANTIZE = ("none", "int8")
 
