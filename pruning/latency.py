@@ -254,6 +254,10 @@ def time_shapes(archs, input_size, settings, rounds=3):
     from runners import make_runner
     torch.manual_seed(0)
     runtime = settings.runtime(input_size)
+    if settings.backend == "compile":
+        # every shape's blocks share one forward: past dynamo's recompile limit (8 shapes) it
+        # would silently run them eager. Each call compiles afresh.
+        torch._dynamo.reset()
     runners = [make_runner(models.build_model(a).eval(), runtime, a.get("num_classes", 1000)) for a in archs]
     for r in runners:
         r.warmup("eval", 1)
