@@ -206,7 +206,7 @@ def plan_keep(groups, scores, rules, *, cost_model=None, latency=None):
         free = [g for g in groups if g.name not in fixed]
         if not free:
             raise UserError("--dims and --hidden_ratio / --mlp_ratio already fix every group: "
-                            "nothing is left for --target_params / --target_macs / --ratio")
+                            "nothing is left for --target_params / --target_macs / --ratio / a latency target")
         keep.update(_global_keep(free, scores, keep, rules, cost_model, latency))
     return keep
 
