@@ -15,6 +15,43 @@ from models import meta_model
 from models.complexity import count_macs, count_params
 
 
+class KeptShapes:
+    """The shape each tensor takes when group `name` keeps indices keep[name].
+
+    Args:
+        shapes: dict key -> source shape (the tensors to follow).
+        groups: channel groups whose slices cut them.
+    """
+
+    def __init__(self, shapes, groups):
+        self.shapes = dict(shapes)
+        self.cuts = {k: [] for k in self.shapes}  # key -> [(axis, group, start, stop)]
+        for g in groups:
+            for part in g.slices:
+                if part.key in self.cuts:
+                    stop = g.width if part.stop is None else part.stop
+                    self.cuts[part.key].append((part.axis, g.name, part.start, stop))
+
+    def __call__(self, keep):
+        """dict key -> list shape (absent groups keep every channel).
+
+        Args:
+            keep: dict group name -> sorted kept indices (list or 1-D tensor).
+        """
+        counts, out = {}, {}  # counts: (group, start, stop) -> kept channels in that range
+        for key, shape in self.shapes.items():
+            size = list(shape)
+            for axis, group, start, stop in self.cuts[key]:
+                if group in keep:
+                    rng = (group, start, stop)
+                    if rng not in counts:
+                        idx = torch.as_tensor(keep[group])
+                        counts[rng] = int(((idx >= start) & (idx < stop)).sum())
+                    size[axis] = counts[rng]
+            out[key] = size
+        return out
+
+
 class CostModel:
     """Params and MACs of candidate kept-index sets for the channel groups of one arch.
 
@@ -28,13 +65,7 @@ class CostModel:
         model = meta_model(arch).eval()
         self.widths = {g.name: g.width for g in groups}
         self.positions = self._weight_positions(model, arch, input_size)
-        self.shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
-        self.cuts = {k: [] for k in self.shapes}  # key -> [(axis, group, start, stop)]
-        for g in groups:
-            for part in g.slices:
-                if part.key in self.cuts:
-                    stop = g.width if part.stop is None else part.stop
-                    self.cuts[part.key].append((part.axis, g.name, part.start, stop))
+        self.kept_shapes = KeptShapes({k: tuple(p.shape) for k, p in model.named_parameters()}, groups)
         self.full = count_params(model), count_macs(model, input_size)
         mine = self({})
         if mine != self.full:
@@ -69,17 +100,8 @@ class CostModel:
         Args:
             keep: dict group name -> sorted kept indices (list or 1-D tensor).
         """
-        counts = {}  # (group, start, stop) -> kept channels in that range
         params = macs = 0
-        for key, shape in self.shapes.items():
-            size = list(shape)
-            for axis, group, start, stop in self.cuts[key]:
-                if group in keep:
-                    rng = (group, start, stop)
-                    if rng not in counts:
-                        idx = torch.as_tensor(keep[group])
-                        counts[rng] = int(((idx >= start) & (idx < stop)).sum())
-                    size[axis] = counts[rng]
+        for key, size in self.kept_shapes(keep).items():
             n = 1
             for s in size:
                 n *= s

@@ -36,6 +36,7 @@ from errors import UserError
 from files import atomic_open
 from runtime import Settings, check_settings
 
+from .costs import KeptShapes
 from .plan import select
 from .surgery import new_arch, prune_state_dict
 
@@ -133,13 +134,7 @@ class LatencyModel:
         self.arch, self.groups, self.input_size, self.settings = arch, groups, input_size, settings
         self.layers, shapes = _layers(arch, input_size)
         self.meta_state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-        self.cuts = {k: [] for k in self.layers}
-        for g in groups:
-            for part in g.slices:
-                if part.key in self.cuts:
-                    self.cuts[part.key].append((part.axis, g.name, part.start,
-                                                g.width if part.stop is None else part.stop))
-        self.shapes = {k: shapes[k] for k in self.layers}
+        self.kept_shapes = KeptShapes({k: shapes[k] for k in self.layers}, groups)
         self.rates = None
         self.fit_errors = None
         self.cache_path = None
@@ -148,16 +143,9 @@ class LatencyModel:
 
     def features(self, keep):
         """The FEATURES of a candidate (absent groups keep every channel)."""
-        counts, out = {}, dict.fromkeys(FEATURES, 0.0)
-        for key, (kind, positions) in self.layers.items():
-            size = list(self.shapes[key])
-            for axis, group, start, stop in self.cuts[key]:
-                if group in keep:
-                    rng = (group, start, stop)
-                    if rng not in counts:
-                        idx = torch.as_tensor(keep[group])
-                        counts[rng] = int(((idx >= start) & (idx < stop)).sum())
-                    size[axis] = counts[rng]
+        out = dict.fromkeys(FEATURES, 0.0)
+        for key, size in self.kept_shapes(keep).items():
+            kind, positions = self.layers[key]
             if kind != "norm":
                 out["depthwise_macs" if kind == "dw" else "dense_macs"] += float(np.prod(size)) * positions
             out["elements"] += float(size[0]) * positions
