@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import DATA_SETS, add_download_flag, set_download_timeout  # noqa: E402
 from errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
 from files import atomic_path, check_output_file, sha256_file  # noqa: E402
-from runtime import onnx_modules, ort_session, quantize_int8  # noqa: E402
+from runtime import graph_runner, onnx_modules, quantize_int8  # noqa: E402
 
 QUANTIZE = ("none", "int8")
 
@@ -184,15 +184,14 @@ def add_metadata(onnx, path, meta):
     onnx.checker.check_model(path, full_check=True)
 
 
-def run_graph(session, images, batch=16):
-    """Logits of an ONNX Runtime session over a tensor of images, in batches."""
-    return np.concatenate([session.run(None, {"images": images[i:i + batch].numpy()})[0]
-                           for i in range(0, len(images), batch)])
+def run_graph(run, images, batch=16):
+    """Logits of a runtime.graph_runner over a tensor of images, in batches."""
+    return np.concatenate([run(images[i:i + batch].numpy()) for i in range(0, len(images), batch)])
 
 
 def parity(path, model, images):
     """(max |logit difference|, largest |logit|, top-1 agreement): ONNX Runtime vs PyTorch."""
-    onnx_out = run_graph(ort_session(path), images)
+    onnx_out = run_graph(graph_runner(path, 0), images)
     with torch.no_grad():
         torch_out = model(images).numpy()
     diff = float(np.abs(onnx_out - torch_out).max())
@@ -231,10 +230,10 @@ def quantize(args, held, fp32_path, dst):
     dataset, _ = datasets.build_dataset(is_train=False, args=data)
     n = min(args.eval_images or len(dataset), len(dataset))
     subset = torch.utils.data.Subset(dataset, range(n))
-    sessions = ort_session(fp32_path), ort_session(dst)
+    runs = graph_runner(fp32_path, 0), graph_runner(dst, 0)
     right, agree = [0, 0], 0
     for images, labels in torch.utils.data.DataLoader(subset, batch_size=32):
-        fp, q = (run_graph(sess, images, 32).argmax(1) for sess in sessions)
+        fp, q = (run_graph(run, images, 32).argmax(1) for run in runs)
         right[0] += int((fp == labels.numpy()).sum())
         right[1] += int((q == labels.numpy()).sum())
         agree += int((fp == q).sum())
