@@ -148,10 +148,10 @@ class GraphRunner(Runner):
                        for _ in range(2)]
             quantize_int8(path, path + ".int8", batches)
             path += ".int8"
-        else:
-            self._check_parity(graph_runner(path, threads))
         self.path = path
         self.run_graph = graph_runner(path, threads)
+        if not settings.backend.endswith("-int8"):
+            self._check_parity(self.run_graph)
 
     def _check_parity(self, run):
         with torch.inference_mode():
