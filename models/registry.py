@@ -47,7 +47,8 @@ def our_layout(state_dict):
     return state_dict
 
 
-_PENDING = []  # (name, build, doc, module, head_key) not yet in timm's registry
+_FACTORIES = {}  # registered name -> its factory (what timm's registry calls)
+_PENDING = []  # factories not yet in timm's registry
 
 
 def _timm():
@@ -58,8 +59,17 @@ def _timm():
 
 
 def _register_pending():
-    while _PENDING:
-        _register_timm(*_PENDING.pop(0))
+    if not _PENDING:
+        return
+    from timm.models import register_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quietly: some names replace timm's own
+        while _PENDING:
+            factory = _PENDING.pop(0)
+            mod = sys.modules[factory.__module__]
+            if hasattr(mod, "timm_default_cfgs") and not hasattr(mod, "default_cfgs"):
+                mod.default_cfgs = mod.timm_default_cfgs()  # timm's registry reads it when a name registers
+            register_model(factory)
 
 
 class _AfterTimm(importlib.abc.MetaPathFinder):
@@ -79,40 +89,37 @@ class _AfterTimm(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _register_timm(name, build, doc, module, head_key):
-    """Register `build(**kwargs)` under `name` in timm's registry (quietly: some names replace
-    timm's own). Pretrained weights (pretrained=True, a tag such as `.fb_in22k`,
-    pretrained_cfg_overlay=dict(file=...), a local-dir: / hf-hub: folder) come through timm's
-    own machinery, renamed into our layout; `head_key` is the classifier (None: as the
-    folder's config says)."""
-
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-    from timm.models import build_model_with_cfg, register_model
-    mod = sys.modules[module]
-    if hasattr(mod, "timm_default_cfgs") and not hasattr(mod, "default_cfgs"):
-        mod.default_cfgs = mod.timm_default_cfgs()  # timm's registry reads it when a name registers
+def _factory(name, build, doc, module, head_key):
+    """The factory of `name`: `build(**kwargs)`, or with pretrained weights (pretrained=True, a
+    tag such as `.fb_in22k`, pretrained_cfg_overlay=dict(file=...), a local-dir: / hf-hub:
+    folder) through timm's own machinery, renamed into our layout; `head_key` is the
+    classifier (None: as the folder's config says). timm is imported only for weights."""
 
     def factory(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
                 pretrained_model_args=None, **kwargs):  # timm passes pretrained_model_args; unused
         try:
             if not (pretrained or pretrained_cfg or pretrained_cfg_overlay):
                 return build(**kwargs)
-            cfg = _resolve_cfg(name, pretrained, pretrained_cfg, pretrained_cfg_overlay, head_key)
-            return build_model_with_cfg(build, name, pretrained, pretrained_cfg=cfg.to_dict(),
-                                        pretrained_filter_fn=_pretrained_filter(name),
-                                        cache_dir=cache_dir, **kwargs)
+            return _with_weights(name, build, head_key, pretrained, pretrained_cfg, pretrained_cfg_overlay,
+                                 cache_dir, kwargs)
         except ValueError as e:  # an option the family does not have (e.g. drop path in VGG)
             raise UserError(f"{name}: {e}") from None
-        except (OSError, HfHubHTTPError, EntryNotFoundError) as e:  # the download, or the cache
-            raise UserError(f"{name}: cannot fetch its pretrained weights ({first_line(e)})") from None
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc
     factory.__module__ = module
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        register_model(factory)
     return factory
+
+
+def _with_weights(name, build, head_key, pretrained, pretrained_cfg, overlay, cache_dir, kwargs):
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from timm.models import build_model_with_cfg
+    try:
+        cfg = _resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key)
+        return build_model_with_cfg(build, name, pretrained, pretrained_cfg=cfg.to_dict(),
+                                    pretrained_filter_fn=_pretrained_filter(name), cache_dir=cache_dir, **kwargs)
+    except (OSError, HfHubHTTPError, EntryNotFoundError) as e:  # the download, or the cache
+        raise UserError(f"{name}: cannot fetch its pretrained weights ({first_line(e)})") from None
 
 
 def _resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key):
@@ -155,8 +162,9 @@ def register_factory(name, cls, doc, **defaults):
     OUR_MODELS[name] = (cls, defaults)
 
 
-def _register_later(*entry):
-    _PENDING.append(entry)
+def _register_later(name, *entry):
+    _FACTORIES[name] = _factory(name, *entry)
+    _PENDING.append(_FACTORIES[name])
     if "timm.models" in sys.modules and hasattr(sys.modules["timm.models"], "register_model"):
         _register_pending()  # timm was imported before us
 
@@ -214,22 +222,14 @@ def create_model(name, **kwargs):
     """Build a registered model by name: ours (a pretrained tag allowed), or any stock timm model."""
     check_model_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}  # as timm.create_model does
-    pretrained = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay")
-    if name in OUR_MODELS and not any(kwargs.get(k) for k in pretrained):
-        cls, defaults = OUR_MODELS[name]
-        own = {k: v for k, v in kwargs.items() if k not in pretrained}  # pretrained=False
-        return _build(name, lambda: cls(**{**defaults, **own}))
+    if name in OUR_MODELS and not any(kwargs.get(k) for k in ("pretrained", "pretrained_cfg",
+                                                              "pretrained_cfg_overlay")):
+        return _FACTORIES[name](**kwargs)  # no weights to fetch: no timm
     if is_stock_timm(name):
         for key in OURS_ONLY_KWARGS:
             kwargs.pop(key, None)
     return _timm().create_model(name, **kwargs)
 
-
-def _build(name, build):
-    try:
-        return build()
-    except ValueError as e:  # an option the family does not have (e.g. drop path in VGG)
-        raise UserError(f"{name}: {e}") from None
 
 
 @functools.cache
