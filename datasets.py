@@ -28,8 +28,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 
-from errors import UserError
-from flags import DATA_SETS
+from common.errors import UserError
+from cli.flags import DATA_SETS
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from timm.utils import accuracy, unwrap_model
 
 import utils
-from errors import UserError
+from common.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import options
-from errors import parse_first
+from cli import options
+from common.errors import parse_first
 
 if __name__ == "__main__":
     parse_first(options.parser)  # --help and flag errors before torch loads
@@ -29,17 +29,19 @@ from timm.data.mixup import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 
-import checkpoint  # noqa: E402
+from checkpoints.identity import DEFAULT_INPUT_SIZE, Held, args_to_dict, load_model_state, read_held  # noqa: E402
+from checkpoints.io import load_checkpoint_file  # noqa: E402
+from checkpoints.training_state import ema_module, restore_training, training_checkpoint  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 import utils  # noqa: E402
 from engine import evaluate, train_one_epoch  # noqa: E402
-from errors import UserError, first_line, run_cli  # noqa: E402
-from losses import DistillationLoss, load_teachers  # noqa: E402
+from common.errors import UserError, first_line, run_cli  # noqa: E402
+from training.losses import DistillationLoss, load_teachers  # noqa: E402
 from optim_factory import LayerDecayValueAssigner, create_optimizer  # noqa: E402
-from options import DEFAULT_MODEL, check_args, parse_args  # noqa: E402
-from files import drop_lock, hold_lock  # noqa: E402
-from run_folder import RunFolder, list_epoch_checkpoints, resolve_resume, resume_label  # noqa: E402
+from cli.options import DEFAULT_MODEL, check_args, parse_args  # noqa: E402
+from common.files import drop_lock, hold_lock  # noqa: E402
+from training.run_folder import RunFolder, list_epoch_checkpoints, resolve_resume, resume_label  # noqa: E402
 from utils import NativeScalerWithGradNormCount as NativeScaler  # noqa: E402
 
 logger = logging.getLogger("main")
@@ -78,7 +80,7 @@ def setup(args):
     utils.check_same_flags(args)
     if args.distributed and device.type == "cuda":
         device = torch.device("cuda", args.gpu)
-    logger.info("%s", json.dumps(checkpoint.args_to_dict(args), sort_keys=True))
+    logger.info("%s", json.dumps(args_to_dict(args), sort_keys=True))
     seed = args.seed + utils.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -141,7 +143,7 @@ class Sources:
     model to build (`arch` of a shape of ours, else a registered `name`)."""
     resume: Any = None
     finetune: Any = None
-    held: Any = None  # checkpoint.Held of the checkpoint the weights come from
+    held: Any = None  # Held of the checkpoint the weights come from
     state: Any = None
     arch: Any = None
     name: Any = None
@@ -149,21 +151,21 @@ class Sources:
 
 def load_sources(args):
     """Sources; --resume (or auto-resume) wins over --finetune."""
-    resume = checkpoint.load_checkpoint_file(args.resume) if resolve_resume(args) else None
+    resume = load_checkpoint_file(args.resume) if resolve_resume(args) else None
     finetune = None
     if args.finetune and resume is not None:
         logger.info("Resuming from %s: --finetune %s is not loaded", args.resume, args.finetune)
     elif args.finetune:
-        finetune = checkpoint.load_checkpoint_file(args.finetune)
+        finetune = load_checkpoint_file(args.finetune)
         logger.info("Load ckpt from %s", args.finetune)
     if args.eval and resume is None and finetune is None and not (args.model and models.is_tagged(args.model)):
         raise UserError(f"--eval true needs trained weights: --output_dir {args.output_dir} holds "
                         "no checkpoint-N.pth; give --resume CHECKPOINT")
     src = Sources(resume, finetune)
     if resume is not None:
-        src.held = checkpoint.read_held(resume, args.model)
+        src.held = read_held(resume, args.model)
     elif finetune is not None:
-        src.held = checkpoint.read_held(finetune, args.model, args.model_key, args.model_prefix)
+        src.held = read_held(finetune, args.model, args.model_key, args.model_prefix)
     if src.held is not None:
         src.state, src.arch, src.name = src.held.state, src.held.arch, src.held.name
     else:
@@ -176,7 +178,7 @@ def resolve_input_size(args, held):
     than the checkpoint's is allowed (fine-tuning at another resolution) but said."""
     trained = held.trained_input_size if held is not None else None
     if args.input_size is None:
-        args.input_size = trained or checkpoint.DEFAULT_INPUT_SIZE
+        args.input_size = trained or DEFAULT_INPUT_SIZE
         if trained:
             logger.info("Input size %d px, as the checkpoint was trained", trained)
     elif trained and trained != args.input_size:
@@ -230,10 +232,10 @@ def build_model(args, src):
         if pretrained:
             logger.info("Weights: timm's pretrained %s (a new head when --nb_classes differs)", src.name)
     if src.resume is not None:
-        checkpoint.load_model_state(model, src.state, resume_label(args))
+        load_model_state(model, src.state, resume_label(args))
         logger.info("Resume checkpoint %s", args.resume)
     elif src.finetune is not None:  # evaluating needs the trained head: it is never dropped then
-        checkpoint.load_model_state(model, src.state, f"--finetune {args.finetune}",
+        load_model_state(model, src.state, f"--finetune {args.finetune}",
                                     drop_head_on_mismatch=not args.eval)
     return model
 
@@ -326,7 +328,7 @@ def build_run(args, data, device, src):
         build_optimization(args, run, data, device)
     restored = {"max_accuracy": 0.0, "max_accuracy_ema": 0.0}
     if src.resume is not None:
-        restored = checkpoint.restore_training(args, src.resume, resume_label(args), run.model_ema,
+        restored = restore_training(args, src.resume, resume_label(args), run.model_ema,
                                                run.optimizer, run.loss_scaler)
     return run, restored
 
@@ -354,7 +356,7 @@ def _save(args, run, folder, epoch, best, new_best):
     """
     if not (folder and args.save_ckpt and utils.is_main_process()):
         return
-    ckpt = checkpoint.training_checkpoint(args, run.model_without_ddp, run.optimizer,
+    ckpt = training_checkpoint(args, run.model_without_ddp, run.optimizer,
                                           run.loss_scaler, run.model_ema, epoch, **best)
     for tag in new_best:
         folder.save({**ckpt, "epoch": tag, "best_epoch": epoch}, f"checkpoint-{tag}.pth")
@@ -373,7 +375,7 @@ def validate(args, data, run, device, best, log_stats):
     """
     utils.sync_buffers(run.model_without_ddp)
     if run.model_ema is not None:
-        utils.sync_buffers(checkpoint.ema_module(run.model_ema))
+        utils.sync_buffers(ema_module(run.model_ema))
     stats = evaluate(data.loader_val, run.eval_model, device, **_amp(args))
     logger.info("Accuracy of the model on the %d test images: %.1f%%", stats["num_images"], stats["acc1"])
     new_best = ["best"] if stats["acc1"] > best["max_accuracy"] else []
@@ -381,7 +383,7 @@ def validate(args, data, run, device, best, log_stats):
     logger.info("Max accuracy: %.2f%%", best["max_accuracy"])
     log_stats.update({f"test_{k}": v for k, v in stats.items()})
     if run.model_ema is not None and args.model_ema_eval:
-        ema_model = checkpoint.ema_module(run.model_ema)
+        ema_model = ema_module(run.model_ema)
         ema_device = next(ema_model.parameters()).device  # the CPU with --model_ema_force_cpu
         ema = evaluate(data.loader_val, ema_model, ema_device, **_amp(args))
         logger.info("Accuracy of the model EMA on %d test images: %.1f%%", ema["num_images"], ema["acc1"])

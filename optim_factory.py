@@ -9,7 +9,7 @@ import logging
 from timm.optim import create_optimizer_v2, list_optimizers
 
 import models
-from errors import UserError
+from common.errors import UserError
 
 logger = logging.getLogger(__name__)
 

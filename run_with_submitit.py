@@ -13,8 +13,8 @@ import sys
 import uuid
 from pathlib import Path
 
-import options
-from errors import UserError, run_cli
+from cli import options
+from common.errors import UserError, run_cli
 
 
 def get_args_parser():

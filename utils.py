@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import args_to_dict
-from runners import AMP_DTYPES as RUN_DTYPES
-from errors import UserError
+from checkpoints.identity import args_to_dict
+from deploy.runners import AMP_DTYPES as RUN_DTYPES
+from common.errors import UserError
 
 logger = logging.getLogger(__name__)
 

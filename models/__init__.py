@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from errors import UserError
+from common.errors import UserError
 
 from . import convnext, convnext_isotropic, preresnet_cifar, resnet_cifar, vgg_cifar, wrn_cifar  # noqa: F401  (registers the families)
 from .complexity import activation_bytes, check_input_size, check_memory, count_macs, count_params

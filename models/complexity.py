@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from errors import UserError
+from common.errors import UserError
 
 
 def count_params(model):

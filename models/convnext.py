@@ -7,7 +7,7 @@ import math
 
 import torch.nn as nn
 
-from errors import UserError
+from common.errors import UserError
 
 from .family import Family, match_layer_ids
 from .fold import norm_into_conv, norm_into_linear

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from errors import UserError, first_line
+from common.errors import UserError, first_line
 
 from .family import Family
 from .weights import nonfinite_keys

@@ -21,9 +21,11 @@ import torch
 import torch.nn as nn
 
 import models
-from checkpoint import load_checkpoint_file, local_copy, read_held, save_checkpoint_file, save_weights_file
-from errors import UserError
-from files import atomic_open, sha256_file
+from checkpoints.identity import read_held
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file, save_weights_file
+from checkpoints.sources import local_copy
+from common.errors import UserError
+from common.files import atomic_open, sha256_file
 
 from .calibration import calibration_batches, measure
 from .compensate import compensate

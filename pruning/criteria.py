@@ -39,7 +39,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from errors import UserError
+from common.errors import UserError
 
 # torch and numpy are imported in the functions that use them: the command lines list the
 # criteria in --help without loading either.

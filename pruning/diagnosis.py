@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 import models
-from checkpoint import read_held
-from errors import UserError
+from checkpoints.identity import read_held
+from common.errors import UserError
 
 from .probe import capture_all, channel_axis, channels_last, kept_channels, norm_order, stage_of
 

@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 
 import models
-from errors import UserError
-from files import atomic_open
-from runtime import Settings, check_settings
+from common.errors import UserError
+from common.files import atomic_open
+from deploy.runtime import Settings, check_settings
 
 from .costs import KeptShapes
 from .plan import select
@@ -239,7 +239,7 @@ class LatencyModel:
 def time_shapes(archs, input_size, settings, rounds=3):
     """Median milliseconds of one batch of each shape (random weights), the shapes timed
     alternately `rounds` times so a busy machine slows all of them alike."""
-    from runners import make_runner
+    from deploy.runners import make_runner
     torch.manual_seed(0)
     runtime = settings.runtime(input_size)
     if settings.backend == "compile":

@@ -9,7 +9,7 @@ import fnmatch
 import math
 import torch
 
-from errors import UserError
+from common.errors import UserError
 
 from models.groups import part_stop
 

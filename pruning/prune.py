@@ -1,12 +1,8 @@
 #!/usr/bin/env python
-"""`python pruning/prune.py ...`: the pruning command line (pruning/cli.py; --help lists the
-flags). In Python, call `pruning.prune(source, spec)` or `pruning.cli.main(argv)`."""
+"""`python pruning/prune.py ...`: prune a checkpoint into a smaller dense model; in Python: `pruning.prune(source, spec)` (cli/prune.py; --help lists the flags)."""
 import os
+import runpy
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from pruning.cli import main  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(main())
+runpy.run_module("cli.prune", run_name="__main__", alter_sys=True)

@@ -1,12 +1,6 @@
 #!/usr/bin/env python
-"""The pruning tool under its first name: `pruning/prune.py` (pruning/cli.py) serves every model family and
-takes the same flags (see its --help)."""
+"""`python pruning/prune_convnext.py ...`: the first name of pruning/prune.py (same flags, every family)."""
 import os
-import sys
+import runpy
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-
-from pruning.cli import main  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(main())
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prune.py"), run_name="__main__")

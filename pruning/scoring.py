@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from errors import UserError
+from common.errors import UserError
 from models.groups import part_stop
 
 from .criteria import NORMALIZATIONS as NORMALIZATION_NAMES

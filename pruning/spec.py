@@ -8,8 +8,8 @@ checkpoint stores as `pruning.options`: the settings actually used.
 """
 from dataclasses import asdict, dataclass, field, replace
 
-from errors import UserError
-from runtime import BACKENDS
+from common.errors import UserError
+from deploy.runtime import BACKENDS
 
 from .criteria import Aggregation, Criterion, get_criterion
 

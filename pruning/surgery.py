@@ -8,8 +8,8 @@ Efficient ConvNeXt / seed file with a `model` state dict and no `arch`).
 import torch
 
 import models
-from checkpoint import Held, args_to_dict, read_held
-from errors import UserError
+from checkpoints.identity import Held, args_to_dict, read_held
+from common.errors import UserError
 
 from models.groups import part_stop
 

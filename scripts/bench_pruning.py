@@ -20,7 +20,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 
-from errors import ArgumentParser, parse_first, run_cli  # noqa: E402
+from common.errors import ArgumentParser, parse_first, run_cli  # noqa: E402
 
 
 def get_args_parser():

@@ -15,7 +15,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from common.errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 
 INPUT_SIZE = 32

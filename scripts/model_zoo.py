@@ -4,7 +4,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
+from common.errors import ArgumentParser, UserError, parse_first, run_cli  # noqa: E402
 
 
 def get_args_parser():

@@ -3,18 +3,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAINED_MODEL = "convnext_tiny_3M_pruned_cifar10"
-TRAINED_RECIPE = ["--data_set", "DIGITS", "--num_workers", "0", "--device", "cpu", "--input_size", "32",
-                  "--batch_size", "128", "--warmup_epochs", "0", "--aa", "none", "--reprob", "0",
-                  "--mixup", "0", "--cutmix", "0"]
-# One intra-op thread: on a busy 2-core machine, two spinning threads per process are far slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from helpers import ENV, ROOT, TRAINED_MODEL, TRAINED_RECIPE  # noqa: F401 (TRAINED_*: test files import them from here)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +36,7 @@ def source(tmp_path_factory):
     """A small ConvNeXt checkpoint that says it was trained on DIGITS at 32 px (the studies'
     and the reliability tests' source; a module may define its own `source`)."""
     import models
-    from checkpoint import save_checkpoint_file
+    from checkpoints.io import save_checkpoint_file
     torch.manual_seed(0)
     arch = {"family": "convnext", "depths": [1, 1], "dims": [16, 32], "num_classes": 10}
     model = models.build_model(arch, layer_scale_init_value=0.5)

@@ -10,12 +10,13 @@ from PIL import Image
 
 import models
 import pruning
-from checkpoint import load_checkpoint_file, save_checkpoint_file
-from errors import UserError
-from pruning import Aggregation, Calibration, Criterion, KeepRules, PruneSpec, cli
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file
+from common.errors import UserError
+from cli import prune as cli
+from pruning import Aggregation, Calibration, Criterion, KeepRules, PruneSpec
 from pruning.criteria import CRITERIA, l2, register_criterion
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"family": "convnext", "depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32], "num_classes": 10}
 
 
@@ -110,8 +111,7 @@ def test_a_registered_criterion_works_in_the_api_and_prune_py(half_l2, source, t
 
 
 def test_a_registered_criterion_works_in_compare_criteria(half_l2, source, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import compare_criteria
+    from cli import compare_criteria
     _, path = source
     assert compare_criteria.main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "cmp"),
                                   "--criteria", "half_l2", "l2", "--budgets", "ratio=0.5", "--seeds", "0",

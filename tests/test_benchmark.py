@@ -12,8 +12,9 @@ import torch.nn as nn
 
 import models
 from models.complexity import count_macs, count_params, forward_cost
-from checkpoint import save_checkpoint_file
-from errors import UserError
+from checkpoints.io import save_checkpoint_file
+from cli import benchmark as cli_benchmark
+from common.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
@@ -23,14 +24,7 @@ TINY_ARCH = {"family": "convnext", "depths": [1, 1, 1, 1], "dims": [8, 16, 24, 3
 FAST = ["--input_size", "32", "--batch_size", "2", "--iters", "2", "--warmup", "1"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script()
+bench = cli_benchmark
 
 
 def _run(*argv):
@@ -165,7 +159,7 @@ def test_int8_and_bf16_runtimes_time_a_tiny_model(tiny_ckpt, capsys):
 
 
 def test_a_graph_that_disagrees_with_pytorch_is_not_timed(tiny_ckpt, monkeypatch):
-    import runners
+    from deploy import runners
     real = runners.graph_runner
     monkeypatch.setattr(runners, "graph_runner", lambda *a: (lambda images: real(*a)(images) + 1.0))
     with pytest.raises(UserError, match="onnxruntime disagrees with PyTorch"):
@@ -206,10 +200,7 @@ def test_bad_model_name_cli_exit_2():
 
 
 def test_bench_engine_alternates_and_reports_ratio(tiny_ckpt, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "bench_engine_script", os.path.join(REPO, "scripts", "bench_engine.py"))
-    bench_engine = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_engine)
+    from cli import bench_engine
     result = bench_engine.main(["--model", tiny_ckpt, "--input_size", "32", "--batch_size", "2",
                                 "--steps", "3", "--rounds", "2", "--print_freq", "2",
                                 "--model_ema"])

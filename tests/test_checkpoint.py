@@ -15,11 +15,12 @@ import pytest
 import torch
 from timm.utils import ModelEmaV3
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpoint  # noqa: E402
-import models  # noqa: E402
-import utils  # noqa: E402
-from errors import UserError  # noqa: E402
+from checkpoints.identity import load_model_state, model_state, saved_args
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file
+from checkpoints.training_state import restore_training, training_checkpoint
+import models
+import utils
+from common.errors import UserError
 
 TINY_ARCH = {"family": "convnext", "depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "hidden": None,
              "dw": "standard", "dw_branches": None, "num_classes": 10, "in_chans": 3}
@@ -33,15 +34,15 @@ def tiny_model(**overrides):
 
 def test_missing_and_truncated_files(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        checkpoint.load_checkpoint_file(tmp_path / "none.pth")
+        load_checkpoint_file(tmp_path / "none.pth")
     good = tmp_path / "good.pth"
-    checkpoint.save_checkpoint_file({"model": tiny_model().state_dict()}, good)
+    save_checkpoint_file({"model": tiny_model().state_dict()}, good)
     cut = tmp_path / "cut.pth"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated"):
-        checkpoint.load_checkpoint_file(cut)
+        load_checkpoint_file(cut)
     with pytest.raises(UserError, match="is a folder"):
-        checkpoint.load_checkpoint_file(tmp_path)
+        load_checkpoint_file(tmp_path)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -53,7 +54,7 @@ def test_files_that_are_not_checkpoints(tmp_path, content, message):
     path = tmp_path / "x.pth"
     path.write_bytes(content)
     with pytest.raises(UserError, match=message) as err:
-        checkpoint.load_checkpoint_file(path)
+        load_checkpoint_file(path)
     assert "allow-list" not in str(err.value)   # not mistaken for a security refusal
 
 
@@ -65,7 +66,7 @@ def test_legacy_tar_checkpoint_gets_a_whole_sentence(tmp_path):
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(UserError) as err:
-        checkpoint.load_checkpoint_file(path)
+        load_checkpoint_file(path)
     assert "legacy tar format" in str(err.value) and str(err.value).endswith("save it again")
 
 
@@ -82,7 +83,7 @@ def test_unsafe_pickle_is_refused_and_never_runs(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"model": {}, "x": _RunsCode(marker)}, evil)
     with pytest.raises(UserError, match="refusing"):
-        checkpoint.load_checkpoint_file(evil)
+        load_checkpoint_file(evil)
     assert not marker.exists()
 
 
@@ -91,10 +92,10 @@ def test_official_format_loads_with_namespace_numpy_and_posix_paths(tmp_path):
     ns = argparse.Namespace(model="convnext_tiny", lr=np.float64(4e-3), input_size=224,
                             output_dir=pathlib.PosixPath("/checkpoint/me/convnext"))
     torch.save({"model": tiny_model().state_dict(), "epoch": "best", "args": ns}, path)
-    ckpt = checkpoint.load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path)
     assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["epoch"] == "best"
     assert ckpt["args"].output_dir == pathlib.PosixPath("/checkpoint/me/convnext")
-    assert checkpoint.saved_args(ckpt)["output_dir"] == "/checkpoint/me/convnext"
+    assert saved_args(ckpt)["output_dir"] == "/checkpoint/me/convnext"
 
 
 # ----------------------------------------------------------------------------- URLs
@@ -118,26 +119,26 @@ def test_url_is_downloaded_to_the_hub_cache_and_loaded_safely(http_server, tmp_p
     base, root = http_server
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     sd = tiny_model().state_dict()
-    checkpoint.save_checkpoint_file({"model": sd}, root / "tiny.pth")
-    ckpt = checkpoint.load_checkpoint_file(f"{base}/tiny.pth")
+    save_checkpoint_file({"model": sd}, root / "tiny.pth")
+    ckpt = load_checkpoint_file(f"{base}/tiny.pth")
     assert torch.equal(ckpt["model"]["head.weight"], sd["head.weight"])
     cached = list((tmp_path / "hub" / "checkpoints").glob("*/tiny.pth"))  # a folder per URL
     assert len(cached) == 1 and cached[0].is_file()
     (root / "tiny.pth").unlink()                       # a second use reads the cache
-    assert set(checkpoint.load_checkpoint_file(f"{base}/tiny.pth")["model"]) == set(sd)
+    assert set(load_checkpoint_file(f"{base}/tiny.pth")["model"]) == set(sd)
 
 
 def test_url_hash_prefix_is_checked_and_nothing_partial_is_left(http_server, tmp_path, monkeypatch):
     base, root = http_server
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    checkpoint.save_checkpoint_file({"model": tiny_model().state_dict()}, root / "tiny-deadbeef.pth")
+    save_checkpoint_file({"model": tiny_model().state_dict()}, root / "tiny-deadbeef.pth")
     with pytest.raises(UserError, match="corrupt"):
-        checkpoint.load_checkpoint_file(f"{base}/tiny-deadbeef.pth")
+        load_checkpoint_file(f"{base}/tiny-deadbeef.pth")
     assert not [p for p in (tmp_path / "hub" / "checkpoints").rglob("*") if p.is_file()]
     with pytest.raises(UserError, match="HTTP 404"):
-        checkpoint.load_checkpoint_file(f"{base}/missing.pth")
+        load_checkpoint_file(f"{base}/missing.pth")
     with pytest.raises(UserError, match="only local paths, http"):
-        checkpoint.load_checkpoint_file("s3://bucket/x.pth")
+        load_checkpoint_file("s3://bucket/x.pth")
 
 
 def test_url_malicious_file_is_refused(http_server, tmp_path, monkeypatch):
@@ -146,7 +147,7 @@ def test_url_malicious_file_is_refused(http_server, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     torch.save({"x": _RunsCode(marker)}, root / "evil.pth")
     with pytest.raises(UserError, match="refusing"):
-        checkpoint.load_checkpoint_file(f"{base}/evil.pth")
+        load_checkpoint_file(f"{base}/evil.pth")
     assert not marker.exists()
 
 
@@ -154,16 +155,16 @@ def test_url_malicious_file_is_refused(http_server, tmp_path, monkeypatch):
 
 def test_save_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
     path = tmp_path / "c.pth"
-    checkpoint.save_checkpoint_file({"a": torch.ones(2)}, path)
+    save_checkpoint_file({"a": torch.ones(2)}, path)
 
     def broken(obj, f):
         f.write(b"half")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint_file({"a": torch.zeros(2)}, path)
+        save_checkpoint_file({"a": torch.zeros(2)}, path)
     monkeypatch.undo()
-    assert torch.equal(checkpoint.load_checkpoint_file(path)["a"], torch.ones(2))
+    assert torch.equal(load_checkpoint_file(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
 
 
@@ -172,41 +173,41 @@ def test_save_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
 def test_model_state_key_and_prefix():
     sd = tiny_model().state_dict()
     ckpt = {"model_ema": {f"backbone.{k}": v for k, v in sd.items()}, "epoch": 1}
-    got = checkpoint.model_state(ckpt, "model|model_ema", "backbone.")
+    got = model_state(ckpt, "model|model_ema", "backbone.")
     assert set(got) == set(sd)
-    assert set(checkpoint.model_state(sd)) == set(sd)          # a bare state dict
+    assert set(model_state(sd)) == set(sd)          # a bare state dict
     with pytest.raises(UserError, match="no weights"):
-        checkpoint.model_state({"epoch": 3})
+        model_state({"epoch": 3})
 
 
 def test_non_finite_weights_are_refused():
     sd = tiny_model().state_dict()
     sd["stages.1.0.pwconv1.weight"][0, 0] = float("nan")
     with pytest.raises(UserError, match=r"NaN or infinite values \(1 tensors, e.g. stages.1.0.pwconv1.weight\)"):
-        checkpoint.model_state({"model": sd})
+        model_state({"model": sd})
 
 
 def test_finetune_drops_a_head_of_another_class_count():
     src = tiny_model(num_classes=100).state_dict()
     model = tiny_model(num_classes=10)
     head = model.head.weight.clone()
-    checkpoint.load_model_state(model, src, "--finetune x.pth", drop_head_on_mismatch=True)
+    load_model_state(model, src, "--finetune x.pth", drop_head_on_mismatch=True)
     assert torch.equal(model.head.weight, head)   # fresh head kept
     assert torch.equal(model.stages[0][0].pwconv1.weight, src["stages.0.0.pwconv1.weight"])
     with pytest.raises(UserError, match=r"head.weight is \[100, 32\] in the checkpoint"):
-        checkpoint.load_model_state(tiny_model(num_classes=10), src, "--resume x.pth")
+        load_model_state(tiny_model(num_classes=10), src, "--resume x.pth")
 
 
 def test_other_shape_mismatch_names_tensors_and_checkpoint_shape():
     src = tiny_model(dims=[8, 16, 24, 16]).state_dict()
     with pytest.raises(UserError) as err:
-        checkpoint.load_model_state(tiny_model(), src, "--finetune pruned.pth", drop_head_on_mismatch=True)
+        load_model_state(tiny_model(), src, "--finetune pruned.pth", drop_head_on_mismatch=True)
     msg = str(err.value)
     assert "stages.3.0" in msg or "downsample_layers.3" in msg
     assert "in the checkpoint" in msg and "dims [8, 16, 24, 16]" in msg
     partial = {k: v for k, v in tiny_model().state_dict().items() if not k.startswith("stages.1")}
     with pytest.raises(UserError, match="missing tensors: stages.1"):
-        checkpoint.load_model_state(tiny_model(), partial, "--finetune part.pth", drop_head_on_mismatch=True)
+        load_model_state(tiny_model(), partial, "--finetune part.pth", drop_head_on_mismatch=True)
 
 
 def test_finetune_refuses_unused_tensors_and_drops_any_timm_head():
@@ -214,9 +215,9 @@ def test_finetune_refuses_unused_tensors_and_drops_any_timm_head():
     src = tiny_model().state_dict()
     no_scale = tiny_model(layer_scale=False)
     with pytest.raises(UserError, match="unexpected tensors: .*gamma"):
-        checkpoint.load_model_state(no_scale, src, "--finetune x.pth", drop_head_on_mismatch=True)
+        load_model_state(no_scale, src, "--finetune x.pth", drop_head_on_mismatch=True)
     resnet = timm.create_model("resnet18", num_classes=3)
-    checkpoint.load_model_state(resnet, timm.create_model("resnet18", num_classes=7).state_dict(),
+    load_model_state(resnet, timm.create_model("resnet18", num_classes=7).state_dict(),
                                 "--finetune r.pth", drop_head_on_mismatch=True)
     assert resnet.fc.out_features == 3
 
@@ -233,17 +234,17 @@ def test_training_checkpoint_round_trip_restores_everything(tmp_path):
     ema.update(model)
     scaler = utils.NativeScalerWithGradNormCount(enabled=False, device="cpu")
     args = argparse.Namespace(job_dir=Path("/x/y"), start_epoch=0)
-    ckpt = checkpoint.training_checkpoint(args, model, opt, scaler, ema, 4, max_accuracy=55.5,
+    ckpt = training_checkpoint(args, model, opt, scaler, ema, 4, max_accuracy=55.5,
                                           max_accuracy_ema=44.0)
-    checkpoint.save_checkpoint_file(ckpt, tmp_path / "checkpoint-4.pth")
-    ckpt = checkpoint.load_checkpoint_file(tmp_path / "checkpoint-4.pth")
+    save_checkpoint_file(ckpt, tmp_path / "checkpoint-4.pth")
+    ckpt = load_checkpoint_file(tmp_path / "checkpoint-4.pth")
     assert ckpt["arch"] == model.arch and ckpt["args"]["job_dir"] == "/x/y"
 
     fresh = tiny_model()
     fresh.load_state_dict(ckpt["model"])
     fresh_ema = ModelEmaV3(fresh, decay=0.5)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    restored = checkpoint.restore_training(args, ckpt, "x", fresh_ema, fresh_opt, scaler)
+    restored = restore_training(args, ckpt, "x", fresh_ema, fresh_opt, scaler)
     assert args.start_epoch == 5 and restored == {"max_accuracy": 55.5, "max_accuracy_ema": 44.0}
     for a, b in zip(ema.module.state_dict().values(), fresh_ema.module.state_dict().values()):
         assert torch.equal(a, b)
@@ -254,7 +255,7 @@ def test_resume_training_from_best_is_refused():
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters())
     scaler = utils.NativeScalerWithGradNormCount(enabled=False, device="cpu")
-    ckpt = checkpoint.training_checkpoint(argparse.Namespace(), model, opt, scaler, epoch="best")
+    ckpt = training_checkpoint(argparse.Namespace(), model, opt, scaler, epoch="best")
     with pytest.raises(UserError, match="--finetune"):
-        checkpoint.restore_training(argparse.Namespace(), ckpt, "best.pth", None, opt, scaler)
-    checkpoint.restore_training(argparse.Namespace(), ckpt, "best.pth")   # evaluation is fine
+        restore_training(argparse.Namespace(), ckpt, "best.pth", None, opt, scaler)
+    restore_training(argparse.Namespace(), ckpt, "best.pth")   # evaluation is fine

@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import models  # noqa: E402
-from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
-from errors import UserError  # noqa: E402
-from pruning.cli import main as prune_main  # noqa: E402
-from pruning.plan import plan_keep  # noqa: E402
-from pruning.spec import KeepRules  # noqa: E402
-from pruning.criteria import Aggregation  # noqa: E402
-from pruning.scoring import score_groups  # noqa: E402
-from pruning.surgery import prune_state_dict  # noqa: E402
+import models
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file
+from common.errors import UserError
+from cli.prune import main as prune_main
+from pruning.plan import plan_keep
+from pruning.spec import KeepRules
+from pruning.criteria import Aggregation
+from pruning.scoring import score_groups
+from pruning.surgery import prune_state_dict
+from helpers import ROOT
 
 # the slimming seed's pruned VGG-19 at ratio 0.5 (its README's architecture table)
 SEED_VGG_05 = [52, 64, "M", 128, 128, "M", 256, 254, 245, 214, "M", 179, 117, 116, 229, "M",

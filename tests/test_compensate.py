@@ -10,20 +10,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import models  # noqa: E402
-import pruning  # noqa: E402
-from checkpoint import save_checkpoint_file  # noqa: E402
-from errors import UserError  # noqa: E402
-from pruning import Calibration, KeepRules, PruneSpec  # noqa: E402
-from pruning.compensate import compensate  # noqa: E402
-from pruning.diagnosis import diagnose  # noqa: E402
-from pruning.probe import capture  # noqa: E402
+import models
+import pruning
+from checkpoints.io import save_checkpoint_file
+from common.errors import UserError
+from pruning import Calibration, KeepRules, PruneSpec
+from pruning.compensate import compensate
+from pruning.diagnosis import diagnose
+from pruning.probe import capture
 
-from conftest import randomised  # noqa: E402
+from conftest import randomised
+from helpers import ROOT
 
 ARCH = {"family": "convnext", "depths": [1, 2], "dims": [8, 12], "num_classes": 3}
 
@@ -115,8 +113,8 @@ def test_batch_norms_are_measured_again():
 
 
 def test_compensated_models_fold_and_export_exactly(tmp_path):
-    import export
-    from runners import export_onnx
+    from cli import export
+    from deploy.runners import export_onnx
     result = prune(planted(), [4, 6], "refit")
     model, x = result.model, torch.cat(images(1))
     folded = export.fold(model, x)
@@ -135,7 +133,7 @@ def test_spec_and_cli_refuse_bad_compensation(source, capsys):
         PruneSpec(criterion="opnorm", rules=KeepRules(ratio=0.5), seed=1).resolved()
     spec = PruneSpec(criterion="opnorm", rules=KeepRules(ratio=0.5), compensate="refit", seed=1).resolved()
     assert spec.seed == 1 and spec.calibration == Calibration()
-    from pruning.cli import main
+    from cli.prune import main
     logging.getLogger().handlers.clear()
     assert main(["--checkpoint", str(source), "--dry_run", "--ratio", "0.5", "--compensate", "stat"]) == 2
     assert "invalid choice: 'stat'" in capsys.readouterr().err
@@ -147,7 +145,7 @@ def test_compensation_refuses_to_guess_the_images():
 
 
 def test_prune_py_compensates_on_the_checkpoints_data(source, tmp_path, capsys):
-    from pruning.cli import main
+    from cli.prune import main
     out = tmp_path / "p.pth"
     assert main(["--checkpoint", str(source), "--output", str(out), "--dims", "8", "16", "--compensate", "refit",
                  "--calib_batches", "2", "--calib_batch_size", "8", "--seed", "3"]) == 0
@@ -185,7 +183,7 @@ def test_diagnosis_numbers_match_a_hand_computation():
 
 
 def test_diagnose_tool(source, tmp_path, capsys):
-    from pruning.cli import main as prune_main
+    from cli.prune import main as prune_main
     pruned = []
     for crit in ("l1", "random"):
         path = tmp_path / f"{crit}.pth"
@@ -193,7 +191,7 @@ def test_diagnose_tool(source, tmp_path, capsys):
                            "--criterion", crit]) == 0
         pruned.append(str(path))
     capsys.readouterr()
-    from pruning.diagnose import main as diagnose_main
+    from cli.diagnose import main as diagnose_main
     assert diagnose_main(["--checkpoint", str(source), "--pruned", *pruned, "--calib_batches", "2",
                           "--calib_batch_size", "4", "--output_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -212,7 +210,7 @@ def test_diagnose_tool(source, tmp_path, capsys):
 
 
 def test_compare_criteria_runs_compensated_cells_per_seed(source, tmp_path):
-    import compare_criteria
+    from cli import compare_criteria
     logging.getLogger().handlers.clear()
     assert compare_criteria.main(["--checkpoint", str(source), "--output_dir", str(tmp_path / "cmp"),
                                   "--criteria", "l1", "l1:compensate=refit,calib_batches=1", "--budgets",

@@ -6,7 +6,7 @@ import torch
 
 from pruning.criteria import (CRITERIA, fpgm, get_criterion, l1, l2, opnorm, opnorm_abs, opnorm_loop, random,
                               slimming)
-from errors import UserError
+from common.errors import UserError
 
 BOTH = [opnorm, opnorm_loop]
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import models  # noqa: E402
-import utils  # noqa: E402
-from checkpoint import load_checkpoint_file, load_held_model  # noqa: E402
+import models
+import utils
+from checkpoints.identity import load_held_model
+from checkpoints.io import load_checkpoint_file
+from helpers import ROOT
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import datasets
-from errors import UserError
+from common.errors import UserError
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                  "dog", "frog", "horse", "ship", "truck"]

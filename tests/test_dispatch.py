@@ -13,14 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-import compare_criteria  # noqa: E402
-import models  # noqa: E402
-from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
+from cli import compare_criteria
+import models
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file
+from helpers import ENV, ROOT
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TRAIN = ("--batch_size 64 --opt sgd --lr 0.02 --weight_decay 0 --warmup_epochs 0 --mixup 0 --cutmix 0 "
          "--reprob 0 --aa none --smoothing 0 --num_workers 0 --device cpu")
 ARCH = {"family": "convnext", "depths": [1, 1], "dims": [16, 32], "num_classes": 10}

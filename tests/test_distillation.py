@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import models  # noqa: E402
-from checkpoint import save_checkpoint_file  # noqa: E402
-from losses import DistillationLoss  # noqa: E402
+import models
+from checkpoints.io import save_checkpoint_file
+from training.losses import DistillationLoss
+from helpers import ROOT
 
 STUDENT = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]])
 TEACHERS = [np.array([[1.0, 0.0, -1.0], [0.5, 2.5, 0.0]]), np.array([[-0.5, 1.5, 0.2], [1.0, 1.0, 1.0]])]

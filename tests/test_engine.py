@@ -9,10 +9,9 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402
-import utils  # noqa: E402
-from engine import NonFiniteLossError, evaluate, train_one_epoch  # noqa: E402
+import models
+import utils
+from engine import NonFiniteLossError, evaluate, train_one_epoch
 
 CPU = torch.device("cpu")
 

@@ -12,14 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-import export  # noqa: E402
-import inference  # noqa: E402
-import models  # noqa: E402
-from checkpoint import save_checkpoint_file  # noqa: E402
-from pruning.cli import main as prune_main  # noqa: E402
+from cli import export
+from cli import inference
+import models
+from checkpoints.io import save_checkpoint_file
+from cli.prune import main as prune_main
+from helpers import ROOT
 
 ARCHS = {
     "convnext": {"family": "convnext", "depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "num_classes": 10},
@@ -89,7 +87,7 @@ def test_inference_reads_the_onnx_file_like_the_checkpoint(tmp_path, capsys):
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
-    from errors import run_cli
+    from common.errors import run_cli
     src, _ = checkpoint_of(tmp_path, ARCHS["vgg_cifar"])
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint at all")

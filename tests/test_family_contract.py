@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import models
-from checkpoint import save_checkpoint_file
+from checkpoints.io import save_checkpoint_file
 from models.family import Family
 from models.groups import part_stop
 from pruning.surgery import prune_state_dict
 from conftest import randomised
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = sorted(models.FAMILIES)
 
 
@@ -114,8 +114,7 @@ def test_layer_ids_cover_every_parameter_or_none(family):
 
 
 def test_onnx_export_of_the_example(family, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import export
+    from cli import export
     _, model = family
     path = tmp_path / "model.pth"
     save_checkpoint_file({"model": model.state_dict(), "arch": model.arch}, path)

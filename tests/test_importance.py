@@ -6,14 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import models  # noqa: E402
-from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
-from pruning.calibration import measure  # noqa: E402
-from pruning.cli import main as prune_main  # noqa: E402
-from pruning.scoring import score_group, score_groups  # noqa: E402
-from pruning.criteria import Aggregation, get_criterion  # noqa: E402
+import models
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file
+from pruning.calibration import measure
+from cli.prune import main as prune_main
+from pruning.scoring import score_group, score_groups
+from pruning.criteria import Aggregation, get_criterion
+from helpers import ROOT
 
 ARCH = {"family": "vgg_cifar", "cfg": [4, "M", 6], "num_classes": 3, "in_chans": 3}
 

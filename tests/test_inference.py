@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import models
-from checkpoint import save_checkpoint_file
+from checkpoints.io import save_checkpoint_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "inference.py")
@@ -22,10 +22,8 @@ LINE = re.compile(r"^(.+?) +\((\d+\.\d\d)%\)$")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("inference_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from cli import inference
+    return inference
 
 
 @pytest.fixture

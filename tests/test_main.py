@@ -12,20 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import checkpoint  # noqa: E402
-import errors  # noqa: E402
-import main  # noqa: E402
-import models  # noqa: E402
-import options  # noqa: E402
-import run_with_submitit  # noqa: E402
+from checkpoints.io import load_checkpoint_file
+from common import errors
+import main
+import models
+from cli import options
+import run_with_submitit
+from helpers import ENV, ROOT
 
 MODEL = "convnext_tiny_3M_pruned_cifar10"
 FAST = ["--data_set", "DIGITS", "--input_size", "32", "--batch_size", "128", "--num_workers", "0",
         "--warmup_epochs", "0", "--aa", "none", "--reprob", "0", "--device", "cpu"]
 # One intra-op thread: on a busy 2-core machine, two spinning threads per process are far slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def run_main(*args, launcher=(), timeout=300):
@@ -122,7 +120,7 @@ def test_submitit_missing_is_one_clear_line(capsys, monkeypatch):
 def test_train_one_epoch_writes_checkpoints(trained):
     out, proc = trained
     assert {p.name for p in out.iterdir()} == {"checkpoint-0.pth", "checkpoint-best.pth", "log.txt"}
-    ckpt = checkpoint.load_checkpoint_file(out / "checkpoint-0.pth")
+    ckpt = load_checkpoint_file(out / "checkpoint-0.pth")
     assert ckpt["epoch"] == 0 and isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == MODEL
     assert ckpt["arch"]["dims"] == [32, 64, 128, 256] and ckpt["arch"]["num_classes"] == 10
     [log] = read_log(out)
@@ -137,7 +135,7 @@ def test_auto_resume_continues_and_keeps_max_accuracy_then_evaluates(trained):
     assert "Auto resume checkpoint" in proc.stdout and "Epoch: [0]" not in proc.stdout
     logs = read_log(out)
     assert [log["epoch"] for log in logs] == [0, 1]
-    ckpt = checkpoint.load_checkpoint_file(out / "checkpoint-1.pth")
+    ckpt = load_checkpoint_file(out / "checkpoint-1.pth")
     assert ckpt["epoch"] == 1
     assert ckpt["max_accuracy"] == max(log["test_acc1"] for log in logs)  # epoch 0's best kept
 
@@ -149,7 +147,7 @@ def test_auto_resume_continues_and_keeps_max_accuracy_then_evaluates(trained):
 
 def test_official_format_checkpoint_evaluates(trained, tmp_path, capsys):
     out, _ = trained
-    ours = checkpoint.load_checkpoint_file(out / "checkpoint-0.pth")
+    ours = load_checkpoint_file(out / "checkpoint-0.pth")
     official = {"model": ours["model"], "model_ema": ours["model"], "optimizer": ours["optimizer"],
                 "epoch": "best", "scaler": {},
                 "args": argparse.Namespace(model=MODEL, input_size=224, lr=4e-3, data_set="CIFAR")}
@@ -165,7 +163,7 @@ def test_official_format_checkpoint_evaluates(trained, tmp_path, capsys):
 
 def test_finetune_changes_the_head(trained, tmp_path, capsys):
     out, _ = trained
-    src = checkpoint.load_checkpoint_file(out / "checkpoint-0.pth")
+    src = load_checkpoint_file(out / "checkpoint-0.pth")
     model = models.create_model(MODEL, num_classes=100)
     model.load_state_dict({k: v for k, v in src["model"].items() if not k.startswith("head.")}, strict=False)
     path = tmp_path / "in100.pth"
@@ -176,7 +174,7 @@ def test_finetune_changes_the_head(trained, tmp_path, capsys):
                      "--min_lr", "0", "--disable_eval", "true", "--layer_decay", "0.8", *FAST]) == 0
     stdout = capsys.readouterr().out
     assert "Removing key head.weight" in stdout and "Layer decay: 6 layers" in stdout
-    ckpt = checkpoint.load_checkpoint_file(ft / "checkpoint-0.pth")
+    ckpt = load_checkpoint_file(ft / "checkpoint-0.pth")
     assert ckpt["arch"]["num_classes"] == 10 and ckpt["model"]["head.weight"].shape == (10, 256)
     for key, value in ckpt["model"].items():
         if not key.startswith("head."):
@@ -196,7 +194,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert {p.name for p in out.iterdir()} == {"checkpoint-0.pth", "checkpoint-best.pth", "log.txt"}
     [log] = read_log(out)                                              # one writer
     assert log["test_num_images"] == 360                              # every val image once
-    assert checkpoint.load_checkpoint_file(out / "checkpoint-0.pth")["args"]["world_size"] == 2
+    assert load_checkpoint_file(out / "checkpoint-0.pth")["args"]["world_size"] == 2
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -273,7 +271,7 @@ def test_stock_timm_model_trains_and_resumes_by_its_saved_name(tmp_path, capsys)
     argv = ["--model", "resnet18", "--epochs", "1", "--output_dir", str(out), "--layer_decay", "0.9",
             "--mixup", "0", "--cutmix", "0", *FAST]
     assert main.cli(argv) == 0
-    ckpt = checkpoint.load_checkpoint_file(out / "checkpoint-0.pth")
+    ckpt = load_checkpoint_file(out / "checkpoint-0.pth")
     assert "arch" not in ckpt and ckpt["args"]["model"] == "resnet18"
     capsys.readouterr()
     # no --model: not a ConvNeXt layout, so the name saved in the checkpoint's args is used

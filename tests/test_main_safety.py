@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import main  # noqa: E402
-from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
+import main
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file
+from helpers import ENV, ROOT
 
 MODEL = "convnext_tiny_3M_pruned_cifar10"
 DATA = ["--data_set", "DIGITS", "--num_workers", "0", "--device", "cpu"]
 FAST = [*DATA, "--input_size", "32", "--batch_size", "128", "--warmup_epochs", "0", "--aa", "none",
         "--reprob", "0", "--mixup", "0", "--cutmix", "0"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def cmd(*args, launcher=()):
@@ -94,12 +92,11 @@ def test_every_bad_flag_is_one_line_before_any_data(case, tmp_path, capsys, monk
 @pytest.mark.parametrize("content", [b"", b"\x13\x37 random bytes " * 50, b'{"epoch": 0}\n'],
                          ids=["empty", "random", "log.txt"])
 def test_non_checkpoints_in_every_entry_point(tmp_path, capsys, content):
-    from pruning import prune_convnext
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_engine
-    import benchmark
-    import inference
-    from errors import run_cli
+    from cli.prune import main as prune
+    from cli import bench_engine
+    from cli import benchmark
+    from cli import inference
+    from common.errors import run_cli
     bad = tmp_path / "bad.pth"
     bad.write_bytes(content)
     image = tmp_path / "x.png"
@@ -111,8 +108,8 @@ def test_non_checkpoints_in_every_entry_point(tmp_path, capsys, content):
         lambda: inference.main(["--image", str(image), "--checkpoint", str(bad)]),
         lambda: benchmark.cli(["--models", str(bad), "--input_size", "32"]),
         lambda: run_cli(bench_engine.main, ["--model", str(bad), "--input_size", "32"]),
-        lambda: prune_convnext.main(["--checkpoint", str(bad), "--output", str(tmp_path / "o.pth"),
-                                     "--dims", "8", "8", "8", "8"]),
+        lambda: prune(["--checkpoint", str(bad), "--output", str(tmp_path / "o.pth"),
+                      "--dims", "8", "8", "8", "8"]),
     ]
     for call in calls:
         assert call() == 2

@@ -7,8 +7,8 @@ import torch
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 
 import models
-from checkpoint import load_checkpoint_file, save_checkpoint_file
-from errors import UserError
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file
+from common.errors import UserError
 
 EFFICIENT_PARAMS = {
     "convnext_tiny_unpruned_cifar10": 27_827_818, "convnext_tiny_21M_pruned_cifar10": 21_303_850,
@@ -21,7 +21,6 @@ EFFICIENT_PARAMS = {
     "convnext_tiny_3M_pruned_tinyimagenet": 3_229_928,
     "convnext_tiny": 28_589_128,
 }
-
 
 
 def from_timm_state_dict(sd):

@@ -8,12 +8,11 @@ import pytest
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402
-from models.convnext import ConvNeXt  # noqa: E402
-from optim_factory import (LayerDecayValueAssigner, create_optimizer,  # noqa: E402
+import models
+from models.convnext import ConvNeXt
+from optim_factory import (LayerDecayValueAssigner, create_optimizer,
                            get_parameter_groups)
-from errors import UserError  # noqa: E402
+from common.errors import UserError
 
 
 def meta_model(name, **kwargs):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import models
-from pruning.prune_convnext import main
-from checkpoint import load_checkpoint_file, save_checkpoint_file
+from cli.prune import main
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = {"family": "convnext", "depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32], "num_classes": 10}

@@ -12,7 +12,7 @@ from pruning.plan import fixed_widths, min_width, plan_keep, ranking, select
 from pruning.scoring import score_group, score_groups
 from pruning.spec import KeepRules
 from pruning.surgery import new_arch, prune_checkpoint, prune_state_dict, read_source
-from errors import UserError
+from common.errors import UserError
 from conftest import randomised
 
 SMALL = {"family": "convnext", "depths": [1, 2, 2, 1], "dims": [8, 16, 24, 32], "num_classes": 5}

@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import models  # noqa: E402
-from checkpoint import save_checkpoint_file  # noqa: E402
-from errors import UserError, run_cli  # noqa: E402
+import models
+from checkpoints.io import save_checkpoint_file
+from common.errors import UserError, run_cli
+from helpers import ENV, ROOT
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DATA = ["--data_set", "DIGITS", "--input_size", "32", "--num_workers", "0", "--device", "cpu"]
 RECIPE = ["--batch_size", "64", "--warmup_epochs", "0", "--mixup", "0", "--cutmix", "0", "--reprob", "0",
           "--aa", "none", "--smoothing", "0"]
@@ -78,17 +76,17 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_l
     finally:
         first.kill()
         first.wait()
-    from files import drop_lock, hold_lock
+    from common.files import drop_lock, hold_lock
     hold_lock(str(out), "--output_dir")                                 # the killed run left no lock
     drop_lock(str(out))
 
 
 def test_a_study_folder_in_use_is_refused(source, tmp_path):
-    from files import hold_lock
+    from common.files import hold_lock
     out = tmp_path / "study"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from files import hold_lock; hold_lock(sys.argv[2], 'x'); print('held', flush=True); "
-                               "time.sleep(60)", str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
+                               "from common.files import hold_lock; hold_lock(sys.argv[1], 'x'); print('held', flush=True); "
+                               "time.sleep(60)", str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         proc = run("pruning/sensitivity.py", "--checkpoint", source, "--output_dir", out, "--sets", "stages.0.*",
@@ -158,7 +156,7 @@ def study_folder(source, tmp_path_factory):
     ("settings", "study.json is not JSON"),
 ])
 def test_crafted_study_folders_are_refused_naming_the_line(source, study_folder, tmp_path, damage, message, capsys):
-    from pruning.sensitivity import main as sensitivity
+    from cli.sensitivity import main as sensitivity
     out = tmp_path / "sens"
     shutil.copytree(study_folder, out)
     results = out / "results.jsonl"
@@ -181,7 +179,7 @@ def test_crafted_study_folders_are_refused_naming_the_line(source, study_folder,
 
 
 def test_an_open_quote_in_pass_through_flags_is_one_line(source, tmp_path, capsys):
-    from pruning.iterative import main as iterative
+    from cli.iterative import main as iterative
     in_process(capsys, iterative, "--checkpoint", source, "--output_dir", tmp_path / "i", "--prune", "--criterion 'l1",
                "--finetune_epochs", "1", needle="--prune")
     in_process(capsys, iterative, "--checkpoint", source, "--output_dir", tmp_path / "i", "--prune", "--ratio 0.2",
@@ -244,19 +242,19 @@ def _cached_files(tmp_path):
 
 
 def test_downloads_are_keyed_by_the_whole_url(server):
-    import checkpoint
-    a = checkpoint.load_checkpoint_file(f"{server.url}/ok/a/best.pth")
-    b = checkpoint.load_checkpoint_file(f"{server.url}/ok/b/best.pth")     # same file name, other model
+    from checkpoints.io import load_checkpoint_file
+    a = load_checkpoint_file(f"{server.url}/ok/a/best.pth")
+    b = load_checkpoint_file(f"{server.url}/ok/b/best.pth")     # same file name, other model
     assert a["arch"]["dims"] == [16, 32] and b["arch"]["dims"] == [8, 16]
 
 
 @pytest.mark.parametrize("mode, message", [("cut", "cut short"), ("short", "truncated or damaged")])
 def test_a_download_cut_short_is_refused_and_never_cached(server, tmp_path, mode, message):
-    import checkpoint
+    from checkpoints.io import load_checkpoint_file
     with pytest.raises(UserError, match=message):
-        checkpoint.load_checkpoint_file(f"{server.url}/{mode}/a/best.pth")
+        load_checkpoint_file(f"{server.url}/{mode}/a/best.pth")
     assert not _cached_files(tmp_path)
-    assert checkpoint.load_checkpoint_file(f"{server.url}/ok/a/best.pth")["arch"]["dims"] == [16, 32]
+    assert load_checkpoint_file(f"{server.url}/ok/a/best.pth")["arch"]["dims"] == [16, 32]
 
 
 @pytest.mark.parametrize("mode", ["stall", "silent"])
@@ -287,7 +285,7 @@ def _flip_tensor_byte(path):
 
 
 def test_a_flipped_byte_in_a_checkpoint_is_refused(source, tmp_path, capsys):
-    from pruning.cli import main as prune
+    from cli.prune import main as prune
     bad = tmp_path / "flipped.pth"
     shutil.copy(source, bad)
     _flip_tensor_byte(bad)
@@ -296,8 +294,8 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused(source, tmp_path, capsys):
 
 
 def test_integer_weights_are_refused_by_name(source, tmp_path, capsys):
-    from checkpoint import load_checkpoint_file
-    from pruning.cli import main as prune
+    from checkpoints.io import load_checkpoint_file
+    from cli.prune import main as prune
     ckpt = load_checkpoint_file(source)
     ckpt["model"]["head.weight"] = ckpt["model"]["head.weight"].long()
     save_checkpoint_file(ckpt, tmp_path / "int.pth")
@@ -308,7 +306,7 @@ def test_integer_weights_are_refused_by_name(source, tmp_path, capsys):
 
 def test_a_nan_best_accuracy_is_refused_on_resume(tmp_path):
     import argparse
-    from checkpoint import training_checkpoint
+    from checkpoints.training_state import training_checkpoint
     from utils import NativeScalerWithGradNormCount as NativeScaler
     model = models.create_model("resnet20")
     optimizer = torch.optim.AdamW(model.parameters())
@@ -322,9 +320,8 @@ def test_a_nan_best_accuracy_is_refused_on_resume(tmp_path):
 
 def test_a_damaged_or_stripped_onnx_file_is_refused(source, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from export import main as export_main
-    from inference import main as inference_main
+    from cli.export import main as export_main
+    from cli.inference import main as inference_main
     import onnx
     from PIL import Image
     model = tmp_path / "m.onnx"
@@ -396,10 +393,9 @@ def unwritable(tmp_path):
 
 def test_unwritable_outputs_are_one_line_before_any_work(source, unwritable, tmp_path, capsys):
     import main
-    from pruning.cli import main as prune
-    from pruning.sensitivity import main as sensitivity
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from benchmark import cli as benchmark
+    from cli.prune import main as prune
+    from cli.sensitivity import main as sensitivity
+    from cli.benchmark import cli as benchmark
     in_process(capsys, prune, "--checkpoint", source, "--output", unwritable / "p.pth", "--ratio", "0.5",
                needle="not writable")
     in_process(capsys, main.cli, "--model", "resnet20", "--epochs", "1", "--output_dir", unwritable / "run", *DATA,
@@ -452,8 +448,7 @@ def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, capsys):
     ckpt = tmp_path / "r.pth"
     model = models.create_model("resnet20", num_classes=2)
     save_checkpoint_file({"model": model.state_dict(), "arch": model.arch, "args": {"input_size": 32}}, ckpt)
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from inference import main as inference
+    from cli.inference import main as inference
     in_process(capsys, inference, "--image", bomb, "--checkpoint", ckpt, needle="bomb.png has more than")
     from PIL import Image
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
@@ -472,9 +467,8 @@ def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, capsys):
 def test_flags_that_cannot_work_are_refused_before_any_data(source, tmp_path, capsys):
     import main
     from PIL import Image
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from benchmark import cli as benchmark
-    from inference import main as inference
+    from cli.benchmark import cli as benchmark
+    from cli.inference import main as inference
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     in_process(capsys, inference, "--image", tmp_path / "ok.png", "--checkpoint", source, "--input_size", "100000",
                needle="for activations alone")

@@ -9,13 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-from pruning import recipes  # noqa: E402
-import reproduce  # noqa: E402
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from studies import recipes
+from cli import reproduce
+from helpers import ENV, ROOT
 
 
 def dry(capsys, *argv):
@@ -120,9 +116,9 @@ def test_every_full_recipe_passes_the_tools_own_checks_and_its_rules_fit_its_mod
     model its source step trains (random weights of that shape)."""
     import main
     import models
-    import options
+    from cli import options
     import pruning
-    from pruning import cli
+    from cli import prune as cli
     recipe = recipes.recipe(name, "CIFAR10")
     pipe = recipes.Pipeline(recipe, "CIFAR10", str(tmp_path), str(tmp_path / "run"))
     arch_of = {}

@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import run_folder  # noqa: E402
-from checkpoint import load_checkpoint_file, save_checkpoint_file  # noqa: E402
-from errors import UserError  # noqa: E402
-from run_folder import RunFolder  # noqa: E402
+from training import run_folder
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file
+from common.errors import UserError
+from training.run_folder import RunFolder
 
 
 def ckpt(epoch):

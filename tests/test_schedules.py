@@ -11,14 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import main  # noqa: E402
-import options  # noqa: E402
-import utils  # noqa: E402
-from errors import UserError  # noqa: E402
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+import main
+from cli import options
+import utils
+from common.errors import UserError
+from helpers import ENV, ROOT
 
 
 def schedule(*argv, steps=4):

@@ -4,7 +4,7 @@ import math
 import pytest
 import scipy.stats
 
-from pruning import stats
+from studies import stats
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 6, 9, 19, 29, 120])

@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import models  # noqa: E402
-from checkpoint import load_checkpoint_file  # noqa: E402
+import models
+from checkpoints.io import load_checkpoint_file
+from helpers import ENV, ROOT
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TRAIN = ("--batch_size 64 --opt sgd --lr 0.02 --weight_decay 0 --warmup_epochs 0 --mixup 0 --cutmix 0 "
          "--reprob 0 --aa none --smoothing 0 --num_workers 0 --device cpu")
 
@@ -68,8 +66,7 @@ def test_compare_criteria_rows_files_and_resume_after_a_kill(source, tmp_path):
 
 
 def test_compare_criteria_bad_input(source, tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import compare_criteria
+    from cli import compare_criteria
     logging.getLogger().handlers.clear()  # an earlier in-process run may have logged to a closed stream
     for argv, message in [(["--criteria", "l1:scope"], "expected scope=VALUE"),
                           (["--criteria", "l1:depth=3"], "is not a scoring flag"),
@@ -103,7 +100,7 @@ def test_sensitivity_rows_plot_tolerance_and_resume(source, tmp_path):
 
 
 def test_tolerance_picks_the_last_ratio_before_the_first_drop():
-    from pruning.sensitivity import tolerated
+    from cli.sensitivity import tolerated
     assert tolerated([(0.1, 90), (0.2, 89.5), (0.3, 85), (0.4, 89.9)], 90, 1) == 0.2
     assert tolerated([(0.1, 80)], 90, 1) == 0.0
 
@@ -136,7 +133,7 @@ def test_two_iterative_rounds_with_ensemble_distillation(source, tmp_path):
 
 
 def test_flags_that_would_be_ignored_are_refused(source, tmp_path, capsys):
-    from pruning import iterative, sensitivity
+    from cli import iterative, sensitivity
     out = tmp_path / "never"
     logging.getLogger().handlers.clear()  # an earlier in-process run may have logged to a closed stream
     for script, argv, message in [

@@ -16,17 +16,16 @@ import timm.models.convnext as timm_convnext
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
-import hub
+from checkpoints.identity import load_held_model, read_held
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file, save_weights_file
+from checkpoints import timm_folder as hub
 import models
-from errors import UserError, run_cli
-from pruning.cli import main as prune_main
+from common.errors import UserError, run_cli
+from cli.prune import main as prune_main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from export import main as export_main  # noqa: E402
+from cli.export import main as export_main
+from helpers import ENV, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SMALL = {"depths": (1, 1, 3, 1), "dims": (16, 32, 48, 64)}
 
 
@@ -77,7 +76,7 @@ def timm_files(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["pth", "safetensors"])
 def test_timm_layout_reads_as_ours_with_timms_logits(timm_files, kind):
     model, pth, st = timm_files
-    ours, held = checkpoint.load_held_model(pth if kind == "pth" else st)
+    ours, held = load_held_model(pth if kind == "pth" else st)
     assert isinstance(ours, models.FAMILIES["convnext"])
     assert held.arch["dims"] == list(SMALL["dims"]) and held.num_classes == 10
     assert torch.allclose(logits(ours), logits(model), atol=1e-5)
@@ -112,7 +111,7 @@ def test_conv_mlp_variants_convert(tmp_path):
 def test_a_named_stock_timm_model_keeps_its_own_layout(tmp_path):
     """--model of a stock timm model (given or saved in args) reads its layout unconverted."""
     stock = timm.create_model("convnext_atto", num_classes=3)
-    held = checkpoint.read_held({"model": stock.state_dict(), "args": {"model": "convnext_atto"}})
+    held = read_held({"model": stock.state_dict(), "args": {"model": "convnext_atto"}})
     assert held.arch is None and held.name == "convnext_atto" and "stem.0.weight" in held.state
 
 
@@ -123,7 +122,7 @@ def test_prune_finetune_eval_and_export_of_timm_weights(timm_files, tmp_path, ca
     kept = tmp_path / "kept.pth"
     assert prune_main([str(a) for a in ("--checkpoint", st, "--output", kept, "--dims", *SMALL["dims"],
                                         "--input_size", "32")]) == 0
-    pruned, _ = checkpoint.load_held_model(kept)
+    pruned, _ = load_held_model(kept)
     assert torch.allclose(logits(pruned), logits(model), atol=1e-5)
 
     import datasets
@@ -137,7 +136,7 @@ def test_prune_finetune_eval_and_export_of_timm_weights(timm_files, tmp_path, ca
     out = tmp_path / "ft"
     run("main.py", "--finetune", st, "--epochs", "1", "--output_dir", out, "--batch_size", "64",
         "--warmup_epochs", "0", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0", *recipe)
-    assert checkpoint.load_held_model(out / "checkpoint-0.pth")[1].arch["dims"] == list(SMALL["dims"])
+    assert load_held_model(out / "checkpoint-0.pth")[1].arch["dims"] == list(SMALL["dims"])
     capsys.readouterr()
     assert run_cli(export_main, ["--checkpoint", str(st), "--output", str(tmp_path / "m.onnx"), "--input_size", "32"]) == 0
     assert "parity" in capsys.readouterr().out
@@ -149,15 +148,15 @@ def test_safetensors_round_trip_keeps_arch_args_and_refuses_nan(tmp_path):
     arch = {**models.FAMILIES["convnext"].example_arch()}
     model = models.build_model(arch)
     path = tmp_path / "w.safetensors"
-    checkpoint.save_weights_file({"model": model.state_dict(), "arch": model.arch,
+    save_weights_file({"model": model.state_dict(), "arch": model.arch,
                                   "args": {"input_size": 48, "data_set": "DIGITS"}}, path)
-    held = checkpoint.read_held(checkpoint.load_checkpoint_file(path))
+    held = read_held(load_checkpoint_file(path))
     assert held.arch == model.arch and held.trained_input_size == 48       # multi-scale: from metadata
     bad = {k: v.clone() for k, v in model.state_dict().items()}
     bad["head.weight"][0, 0] = float("nan")
     save_file(bad, tmp_path / "nan.safetensors")
     with pytest.raises(UserError, match="NaN"):
-        checkpoint.read_held(checkpoint.load_checkpoint_file(tmp_path / "nan.safetensors"))
+        read_held(load_checkpoint_file(tmp_path / "nan.safetensors"))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header", "metadata"])
@@ -177,7 +176,7 @@ def test_prune_writes_safetensors_weights(timm_files, tmp_path):
     out = tmp_path / "p.safetensors"
     run("pruning/prune.py", "--checkpoint", timm_files[1], "--output", out, "--dims", "16", "32", "48", "32",
         "--input_size", "32")
-    ckpt = checkpoint.load_checkpoint_file(out)
+    ckpt = load_checkpoint_file(out)
     assert ckpt["arch"]["dims"] == [16, 32, 48, 32] and ckpt["pruning"]["criterion"] == "opnorm"
     with open(out, "rb") as f:
         assert f.read(1) != b"\x80" and b"PK" not in f.read(2)              # no pickle, no zip
@@ -189,14 +188,14 @@ def test_main_save_format_safetensors_twins_the_best_checkpoint(tmp_path, capsys
     run("main.py", "--model", "resnet20", "--epochs", "1", "--output_dir", out, "--save_format", "safetensors",
         "--batch_size", "128", "--warmup_epochs", "0", "--aa", "none", "--reprob", "0", "--mixup", "0",
         "--cutmix", "0", *recipe)
-    best, twin = checkpoint.load_checkpoint_file(out / "checkpoint-best.pth"), out / "checkpoint-best.safetensors"
+    best, twin = load_checkpoint_file(out / "checkpoint-best.pth"), out / "checkpoint-best.safetensors"
     weights = load_file(twin)
     assert set(weights) == set(best["model"]) and all(torch.equal(weights[k], best["model"][k]) for k in weights)
     logged = json.loads((out / "log.txt").read_text().splitlines()[-1])["test_acc1"]
     proc = run("main.py", "--eval", "true", "--resume", twin, *recipe)
     assert f"{logged:.5f}%" in proc.stderr + proc.stdout                  # --resume reads it
-    from run_folder import RunFolder
-    resumed = RunFolder(str(out), checkpoint.load_checkpoint_file(out / "checkpoint-0.pth"), str(out / "checkpoint-0.pth"))
+    from training.run_folder import RunFolder
+    resumed = RunFolder(str(out), load_checkpoint_file(out / "checkpoint-0.pth"), str(out / "checkpoint-0.pth"))
     resumed.check(start_epoch=1)                                            # the twin is the run's own
     assert twin.name in resumed.owned
     with pytest.raises(UserError, match="already holds"):
@@ -303,7 +302,7 @@ def test_tagged_name_downloads_timms_weights_from_the_hub(timm_files, hub_env, t
     big = timm_model(classes=21841)
     save_file(big.state_dict(), tmp_path / "w.safetensors")
     _Hub.files[("timm/convnext_tiny.fb_in22k", "model.safetensors")] = (tmp_path / "w.safetensors").read_bytes()
-    code = ("import sys, torch; sys.path.insert(0, '.'); import models, timm\n"
+    code = ("import sys, torch; import models, timm\n"
             f"m = timm.create_model('convnext_tiny.fb_in22k', pretrained=True, depths={SMALL['depths']}, "
             f"dims={SMALL['dims']}).eval()\n"
             "torch.manual_seed(1); x = torch.randn(4, 3, 32, 32)\n"
@@ -333,7 +332,7 @@ def test_export_folder_loads_with_timm_alone(name, tmp_path, capsys):
     torch.manual_seed(0)
     model = models.create_model(name, layer_scale_init_value=0.3).eval()
     ckpt = tmp_path / "c.pth"
-    checkpoint.save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
                                      "args": {"input_size": 32, "data_set": "DIGITS"}}, ckpt)
     folder = tmp_path / "folder"
     assert run_cli(export_main, ["--checkpoint", str(ckpt), "--format", "timm", "--output", str(folder)]) == 0
@@ -355,7 +354,7 @@ def test_export_folder_loads_with_timm_alone(name, tmp_path, capsys):
 ])
 def test_export_folder_of_other_shapes_loads_once_models_is_imported(arch, tmp_path):
     model = models.build_model(arch).eval()
-    held = checkpoint.read_held({"model": model.state_dict(), "arch": model.arch})
+    held = read_held({"model": model.state_dict(), "arch": model.arch})
     import datasets
     folder = tmp_path / "f"
     out = hub.write_folder(model, held, folder, datasets.default_data_args(input_size=32))

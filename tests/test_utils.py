@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import utils  # noqa: E402
-from errors import UserError  # noqa: E402
+import utils
+from common.errors import UserError
 
 
 # ----------------------------------------------------------------------------- small helpers
 
 def test_str2bool():
-    from flags import str2bool
+    from cli.flags import str2bool
     assert str2bool("true") and str2bool("Y") and str2bool("1")
     assert not str2bool("false") and not str2bool("0") and not str2bool("No")
     with pytest.raises(argparse.ArgumentTypeError):

@@ -9,9 +9,9 @@ import time
 import torch
 import torch.nn as nn
 
-from errors import UserError, first_line
+from common.errors import UserError, first_line
 from models.complexity import in_chans_of
-from runtime import GRAPH_BACKENDS, graph_runner, onnx_modules, quantize_int8
+from deploy.runtime import GRAPH_BACKENDS, graph_runner, onnx_modules, quantize_int8
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.AMP's dtypes
 DEFAULT_THREADS = torch.get_num_threads()

@@ -16,9 +16,9 @@ import re
 import shutil
 import uuid
 
-from checkpoint import load_checkpoint_file, save_checkpoint_file, save_weights_file
-from errors import UserError
-from files import TEMP_PREFIX, atomic_open
+from checkpoints.io import load_checkpoint_file, save_checkpoint_file, save_weights_file
+from common.errors import UserError
+from common.files import TEMP_PREFIX, atomic_open
 
 logger = logging.getLogger(__name__)
 

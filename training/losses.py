@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
-from errors import UserError
+from checkpoints.identity import load_held_model
+from common.errors import UserError
 
 
 def kd_term(student, teacher, temperature):
@@ -60,7 +60,7 @@ def load_teachers(paths, device, channels_last=False, nb_classes=None):
     """
     teachers = []
     for path in paths:
-        model, held = checkpoint.load_held_model(path)
+        model, held = load_held_model(path)
         if nb_classes is not None and held.num_classes is not None and held.num_classes != nb_classes:
             raise UserError(f"--teacher {path} ({held.label}) has {held.num_classes} classes but the data "
                             f"set has {nb_classes}")

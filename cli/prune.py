@@ -45,13 +45,14 @@ import logging
 import os
 import sys
 
-from flags import DATA_SETS, add_download_flag, check_source, is_remote, set_download_timeout
-from errors import ArgumentParser, UserError, run_cli
-from files import check_output_file
-from runtime import BACKENDS
+from checkpoints.sources import check_source, is_remote, set_download_timeout
+from cli.flags import DATA_SETS, add_download_flag
+from common.errors import ArgumentParser, UserError, run_cli
+from common.files import check_output_file
+from deploy.runtime import BACKENDS
 
-from .criteria import BASE_AGGREGATION, CRITERIA, NORMALIZATIONS, REDUCTIONS, SCOPES, Aggregation
-from .spec import COMPENSATIONS, Calibration, KeepRules, PruneSpec
+from pruning.criteria import BASE_AGGREGATION, CRITERIA, NORMALIZATIONS, REDUCTIONS, SCOPES, Aggregation
+from pruning.spec import COMPENSATIONS, Calibration, KeepRules, PruneSpec
 
 
 def _count(text):
@@ -217,7 +218,7 @@ def list_groups(arch, groups):
 
 def print_latency(r):
     """Predicted against measured, and a warning when the measurement misses the target."""
-    from .latency import WARN_MISS
+    from pruning.latency import WARN_MISS
     where = f"{r['backend']}, batch {r['batch']}, {r['dtype']}, {r['threads']} threads"
     line = f"latency ({where}): predicted {r['predicted_ms']:.3g} ms, measured {r['measured_ms']:.3g} ms"
     if r["target_speedup"] is not None:
@@ -234,7 +235,7 @@ def print_latency(r):
 
 def run(args):
     import models  # here, not above: --help and flag errors come before torch loads
-    from . import api
+    from pruning import api
     spec = check_args(args)
     if args.list_groups:
         source = api.open_source(args.checkpoint, model=args.model, use_ema=args.use_ema)
@@ -271,3 +272,7 @@ def main(argv=None):
         progress.setLevel(logging.INFO)
     return run_cli(lambda argv: run(get_args_parser().parse_args(argv)), argv)
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

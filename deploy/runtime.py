@@ -10,7 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from errors import UserError
+from common.errors import UserError
 
 # the exported graph run by ONNX Runtime, fp32 or its int8 quantization: no train step. (OpenVINO
 # was measured on the same graphs and not offered: README, Deploy.)
@@ -119,3 +119,10 @@ def percentile(values, q):
     ordered = sorted(values)
     rank = math.ceil(q / 100 * len(ordered))  # 1-based: the smallest value with q% at or below
     return ordered[min(len(ordered), max(rank, 1)) - 1]
+
+
+def onnx_graph_sha256(model_proto):
+    """The hash of an ONNX graph (operators and weights): stored in the file by scripts/export.py
+    and checked by scripts/inference.py, so a damaged file is refused."""
+    import hashlib
+    return hashlib.sha256(model_proto.graph.SerializeToString(deterministic=True)).hexdigest()

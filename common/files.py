@@ -13,7 +13,7 @@ import os
 import socket
 import tempfile
 
-from errors import UserError
+from common.errors import UserError
 
 TEMP_PREFIX = ".tmp-"  # temp names: .tmp-<target name>-<random><suffix>
 

@@ -8,9 +8,10 @@ import math
 import os
 import sys
 
-from errors import ArgumentParser, HelpFormatter, UserError  # noqa: F401  (ArgumentParser: run_with_submitit)
-from flags import DATA_SETS, SCHEDULES, add_download_flag, check_source, set_download_timeout, str2bool
-from runtime import AMP
+from common.errors import ArgumentParser, HelpFormatter, UserError  # noqa: F401  (ArgumentParser: run_with_submitit)
+from checkpoints.sources import check_source, set_download_timeout
+from cli.flags import DATA_SETS, SCHEDULES, add_download_flag, str2bool
+from deploy.runtime import AMP
 
 DEFAULT_MODEL = "convnext_tiny"
 

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from errors import UserError
+from common.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_TINY_1K = "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth"
@@ -273,7 +273,7 @@ class Pipeline:
 
 def _run(argv, log_path, what):
     """Run one tool with its output in `log_path`; its stdout, or one line when it fails."""
-    from pruning.study import die_with_parent
+    from studies.study import die_with_parent
     proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=die_with_parent)
     with open(log_path, "a", encoding="utf-8") as f:
         f.write(f"$ {shlex.join(argv)}\n{proc.stdout}{proc.stderr}\n")
@@ -285,7 +285,7 @@ def _run(argv, log_path, what):
 
 def _size(path, input_size):
     import models
-    from checkpoint import load_checkpoint_file
+    from checkpoints.io import load_checkpoint_file
     return models.count_arch(load_checkpoint_file(path, mmap=True)["arch"], input_size)
 
 
@@ -293,8 +293,8 @@ def _ensemble_top1(paths, data_args):
     """Top-1 of the mean softmax of several checkpoints' models on the evaluation split."""
     import torch
     from engine import evaluate
-    from losses import load_teachers
-    from pruning.study import Evaluator
+    from training.losses import load_teachers
+    from studies.study import Evaluator
 
     class Mean(torch.nn.Module):
         def __init__(self, members):
@@ -332,7 +332,7 @@ def run_step(pipe, step, log_path):
             raise UserError(f"step {step.name}: the evaluation printed no top-1; its log: {log_path}")
         acc = float(found[-1])
     else:
-        from pruning.study import last_top1
+        from studies.study import last_top1
         acc = last_top1(os.path.dirname(path))
     params, macs = _size(path, size)
     return {"params": params, "macs": macs, "acc": acc, "snapshot": path}
@@ -358,7 +358,7 @@ def _clock(seconds):
 
 def run(pipe, settings, say=print):
     """Run every step not finished yet, in order; the results rows (one per step)."""
-    from pruning.study import Results
+    from studies.study import Results
     pipe.check()
     os.makedirs(pipe.output_dir, exist_ok=True)
     results = Results(pipe.output_dir, settings, ("step",), ("step", "params", "macs", "acc", "seconds", "snapshot"))

@@ -22,9 +22,9 @@ from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IM
                                  IMAGENET_INCEPTION_STD)
 
 import models
-from checkpoint import save_weights_file
-from errors import UserError, first_line
-from files import TEMP_PREFIX, atomic_open
+from checkpoints.io import save_weights_file
+from common.errors import UserError, first_line
+from common.files import TEMP_PREFIX, atomic_open
 
 FILES = ("model.safetensors", "config.json", "README.md")
 # The training flags a published folder keeps (what reading it needs; no paths of this machine).

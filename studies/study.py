@@ -25,13 +25,14 @@ import torch
 import datasets
 import models
 from engine import evaluate
-from flags import check_source, set_download_timeout
-from errors import UserError, first_line
-from files import LOCK_NAME, atomic_open, drop_lock, hold_lock
+from checkpoints.sources import check_source, set_download_timeout
+from common.errors import UserError, first_line
+from common.files import LOCK_NAME, atomic_open, drop_lock, hold_lock
 
-from . import api, cli
-from .calibration import stacked_batches
-from .criteria import get_criterion
+from cli import prune as cli
+from pruning import api
+from pruning.calibration import stacked_batches
+from pruning.criteria import get_criterion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

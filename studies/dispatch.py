@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from errors import ArgumentParser, UserError
-from flags import add_download_flag
+from common.errors import ArgumentParser, UserError
+from cli.flags import add_download_flag
 
 LAUNCHERS = ("local", "slurm")
 SLURM_DEFAULTS = {"slurm_partition": None, "slurm_time": 60, "gpus_per_cell": 1, "max_parallel": 8, "retries": 1}
@@ -77,7 +77,7 @@ class CellJob:
     key_fields: tuple
 
     def __call__(self):
-        from pruning.study import append_row
+        from studies.study import append_row
         row = self.compute(self.context(self.args), self.args, self.cell)
         append_row(self.results_path, self.key_fields, row)
         return row

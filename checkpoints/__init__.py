@@ -1,0 +1,1 @@
+"""Checkpoints: where they come from (sources), what a file is (formats), reading and writing (io), which model one holds (identity), a training run's state (training_state), and timm / Hub folders (timm_folder). Importing the package loads nothing heavy."""

@@ -1,0 +1,142 @@
+"""Where a checkpoint comes from: a local path, an http(s) URL (downloaded once into torch's
+hub cache) or hf-hub:ORG/NAME[@REVISION] (huggingface_hub's cache). Importable without torch,
+so the command lines check a source before PyTorch loads."""
+import hashlib
+import logging
+import os
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from checkpoints.formats import check_structure
+from common.errors import UserError, first_line
+from common.files import atomic_path, sha256_file
+
+logger = logging.getLogger(__name__)
+
+HF_HUB = "hf-hub:"  # hf-hub:ORG/NAME[@REVISION], as timm names Hub weights
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a Hub model repo holds, preferred first
+DOWNLOAD_TIMEOUT = 60.0  # seconds a connect or a read may wait (--download_timeout)
+
+
+def is_url(path):
+    return bool(re.match(r"^https?://", os.fspath(path), re.I))
+
+
+def is_remote(path):
+    """An http(s) URL or an hf-hub: id: fetched into a cache, then read like a local file."""
+    return is_url(path) or os.fspath(path).startswith(HF_HUB)
+
+
+def check_source(path, what):
+    """Refuse a local checkpoint path that is missing or a folder, before any work (URLs and
+    hf-hub: ids are checked when fetched). `what` names it: "--resume x.pth", "checkpoint"."""
+    path = os.fspath(path)
+    if is_remote(path):
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{what}: is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what}: no such file (checkpoint not found)")
+
+
+def set_download_timeout(seconds):
+    """Range-checked, before any work; checkpoint.download reads it."""
+    global DOWNLOAD_TIMEOUT
+    if not (isinstance(seconds, (int, float)) and 0 < seconds <= 86400):
+        raise UserError(f"--download_timeout must be in (0, 86400] seconds, got {seconds}")
+    DOWNLOAD_TIMEOUT = float(seconds)
+
+
+def local_copy(path):
+    """`path` itself, or for an http(s) URL its copy in the torch hub cache (downloaded once,
+    with a progress bar; a `-<hex>.` hash prefix in the file name is checked), or for an
+    hf-hub: id its copy in the Hugging Face cache (hub_copy)."""
+    path = os.fspath(path)
+    if path.startswith(HF_HUB):
+        return hub_copy(path)
+    if not is_url(path):
+        if re.match(r"^[a-z][a-z0-9+.-]*://", path, re.I):
+            raise UserError(f"cannot read {path}: only local paths, http(s) URLs and hf-hub:ORG/NAME are supported")
+        return path
+    return download(path)
+
+
+def download(url):
+    """The local copy of an http(s) URL: `<torch hub>/checkpoints/<hash of the whole URL>/<name>`,
+    downloaded once with a progress bar into a temp name, with a connect / read timeout,
+    checked against Content-Length, a `-<hex>.` hash prefix in the name, and the file's own
+    structure (a zip's CRCs, a safetensors header) before it is renamed into the cache."""
+    import torch  # here: the cache folder and its hash rule are torch.hub's
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint.pth"
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints", hashlib.sha256(url.encode()).hexdigest()[:16])
+    dst = os.path.join(folder, name)
+    if os.path.isfile(dst):
+        logger.info("Using the cached download %s", dst)
+        return dst
+    logger.warning("Downloading %s to %s", url, dst)
+    match = torch.hub.HASH_REGEX.search(name)
+    try:
+        with atomic_path(dst) as tmp:
+            _fetch(url, tmp, name)
+            if match and not sha256_file(tmp).startswith(match.group(1)):
+                raise UserError(f"download of {url} is corrupt: its sha256 does not start with "
+                                f"{match.group(1)} (the hash in its name)")
+            check_structure(tmp, url)
+    except urllib.error.HTTPError as e:
+        raise UserError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"cannot download {url}: {first_line(reason)}"
+                        + (f" (no answer within --download_timeout {DOWNLOAD_TIMEOUT:g} s)"
+                           if isinstance(reason, TimeoutError) else "")) from None
+    return dst
+
+
+def _fetch(url, path, name):
+    from tqdm import tqdm
+    request = urllib.request.Request(url, headers={"User-Agent": "efficient-convnext"})
+    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response, open(path, "wb") as f:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        got = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=name, file=sys.stderr) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and got != total:
+        raise UserError(f"download of {url} was cut short ({got:,} of {total:,} bytes); nothing was cached")
+
+
+def hub_copy(ref):
+    """The local copy of the weights of `hf-hub:ORG/NAME[@REVISION]` (HUB_WEIGHTS, the first
+    the repo has), fetched by huggingface_hub into its cache with a progress bar; its
+    settings hold (HF_HUB_OFFLINE=1 reads the cached copy, HF_ENDPOINT, HF_HOME, tokens)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    repo, _, revision = ref[len(HF_HUB):].partition("@")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise UserError(f"{ref}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    for filename in HUB_WEIGHTS:
+        try:
+            return hf_hub_download(repo, filename, revision=revision or None)
+        except RemoteEntryNotFoundError:
+            continue
+        except LocalEntryNotFoundError:
+            raise UserError(f"{ref}: not in the local Hugging Face cache, and the Hub cannot be "
+                            "reached (offline, or HF_HUB_OFFLINE=1)") from None
+        except GatedRepoError:
+            raise UserError(f"{ref} is gated: accept its terms on the Hub and log in (hf auth login)") from None
+        except RepositoryNotFoundError:
+            raise UserError(f"{ref}: no such model repository on the Hub (or a private one: "
+                            "log in with hf auth login)") from None
+        except RevisionNotFoundError:
+            raise UserError(f"{ref}: the repository has no revision {revision!r}") from None
+        except (HfHubHTTPError, OSError) as e:
+            raise UserError(f"cannot download {ref}: {first_line(e)}") from None
+    raise UserError(f"{ref} holds no weights ({' or '.join(HUB_WEIGHTS)})")

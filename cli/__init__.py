@@ -1,0 +1,1 @@
+"""The command-line layer: shared flags (flags.py), main.py's flags and their checks (options.py), and one module per tool (prune, diagnose, sensitivity, iterative, compare_criteria, reproduce, export, inference, benchmark, bench_engine); the scripts in pruning/ and scripts/ run these."""

@@ -1,0 +1,1 @@
+"""Studies over the pruning API: cells fine-tuned and evaluated with a results file that survives kills (study.py), launchers (dispatch.py), statistics (stats.py), and the seeds' whole pipelines (recipes.py)."""
