@@ -12,11 +12,10 @@ costs.py        fast params / MACs of candidate plans (exact counts: models.coun
 surgery.py      cut state dicts and rewrite checkpoints
 compensate.py   optional fit of the pruned model's norms (and their readers) to the dense model
 api.py          prune(source, spec) -> Result: the stages above in one call
-prune.py        the command-line tool over api.py (prune_convnext.py: the same tool under its first name)
+diagnosis.py    what a cut did to every norm's statistics; probe.py: the hooks it and compensate.py use
 
-Studies built on api.py: study.py (shared), sensitivity.py, iterative.py and
-scripts/compare_criteria.py; diagnosis.py (diagnose.py: its command line) measures what a cut
-did to every norm's statistics, probe.py holds the hooks both it and compensate.py use. recipes.py: the seeds' whole pipelines (scripts/reproduce.py).
+The entry scripts here (prune.py, its alias prune_convnext.py, diagnose.py, sensitivity.py,
+iterative.py) run their modules in cli/; studies/ holds the studies built on api.py.
 """
 from .criteria import CRITERIA, Aggregation, Criterion, get_criterion, register_criterion
 from .spec import Calibration, KeepRules, PruneSpec
