@@ -24,7 +24,7 @@ import sys
 from dataclasses import replace
 
 
-from deploy.runtime import AMP, BACKENDS, GRAPH_BACKENDS, Settings, check_settings, percentile
+from deploy.runtime import AMP, Settings, check_settings, get_runtime, percentile, runtime_names
 from checkpoints.sources import set_download_timeout
 from cli.flags import add_download_flag, str2bool
 from common.errors import ArgumentParser, UserError, parse_first, run_cli
@@ -47,8 +47,8 @@ def _parse_positive(text):
 
 
 def _parse_backend(text):
-    if text not in BACKENDS:
-        raise ValueError(f"expected one of {', '.join(BACKENDS)}")
+    if text not in runtime_names():
+        raise ValueError(f"expected one of {', '.join(runtime_names())}")
     return text
 
 
@@ -72,7 +72,7 @@ def get_args_parser():
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--amp", default="none", choices=AMP, help="autocast dtype")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (= --backend compile)")
-    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
+    p.add_argument("--backend", nargs="+", choices=runtime_names(), default=None,
                    help="runtimes to time, each model in each (default: eager); onnxruntime exports "
                         "the model first (and checks the graph's logits against PyTorch), "
                         "onnxruntime-int8 also quantizes it (calibrated on random images: speed only); "
@@ -137,7 +137,7 @@ def benchmark_model(spec, settings, args):
                compile=settings.compile, threads=settings.threads or torch.get_num_threads(),
                torch=torch.__version__, timm=timm.__version__)
     runner = make_runner(model, settings, num_classes)
-    skip = set(args.skip) | ({"train"} if settings.backend in GRAPH_BACKENDS else set())
+    skip = set(args.skip) | ({"train"} if not settings.runtime.trains else set())
     for mode in (m for m in MODES if m not in skip):
         logger.info("%s: %s", spec, mode)
         runner.warmup(mode, args.warmup)
@@ -236,7 +236,7 @@ def run_vs(args, settings):
         s = parse_settings(text, settings)
         model = build(spec)
         macs, num_classes = forward_cost(model, s.input_size)
-        if s.backend in GRAPH_BACKENDS and args.vs_mode == "train":
+        if not s.runtime.trains and args.vs_mode == "train":
             raise UserError(f"the {s.backend} backend has no training step: --vs_mode eval or latency")
         sides.append((f"{spec} [{s.describe()}]", make_runner(model, s, num_classes), macs))
     mode = args.vs_mode

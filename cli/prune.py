@@ -49,7 +49,7 @@ from checkpoints.sources import check_source, is_remote, set_download_timeout
 from cli.flags import DATA_SETS, add_download_flag
 from common.errors import ArgumentParser, UserError, run_cli
 from common.files import check_output_file
-from deploy.runtime import BACKENDS
+from deploy.runtime import runtime_names
 
 from pruning.criteria import BASE_AGGREGATION, CRITERIA, NORMALIZATIONS, REDUCTIONS, SCOPES, Aggregation
 from pruning.spec import COMPENSATIONS, Calibration, KeepRules, PruneSpec
@@ -96,7 +96,7 @@ def get_args_parser():
                        "(global ranking; measured, see --latency_backend)")
     rules.add_argument("--target_speedup", type=float, metavar="X",
                        help="prune until the model runs X times faster than the source on this machine")
-    rules.add_argument("--latency_backend", default="eager", choices=BACKENDS,
+    rules.add_argument("--latency_backend", default="eager", choices=runtime_names(),
                        help="the runtime latency is measured in")
     rules.add_argument("--latency_batch", type=int, default=1, help="images per timed batch")
     rules.add_argument("--latency_dtype", default="fp32", choices=("fp32", "bf16"),

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from common.errors import UserError, first_line
 from models.complexity import in_chans_of
-from deploy.runtime import GRAPH_BACKENDS, graph_runner, onnx_modules, quantize_int8
+from deploy.runtime import graph_runner, onnx_modules, quantize_int8
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # runtime.AMP's dtypes
 DEFAULT_THREADS = torch.get_num_threads()
@@ -52,7 +52,7 @@ class Runner:
         self.device = torch.device(s.device)
         fmt = torch.channels_last if s.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=fmt)
-        if s.compile or s.backend == "compile":
+        if s.compile or s.runtime.compiles:
             try:
                 self.model = torch.compile(self.model, dynamic=False)
             except Exception as e:  # e.g. a Python version this torch cannot compile for
@@ -102,7 +102,7 @@ class Runner:
     def warmup(self, mode, steps):
         """Untimed steps; the first one compiles under --compile, so its failure is explained."""
         self.enter(mode)
-        compiled = self.settings.compile or self.settings.backend == "compile"
+        compiled = self.settings.compile or self.settings.runtime.compiles
         for i in range(max(steps, 1 if compiled else 0)):
             try:
                 self.step(mode)
@@ -128,9 +128,7 @@ class Runner:
 class GraphRunner(Runner):
     """The same steps on the exported graph (dynamic batch) in ONNX Runtime on the CPU with the
     torch thread count. The fp32 graph must give PyTorch's logits on the eval batch (1e-4 of
-    the largest |logit| above 1), else it is refused; onnxruntime-int8 runs its int8
-    quantization, calibrated on random images (speed only: scripts/export.py --quantize int8
-    calibrates on training images and reports the accuracy)."""
+    the largest |logit| above 1), else it is refused."""
 
     def __init__(self, model, settings, num_classes):
         super().__init__(model, settings, num_classes)
@@ -141,19 +139,16 @@ class GraphRunner(Runner):
         onnx_modules()
         export_onnx(self.model.eval(), example, path)
         self.arrays = {k: v.numpy() for k, v in self.inputs.items()}
-        threads = settings.threads or DEFAULT_THREADS
-        if settings.backend.endswith("-int8"):
-            generator = torch.Generator().manual_seed(0)
-            batches = [torch.randn(tuple(self.inputs["eval"].shape), generator=generator).numpy()
-                       for _ in range(2)]
-            quantize_int8(path, path + ".int8", batches)
-            path += ".int8"
-        self.path = path
-        self.run_graph = graph_runner(path, threads)
-        if not settings.backend.endswith("-int8"):
-            self._check_parity(self.run_graph)
+        self.path = self.prepare(path)
+        self.run_graph = graph_runner(self.path, settings.threads or DEFAULT_THREADS)
+        self.check(self.run_graph)
 
-    def _check_parity(self, run):
+    def prepare(self, path):
+        """The graph file to run (here the fp32 graph as exported)."""
+        return path
+
+    def check(self, run):
+        """The fp32 graph must give PyTorch's logits."""
         with torch.inference_mode():
             ref = self.model(self.inputs["eval"]).float().numpy()
         diff, scale = float(abs(run(self.arrays["eval"]) - ref).max()), float(abs(ref).max())
@@ -169,6 +164,20 @@ class GraphRunner(Runner):
         self.run_graph(self.arrays[mode])
 
 
+class Int8GraphRunner(GraphRunner):
+    """The fp32 graph's int8 quantization, calibrated on random images (speed only:
+    scripts/export.py --quantize int8 calibrates on training images and reports the accuracy)."""
+
+    def prepare(self, path):
+        generator = torch.Generator().manual_seed(0)
+        batches = [torch.randn(tuple(self.inputs["eval"].shape), generator=generator).numpy() for _ in range(2)]
+        quantize_int8(path, path + ".int8", batches)
+        return path + ".int8"
+
+    def check(self, run):
+        pass  # int8 logits differ from fp32 by design; export.py measures the accuracy
+
+
 def make_runner(model, settings, num_classes):
-    cls = GraphRunner if settings.backend in GRAPH_BACKENDS else Runner
-    return cls(model, settings, num_classes)
+    """The settings' runtime's runner for `model`."""
+    return settings.runtime.runner_class()(model, settings, num_classes)

@@ -5,6 +5,8 @@ settings a model runs under, and the ONNX graph tools that need no PyTorch.
 Importable without torch (the command lines' --help and flag checks read these names);
 runners.py runs a model under a Settings, scripts/export.py writes the graphs.
 """
+import importlib
+import importlib.metadata
 import math
 import os
 import tempfile
@@ -12,11 +14,93 @@ from dataclasses import dataclass
 
 from common.errors import UserError
 
-# the exported graph run by ONNX Runtime, fp32 or its int8 quantization: no train step. (OpenVINO
-# was measured on the same graphs and not offered: README, Deploy.)
-GRAPH_BACKENDS = ("onnxruntime", "onnxruntime-int8")
-BACKENDS = ("eager", "compile", *GRAPH_BACKENDS)
 AMP = ("none", "bf16", "fp16")  # autocast dtypes of the PyTorch backends
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime a model is deployed on: a declared type, like pruning's Criterion.
+
+    name: what --backend / --latency_backend take.
+    runner: the class that runs a model under it, as "module:Class" (imported only when a
+        model is run, so this module stays torch-free) or the class itself; it is built as
+        runner(model, settings, num_classes) (deploy/runners.Runner's interface).
+    devices / amps: the devices and autocast dtypes it runs in; anything else is refused.
+    torch_options: --channels_last and --compile apply (PyTorch runs the model itself).
+    compiles: the model is run through torch.compile.
+    trains: it has a training step.
+    packages: whose versions a measurement depends on (the latency cache's key).
+    One `register_runtime(Runtime(...))` adds one: benchmark.py, prune.py's latency rule and
+    the latency cache take its name from then on.
+    """
+    name: str
+    summary: str
+    runner: object = "deploy.runners:Runner"
+    devices: tuple = ("cpu", "cuda")
+    amps: tuple = AMP
+    torch_options: bool = True
+    compiles: bool = False
+    trains: bool = True
+    packages: tuple = ("torch",)
+
+    def check(self, s):
+        """Refuse settings this runtime cannot run (named by their flags), before any model is built."""
+        if s.device.split(":")[0] not in self.devices:
+            raise UserError(f"the {self.name} backend ({self.summary}) runs on {' / '.join(self.devices)}, "
+                            f"not --device {s.device}")
+        if s.amp not in self.amps:
+            raise UserError(f"the {self.name} backend ({self.summary}) runs in {self.precisions()}: "
+                            f"no --amp {s.amp}")
+        if not self.torch_options and (s.channels_last or s.compile):
+            raise UserError(f"the {self.name} backend runs its own graph: no --channels_last or --compile with it")
+
+    def precisions(self):
+        return " / ".join("fp32" if a == "none" else a for a in self.amps)
+
+    def runner_class(self):
+        if not isinstance(self.runner, str):
+            return self.runner
+        module, _, name = self.runner.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def versions(self):
+        """package -> installed version, for the packages a measurement depends on."""
+        return {p: importlib.metadata.version(p) for p in self.packages}
+
+
+RUNTIMES = {}
+
+
+def register_runtime(runtime, replace_existing=False):
+    """Add a Runtime under its name (a second one of that name needs replace_existing); returns it."""
+    if not isinstance(runtime, Runtime):
+        raise TypeError(f"register_runtime takes a Runtime, not {type(runtime).__name__}")
+    if runtime.name in RUNTIMES and not replace_existing:
+        raise ValueError(f"a runtime named {runtime.name!r} is registered already")
+    RUNTIMES[runtime.name] = runtime
+    return runtime
+
+
+def get_runtime(name):
+    """The Runtime registered under `name` (one line naming the choices otherwise)."""
+    if name not in RUNTIMES:
+        raise UserError(f"unknown backend {name!r}: choose one of {', '.join(RUNTIMES)}")
+    return RUNTIMES[name]
+
+
+def runtime_names():
+    return tuple(RUNTIMES)
+
+
+# The exported graph run by ONNX Runtime, fp32 or its int8 quantization: CPU, no train step.
+# (OpenVINO was measured on the same graphs and not offered: docs/deploy.md.)
+_GRAPH = dict(runner="deploy.runners:GraphRunner", devices=("cpu",), amps=("none",), torch_options=False,
+              trains=False, packages=("torch", "onnx", "onnxruntime"))
+register_runtime(Runtime("eager", "PyTorch eager"))
+register_runtime(Runtime("compile", "torch.compile", compiles=True))
+register_runtime(Runtime("onnxruntime", "the exported fp32 graph in ONNX Runtime", **_GRAPH))
+register_runtime(Runtime("onnxruntime-int8", "its static int8 quantization (QDQ) in ONNX Runtime",
+                         **{**_GRAPH, "runner": "deploy.runners:Int8GraphRunner"}))
 
 
 @dataclass(frozen=True)
@@ -31,6 +115,10 @@ class Settings:
     threads: int = 0  # 0: torch's default
     backend: str = "eager"
 
+    @property
+    def runtime(self):
+        return get_runtime(self.backend)
+
     def describe(self):
         return (f"backend={self.backend},amp={self.amp},channels_last={int(self.channels_last)},"
                 f"compile={int(self.compile)},"
@@ -38,14 +126,12 @@ class Settings:
 
 
 def check_settings(s):
-    """Refuse settings this machine cannot run, before any model is built."""
+    """Refuse settings this machine or the runtime cannot run, before any model is built."""
     if s.device.startswith("cuda") and not _cuda_available():
         raise UserError(f"--device {s.device}: CUDA is not available on this machine")
     if s.amp == "fp16" and not s.device.startswith("cuda"):
         raise UserError("--amp fp16 needs a CUDA device (GradScaler); use --amp bf16 on CPU")
-    if s.backend in GRAPH_BACKENDS and (s.amp != "none" or s.channels_last or s.compile or s.device != "cpu"):
-        raise UserError(f"the {s.backend} backend runs its own graph on the CPU: no --amp, "
-                        "--channels_last, --compile or CUDA device with it (int8: the -int8 backends)")
+    s.runtime.check(s)
     return s
 
 

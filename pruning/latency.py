@@ -34,7 +34,7 @@ import torch.nn as nn
 import models
 from common.errors import UserError
 from common.files import atomic_open
-from deploy.runtime import Settings, check_settings
+from deploy.runtime import Settings, check_settings, get_runtime
 
 from .costs import KeptShapes
 from .plan import select
@@ -51,7 +51,7 @@ FORMAT = 1         # of the cache files
 
 @dataclass(frozen=True)
 class LatencySettings:
-    """Where latency is measured: a runtime.BACKENDS name, images per batch, fp32 or bf16."""
+    """Where latency is measured: a registered runtime's name, images per batch, fp32 or bf16."""
     backend: str = "eager"
     batch: int = 1
     dtype: str = "fp32"
@@ -79,14 +79,6 @@ def _machine():
     except OSError:
         pass
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine()}
-
-
-def _versions(backend):
-    out = {"torch": str(torch.__version__)}
-    if backend.startswith("onnxruntime"):
-        import onnxruntime
-        out["onnxruntime"] = onnxruntime.__version__
-    return out
 
 
 def _layers(arch, input_size):
@@ -166,7 +158,7 @@ class LatencyModel:
         s = self.settings
         return {"format": FORMAT, "arch": self.arch, "input_size": self.input_size, "backend": s.backend,
                 "batch": s.batch, "dtype": s.dtype, "threads": torch.get_num_threads(), "machine": _machine(),
-                **_versions(s.backend)}
+                **get_runtime(s.backend).versions()}
 
     def load_or_fit(self):
         """Read the cached rates of this key, else time the shapes, fit and cache. Returns self."""
@@ -242,7 +234,7 @@ def time_shapes(archs, input_size, settings, rounds=3):
     from deploy.runners import make_runner
     torch.manual_seed(0)
     runtime = settings.runtime(input_size)
-    if settings.backend == "compile":
+    if runtime.runtime.compiles:
         # every shape's blocks share one forward: past dynamo's recompile limit (8 shapes) it
         # would silently run them eager. Each call compiles afresh.
         torch._dynamo.reset()

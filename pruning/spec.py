@@ -9,7 +9,7 @@ checkpoint stores as `pruning.options`: the settings actually used.
 from dataclasses import asdict, dataclass, field, replace
 
 from common.errors import UserError
-from deploy.runtime import BACKENDS
+from deploy.runtime import get_runtime, runtime_names
 
 from .criteria import Aggregation, Criterion, get_criterion
 
@@ -39,7 +39,7 @@ class KeepRules:
     round_to: widths chosen by a ratio or a target round up to a multiple of this.
     target_latency / target_speedup: global ranking until one batch runs in <= this many ms,
         or this many times faster than the source, measured on
-        this machine (pruning/latency.py) in latency_backend (runtime.BACKENDS) at
+        this machine (pruning/latency.py) in latency_backend (a registered Runtime) at
         latency_batch images in latency_dtype (fp32, or bf16 autocast in eager / compile).
     """
     dims: tuple | None = None
@@ -96,15 +96,15 @@ class KeepRules:
                                               ("latency_dtype", "fp32")) if getattr(self, k) != default]
         if given and not self.latency_targeted:
             raise UserError(f"{', '.join(given)} apply to --target_latency / --target_speedup")
-        if self.latency_backend not in BACKENDS:
-            raise UserError(f"--latency_backend {self.latency_backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.latency_backend not in runtime_names():
+            raise UserError(f"--latency_backend {self.latency_backend!r}: choose one of {', '.join(runtime_names())}")
+        runtime = get_runtime(self.latency_backend)
         if self.latency_batch < 1:
             raise UserError(f"--latency_batch must be >= 1, got {self.latency_batch}")
         if self.latency_dtype not in ("fp32", "bf16"):
             raise UserError(f"--latency_dtype {self.latency_dtype!r}: choose fp32 or bf16")
-        if self.latency_dtype == "bf16" and self.latency_backend not in ("eager", "compile"):
-            raise UserError(f"--latency_dtype bf16 runs in eager or compile, not {self.latency_backend} "
-                            "(the -int8 backends are the quantized runtimes)")
+        if self.latency_dtype == "bf16" and "bf16" not in runtime.amps:
+            raise UserError(f"--latency_dtype bf16: the {runtime.name} backend runs in {runtime.precisions()}")
 
     @property
     def latency_targeted(self):

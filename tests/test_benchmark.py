@@ -181,8 +181,8 @@ def test_vs_two_models(tiny_ckpt, capsys):
     (["--models", "resnet18", "--json", "/missing/dir/x.json"], "its folder does not exist"),
     (["--models", "resnet18", "--input_size", "-5"], "--input_size must be at least 1"),
     (["--models", "resnet18", "--backend", "compile", "--compile"], "give --backend compile"),
-    (["--models", "resnet18", "--backend", "onnxruntime", "--amp", "bf16"], "runs its own graph on the CPU"),
-    (["--models", "resnet18", "--backend", "onnxruntime-int8", "--channels_last"], "runs its own graph"),
+    (["--models", "resnet18", "--backend", "onnxruntime", "--amp", "bf16"], "onnxruntime backend (the exported fp32 graph in ONNX Runtime) runs in fp32"),
+    (["--models", "resnet18", "--backend", "onnxruntime-int8", "--channels_last"], "runs its own graph: no --channels_last"),
     (["--vs", "resnet18", "--vs_settings", "backend=onnxruntime", "", "--vs_mode", "train"],
      "no training step"),
 ])

@@ -1,7 +1,11 @@
-"""The latency keep rule (pruning/latency.py): the model against real timings, a speed-up target
-met on a small ConvNeXt, the per-machine cache, composition with the other rules, bad input.
-Timings are real (eager, this machine); the tolerances below allow a busy 2-core machine."""
+"""The latency keep rule (pruning/latency.py): the fitted model, a speed-up target met, the
+per-machine cache, composition with the other rules, bad input.
+
+Nothing here times real code for a verdict: the rule measures through a registered runtime
+(deploy.runtime.Runtime) whose runner reports a known cost computed from the model, so the
+outcome is the same on a quiet and on a busy machine. Real timings are scripts/' business."""
 import json
+import math
 import os
 
 import pytest
@@ -10,13 +14,40 @@ import torch
 import models
 from checkpoints.io import load_checkpoint_file, save_checkpoint_file
 from common.errors import UserError
+from deploy.runtime import RUNTIMES, Runtime, register_runtime
+from models.complexity import count_macs
 from pruning import KeepRules, PruneSpec, open_source, prune
 from cli.prune import main as prune_main
 from pruning.latency import VARIANTS, LatencyModel, LatencySettings, time_shapes
 from pruning.plan import select
 
 ARCH = {"family": "convnext", "depths": [1, 1, 2, 1], "dims": [32, 64, 96, 128], "num_classes": 10}
-SIZE, BATCH = 128, 16  # big enough that compute, not per-op overhead, sets the time
+SIZE, BATCH = 64, 4
+
+
+class KnownCost:
+    """A runner whose every step 'takes' a cost computed from the model: 1 ms per 10 MMACs of a
+    batch, 0.2 ms per conv / Linear (launches), and a square-root term the latency model's
+    linear features cannot express exactly (so the re-planning loop has a miss to correct)."""
+
+    def __init__(self, model, settings, num_classes):
+        macs = count_macs(model, settings.input_size) * settings.batch_size
+        layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+        self.seconds = (macs / 1e7 + 0.2 * layers + 0.002 * math.sqrt(macs / 1e3)) / 1e3
+
+    def warmup(self, mode, steps):
+        pass
+
+    def time(self, mode, iters, min_time):
+        return [self.seconds] * max(iters, 1)
+
+
+# The toy runtime: one registration, and --latency_backend / the latency cache take its name.
+if "known-cost" not in RUNTIMES:
+    register_runtime(Runtime("known-cost", "a stand-in runner with a cost computed from the model",
+                             runner=KnownCost, devices=("cpu",), amps=("none",), torch_options=False))
+SETTINGS = LatencySettings(backend="known-cost", batch=BATCH)
+FLAGS = ["--latency_backend", "known-cost", "--latency_batch", str(BATCH)]
 
 
 @pytest.fixture(scope="module")
@@ -44,42 +75,50 @@ def src(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(src, cache):
     source = open_source(str(src))
-    return LatencyModel(source.arch, source.groups, SIZE, LatencySettings(batch=BATCH)).load_or_fit()
+    return LatencyModel(source.arch, source.groups, SIZE, SETTINGS).load_or_fit()
 
 
 def uniform(model, share):
     return {g.name: select(g, torch.arange(g.width), max(1, round(share * g.width))) for g in model.groups}
 
 
-def test_prediction_orders_shapes_as_their_real_timings(fitted, cache):
+def test_prediction_orders_shapes_as_their_costs_and_is_cached(fitted, cache):
     keeps = [uniform(fitted, s) for s in (1.0, 0.6, 0.3)]
     measured = time_shapes([fitted.arch_of(k) for k in keeps], SIZE, fitted.settings)
     predicted = [fitted.predict(k) for k in keeps]
     assert measured == sorted(measured, reverse=True) and predicted == sorted(predicted, reverse=True)
+    assert all(abs(p / m - 1) < 0.1 for p, m in zip(predicted, measured))
     assert fitted.predict({}) == pytest.approx(fitted.features({}) @ fitted.rates)
     cached = json.loads(open(fitted.cache_path).read())
-    assert cached["key"]["batch"] == BATCH and len(cached["samples"]) == VARIANTS + 1
+    assert cached["key"]["batch"] == BATCH and cached["key"]["backend"] == "known-cost"
+    assert len(cached["samples"]) == VARIANTS + 1
     assert os.path.dirname(fitted.cache_path) == str(cache / "latency")
+
+
+def test_real_timings_of_the_eager_runtime_are_finite_and_positive(src):
+    """The eager runtime's real timer runs; what its numbers are depends on the machine."""
+    arch = open_source(str(src)).arch
+    ms = time_shapes([arch], 32, LatencySettings(batch=1), rounds=1)
+    assert len(ms) == 1 and math.isfinite(ms[0]) and ms[0] > 0
 
 
 def test_target_speedup_is_met_and_recorded_and_the_cache_reused(src, fitted, tmp_path, capsys):
     out = tmp_path / "fast.pth"
-    argv = ["--checkpoint", str(src), "--output", str(out), "--target_speedup", "1.6",
-            "--latency_batch", str(BATCH)]
+    argv = ["--checkpoint", str(src), "--output", str(out), "--target_speedup", "1.6", *FLAGS]
     assert prune_main(argv) == 0
     text = capsys.readouterr()
     assert "timing shape" not in text.err  # the fitted model's cache answered
     report = load_checkpoint_file(out)["pruning"]["latency"]
-    assert report["cache"] == fitted.cache_path and report["backend"] == "eager"
-    # whether 1.6x is met depends on the machine's load: scripts/ measure that, the test checks the record
+    assert report["cache"] == fitted.cache_path and report["backend"] == "known-cost"
     assert report["speedup"] == pytest.approx(report["source_ms"] / report["measured_ms"])
+    assert report["speedup"] == pytest.approx(1.6, rel=0.03)  # the known costs make 3% a fixed bar
     assert f"{report['speedup']:.2f}x faster (target 1.6x)" in text.out
     assert "predicted" in text.out and "measured" in text.out
 
 
 def test_latency_rule_composes_with_fixed_groups_and_round_to(src, fitted):
     rules = KeepRules(target_latency=fitted.predict(uniform(fitted, 0.6)), group_ratio=[("stages.0.*", 0)],
-                      round_to=4, latency_batch=BATCH)
+                      round_to=4, latency_batch=BATCH, latency_backend="known-cost")
     result = prune(str(src), PruneSpec(rules=rules))
     widths = {g.name: len(result.keep[g.name]) for g in result.source.groups}
     for g in result.source.groups:
@@ -92,7 +131,7 @@ def test_latency_rule_composes_with_fixed_groups_and_round_to(src, fitted):
 
 
 def test_an_unreachable_target_is_one_line(src, fitted, capsys):
-    argv = ["--checkpoint", str(src), "--dry_run", "--target_latency", "0.001", "--latency_batch", str(BATCH)]
+    argv = ["--checkpoint", str(src), "--dry_run", "--target_latency", "0.001", *FLAGS]
     assert prune_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: target cannot be met: the smallest reachable shape is predicted at")
@@ -104,7 +143,7 @@ def test_an_unreachable_target_is_one_line(src, fitted, capsys):
     ({"target_latency": -1}, "must be > 0 ms"),
     ({"ratio": 0.5, "latency_batch": 4}, "apply to --target_latency"),
     ({"target_speedup": 2, "latency_backend": "tvm"}, "choose one of eager, compile"),
-    ({"target_speedup": 2, "latency_dtype": "bf16", "latency_backend": "onnxruntime"}, "runs in eager or compile"),
+    ({"target_speedup": 2, "latency_dtype": "bf16", "latency_backend": "onnxruntime"}, "the onnxruntime backend runs in fp32"),
     ({"target_speedup": 2, "latency_batch": 0}, "--latency_batch must be >= 1"),
 ])
 def test_bad_latency_rules_are_refused_before_any_work(kwargs, message):
@@ -159,5 +198,5 @@ def test_timings_that_do_not_separate_the_shapes_are_refused_and_not_cached(src,
     monkeypatch.setattr(lat, "time_shapes", lambda archs, size, settings, rounds=3: [5.0 for _ in archs])
     source = open_source(str(src))
     with pytest.raises(UserError, match="the timed shapes do not separate"):
-        LatencyModel(source.arch, source.groups, SIZE, LatencySettings(batch=BATCH)).load_or_fit()
+        LatencyModel(source.arch, source.groups, SIZE, SETTINGS).load_or_fit()
     assert not (tmp_path / "busy").exists()
