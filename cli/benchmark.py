@@ -24,7 +24,7 @@ import sys
 from dataclasses import replace
 
 
-from deploy.runtime import AMP, Settings, check_settings, get_runtime, percentile, runtime_names
+from deploy.runtime import AMP, Settings, check_settings, percentile, runtime_names
 from checkpoints.sources import set_download_timeout
 from cli.flags import add_download_flag, str2bool
 from common.errors import ArgumentParser, UserError, parse_first, run_cli

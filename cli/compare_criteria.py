@@ -33,6 +33,7 @@ from types import SimpleNamespace
 from cli.flags import DATA_SETS
 from common.errors import UserError, parse_first, run_cli
 
+from pruning.rules import budgets
 from studies import dispatch
 
 
@@ -73,15 +74,17 @@ from studies import stats, study  # noqa: E402
 
 
 def budget_argv(spec, arch, input_size):
-    """A budget -> prune.py keep-rule flags."""
+    """A budget -> prune.py keep-rule flags: a named shape, dims=A,B,.. or SHORT=S for a
+    registered budget (pruning/rules.py) with a study form, S a share in (0, 1)."""
     named = models.named_dims(arch)
     if spec in named:
         return ["--dims", *map(str, named[spec])]
+    shares = {b.short: b for b in budgets() if b.short}
     kind, sep, value = spec.partition("=")
-    if not sep or kind not in ("dims", "params", "macs", "ratio"):
+    if not sep or kind not in ("dims", *shares):
         known = ", ".join(named) or "none for this model"
-        raise UserError(f"budget {spec!r}: give a named shape ({known}), dims=A,B,.., params=S, "
-                        "macs=S or ratio=S")
+        raise UserError(f"budget {spec!r}: give a named shape ({known}), dims=A,B,.. or "
+                        + ", ".join(f"{k}=S" for k in shares))
     if kind == "dims":
         return ["--dims", *value.split(",")]
     try:
@@ -90,10 +93,8 @@ def budget_argv(spec, arch, input_size):
         raise UserError(f"budget {spec!r}: {value!r} is not a number") from None
     if not 0 < share < 1:
         raise UserError(f"budget {spec!r}: the share must be in (0, 1)")
-    if kind == "ratio":
-        return ["--ratio", value]
-    params, macs = models.count_arch(arch, input_size)
-    return [f"--target_{kind}", str(int(share * (params if kind == "params" else macs)))]
+    budget = shares[kind]
+    return [f"--{budget.name}", str(budget.from_share(share, arch, input_size))]
 
 
 def plan_cells(args, source):

@@ -52,19 +52,8 @@ from common.files import check_output_file
 from deploy.runtime import runtime_names
 
 from pruning.criteria import BASE_AGGREGATION, CRITERIA, NORMALIZATIONS, REDUCTIONS, SCOPES, Aggregation
-from pruning.spec import COMPENSATIONS, Calibration, KeepRules, PruneSpec
-
-
-def _count(text):
-    """A count such as 13564330, 13.5M, 4.4e9 or 2G."""
-    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1)
-    try:
-        value = float(text[:-1] if scale != 1 else text) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 13564330, 13.5M, 4.4G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return int(value)
+from pruning.rules import budgets
+from pruning.spec import COMPENSATIONS, Calibration, KeepRules, PruneSpec, rule_names
 
 
 def get_args_parser():
@@ -88,9 +77,8 @@ def get_args_parser():
     rules.add_argument("--group_ratio", type=_pattern_share, nargs="+", metavar="PATTERN=R",
                        help="prune share R of each group whose name matches the glob PATTERN "
                        "(later patterns win; R = 0 keeps a group whole); see --list_groups")
-    rules.add_argument("--target_params", type=_count, help="prune until params <= N (global ranking)")
-    rules.add_argument("--target_macs", type=_count, help="prune until MACs at --input_size <= N")
-    rules.add_argument("--ratio", type=float, help="prune this share of the channels of the ranked groups")
+    for budget in budgets():
+        rules.add_argument(f"--{budget.name}", type=budget.parse, metavar=budget.metavar, help=budget.help)
     rules.add_argument("--target_latency", type=float, metavar="MS",
                        help="prune until one batch runs in <= MS milliseconds on this machine "
                        "(global ranking; measured, see --latency_backend)")
@@ -173,12 +161,7 @@ def spec_from_args(args):
         calib = Calibration(batches=base.batches if args.calib_batches is None else args.calib_batches,
                             batch_size=base.batch_size if args.calib_batch_size is None else args.calib_batch_size,
                             data_set=args.data_set, data_path=args.data_path)
-    rules = KeepRules(dims=args.dims, hidden_ratio=args.hidden_ratio, mlp_ratio=args.mlp_ratio,
-                      group_ratio=args.group_ratio, target_params=args.target_params,
-                      target_macs=args.target_macs, ratio=args.ratio, round_to=args.round_to,
-                      target_latency=args.target_latency, target_speedup=args.target_speedup,
-                      latency_backend=args.latency_backend, latency_batch=args.latency_batch,
-                      latency_dtype=args.latency_dtype)
+    rules = KeepRules(**{name: getattr(args, name) for name in rule_names()})
     return PruneSpec(criterion=args.criterion, rules=rules,
                      aggregation=Aggregation(scope=args.scope, normalize=args.normalize, reduce=args.reduce),
                      raw_weights=args.raw_weights, seed=args.seed, calibration=calib, use_ema=args.use_ema,

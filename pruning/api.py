@@ -268,8 +268,7 @@ def _plan(src, spec, scores):
     this machine's latency model and checked by timing (outside one_thread: the runtime's
     own thread count)."""
     rules = spec.rules
-    needs_cost = rules.target_params is not None or rules.target_macs is not None
-    cost_model = CostModel(src.arch, src.groups, spec.input_size) if needs_cost else None
+    cost_model = CostModel(src.arch, src.groups, spec.input_size) if rules.reads_cost else None
     if not rules.latency_targeted:
         with one_thread():
             return plan_keep(src.groups, scores, rules, cost_model=cost_model), None

@@ -1,8 +1,8 @@
 """The keep plan: which channels of every group survive, from the group scores and the rules.
 
 Rules (spec.KeepRules, docs/design.md section 6): dims / hidden_ratio / mlp_ratio /
-group_ratio fix some widths; target_params / target_macs / ratio then rank the remaining groups
-in one global list. Ranking inside a group: higher score first; equal scores keep the lower channel
+group_ratio fix some widths; the budgets (pruning/rules.py: target_params / target_macs / ratio
+and any registered one) and the latency targets then rank the remaining groups in one global list. Ranking inside a group: higher score first; equal scores keep the lower channel
 index (a stable sort), so all-zero scores keep channels 0..k-1. Kept indices are always sorted.
 """
 import fnmatch
@@ -12,6 +12,8 @@ import torch
 from common.errors import UserError
 
 from models.groups import part_stop
+
+from .rules import Shape
 
 
 def ranking(score):
@@ -205,8 +207,9 @@ def plan_keep(groups, scores, rules, *, cost_model=None, latency=None):
     if rules.targeted:
         free = [g for g in groups if g.name not in fixed]
         if not free:
+            targets = [f"--{b.name}" for b, _ in rules.given_budgets()] + (["a latency target"] if rules.latency_targeted else [])
             raise UserError("--dims and --hidden_ratio / --mlp_ratio already fix every group: "
-                            "nothing is left for --target_params / --target_macs / --ratio / a latency target")
+                            f"nothing is left for {' / '.join(targets)}")
         keep.update(_global_keep(free, scores, keep, rules, cost_model, latency))
     return keep
 
@@ -224,32 +227,29 @@ def _global_keep(free, scores, keep, rules, cost_model, latency):
     group_of = torch.tensor([e[2] for e in entries], dtype=torch.int64)
     total = sum(g.width for g in free)
     round_to = rules.round_to
-    if (rules.target_params is not None or rules.target_macs is not None) and cost_model is None:
-        raise ValueError("params / MACs targets need a cost model")
+    if rules.reads_cost and cost_model is None:
+        raise ValueError("params / MACs budgets need a cost model")
+    given = rules.given_budgets()
 
     def candidate(m):
         removed = torch.bincount(group_of[:m], minlength=len(free)).tolist()
         return {g.name: select(g, order, round_width(g.width - r, g.width, round_to))
                 for g, order, r in zip(free, orders, removed)}
 
+    def shape(cand):
+        return Shape({**keep, **cand}, sum(v.numel() for v in cand.values()), total, cost_model)
+
     def meets(cand):
-        if rules.ratio is not None:
-            if sum(v.numel() for v in cand.values()) > (1 - rules.ratio) * total + 1e-9:
-                return False
         if latency is not None and latency[0].predict({**keep, **cand}) > latency[1]:
             return False
-        if rules.target_params is None and rules.target_macs is None:
-            return True
-        params, macs = cost_model({**keep, **cand})
-        return ((rules.target_params is None or params <= rules.target_params)
-                and (rules.target_macs is None or macs <= rules.target_macs))
+        return all(budget.meets(value, shape(cand)) for budget, value in given)
 
     lo, hi = 0, len(entries)
     if meets(candidate(lo)):
         return candidate(lo)
     smallest = candidate(hi)
     if not meets(smallest):
-        raise UserError(_unmet_message(rules, smallest, keep, total, cost_model, latency))
+        raise UserError(_unmet_message(given, shape(smallest), latency))
     while hi - lo > 1:  # invariant: candidate(lo) misses a target, candidate(hi) meets all
         mid = (lo + hi) // 2
         if meets(candidate(mid)):
@@ -259,15 +259,10 @@ def _global_keep(free, scores, keep, rules, cost_model, latency):
     return candidate(hi)
 
 
-def _unmet_message(rules, smallest, keep, total, cost_model, latency):
+def _unmet_message(given, smallest, latency):
     parts = []
     if latency is not None:
-        parts.append(f"the smallest reachable shape is predicted at {latency[0].predict({**keep, **smallest}):.3g} ms "
+        parts.append(f"the smallest reachable shape is predicted at {latency[0].predict(smallest.keep):.3g} ms "
                      f"(goal {latency[1]:.3g} ms)")
-    if rules.target_params is not None or rules.target_macs is not None:
-        params, macs = cost_model({**keep, **smallest})
-        parts.append(f"the smallest reachable shape has {params:,} params and {macs:,} MACs")
-    if rules.ratio is not None:
-        kept = sum(v.numel() for v in smallest.values())
-        parts.append(f"at most {1 - kept / total:.4f} of the ranked channels can go")
+    parts += [budget.reached(smallest) for budget, _ in given]
     return "target cannot be met: " + "; ".join(parts) + " (every group keeps >= 1 channel)"

@@ -12,6 +12,7 @@ from common.errors import UserError
 from deploy.runtime import get_runtime, runtime_names
 
 from .criteria import Aggregation, Criterion, get_criterion
+from .rules import budgets
 
 # What is done after the cut (pruning/compensate.py), by --compensate name
 COMPENSATIONS = {
@@ -24,9 +25,20 @@ def _tuple(value):
     return None if value is None else tuple(value)
 
 
-@dataclass(frozen=True, kw_only=True)
+# KeepRules' own settings and their defaults; the registered budgets (pruning/rules.py) join them
+SETTINGS = {"dims": None, "hidden_ratio": None, "mlp_ratio": None, "group_ratio": None, "round_to": 1,
+            "target_latency": None, "target_speedup": None, "latency_backend": "eager", "latency_batch": 1,
+            "latency_dtype": "fp32"}
+
+
+def rule_names():
+    """Every KeepRules field: its settings, then the registered budgets."""
+    return (*SETTINGS, *(b.name for b in budgets()))
+
+
 class KeepRules:
-    """Which channels survive (docs/design.md section 6); the rules compose.
+    """Which channels survive (docs/design.md section 6); the rules compose. Keyword-only,
+    frozen; attributes by name (rules.dims, rules.ratio, ...).
 
     dims: residual width per stage (one number for an isotropic model).
     hidden_ratio: share of each block's hidden (MLP / inner) channels kept: one value, or one
@@ -34,44 +46,72 @@ class KeepRules:
     mlp_ratio: each block's hidden width = this x its stage's new residual width: one value,
         or one per stage.
     group_ratio: [(glob, R)]: prune share R of every group whose name matches (later wins).
-    target_params / target_macs / ratio: global ranking of the groups left free until params
-        <= N, MACs <= N, or this share of their channels is gone.
+    budgets, one field each (pruning/rules.py: target_params, target_macs, ratio and any
+        registered one): global ranking of the groups left free until every budget is met.
     round_to: widths chosen by a ratio or a target round up to a multiple of this.
     target_latency / target_speedup: global ranking until one batch runs in <= this many ms,
         or this many times faster than the source, measured on
         this machine (pruning/latency.py) in latency_backend (a registered Runtime) at
         latency_batch images in latency_dtype (fp32, or bf16 autocast in eager / compile).
     """
-    dims: tuple | None = None
-    hidden_ratio: tuple | None = None
-    mlp_ratio: tuple | None = None
-    group_ratio: tuple | None = None
-    target_params: int | None = None
-    target_macs: int | None = None
-    ratio: float | None = None
-    round_to: int = 1
-    target_latency: float | None = None
-    target_speedup: float | None = None
-    latency_backend: str = "eager"
-    latency_batch: int = 1
-    latency_dtype: str = "fp32"
+    __slots__ = ("_values",)
 
-    def __post_init__(self):
+    def __init__(self, **values):
+        unknown = sorted(set(values) - set(rule_names()))
+        if unknown:
+            raise TypeError(f"KeepRules got unknown rules {', '.join(unknown)}; "
+                            f"known: {', '.join(rule_names())}")
+        v = {name: values.get(name, SETTINGS.get(name)) for name in rule_names()}
         for name in ("dims", "hidden_ratio", "mlp_ratio"):
-            object.__setattr__(self, name, _tuple(getattr(self, name)))
-        pairs = _tuple(self.group_ratio)
-        object.__setattr__(self, "group_ratio", None if pairs is None else tuple((str(p), float(r)) for p, r in pairs))
+            v[name] = _tuple(v[name])
+        pairs = _tuple(v["group_ratio"])
+        v["group_ratio"] = None if pairs is None else tuple((str(p), float(r)) for p, r in pairs)
+        object.__setattr__(self, "_values", v)
         self._check()
+
+    def __getattr__(self, name):
+        try:
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(f"KeepRules has no rule {name!r}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("KeepRules is frozen: make another one (KeepRules.replace)")
+
+    def __eq__(self, other):
+        return isinstance(other, KeepRules) and self._values == other._values
+
+    def __hash__(self):
+        return hash(tuple(self._values.items()))
+
+    def __repr__(self):
+        return f"KeepRules({', '.join(f'{k}={v!r}' for k, v in self.given().items())})"
+
+    def __reduce__(self):  # pickled (submitit jobs) as the rules given
+        return _keep_rules, (self.given(),)
+
+    def given(self):
+        """name -> value of the rules set (not at their defaults)."""
+        return {k: v for k, v in self._values.items() if v != SETTINGS.get(k)}
+
+    def values(self):
+        """name -> value of every rule (a copy)."""
+        return dict(self._values)
+
+    def replace(self, **changes):
+        return KeepRules(**{**self._values, **changes})
+
+    def given_budgets(self):
+        """[(Budget, value)] of the budgets set."""
+        return [(b, self._values[b.name]) for b in budgets() if self._values.get(b.name) is not None]
 
     def _check(self):
         if self.round_to < 1:
             raise UserError(f"--round_to must be >= 1, got {self.round_to}")
-        if self.ratio is not None and not 0 <= self.ratio < 1:
-            raise UserError(f"--ratio must be in [0, 1), got {self.ratio}")
-        for name in ("target_params", "target_macs"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name} must be positive, got {value}")
+        for budget, value in self.given_budgets():
+            problem = budget.check(value)
+            if problem:
+                raise UserError(f"--{budget.name} {problem}")
         if self.hidden_ratio is not None and self.mlp_ratio is not None:
             raise UserError("give --hidden_ratio or --mlp_ratio, not both")
         for r in self.hidden_ratio or ():
@@ -113,11 +153,20 @@ class KeepRules:
     @property
     def targeted(self):
         """Whether a global target ranks the free groups."""
-        return self.latency_targeted or any(v is not None for v in (self.target_params, self.target_macs, self.ratio))
+        return self.latency_targeted or bool(self.given_budgets())
+
+    @property
+    def reads_cost(self):
+        """Whether a budget given reads params / MACs (a CostModel is needed)."""
+        return any(b.reads_cost for b, _ in self.given_budgets())
 
     def any(self):
         return self.targeted or any(v is not None for v in (self.dims, self.hidden_ratio, self.mlp_ratio,
                                                             self.group_ratio))
+
+
+def _keep_rules(given):
+    return KeepRules(**given)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,16 +240,17 @@ class PruneSpec:
             if is_given and option not in applies:
                 raise UserError(f"{_flag(option)} does not apply to criterion {crit.name}: {_why(crit, option)}")
         if not self.rules.any():
-            raise UserError("no keep rule: give --dims, --hidden_ratio, --mlp_ratio, --group_ratio, "
-                            "--target_params, --target_macs, --ratio, --target_latency or "
-                            "--target_speedup (without one the output equals the input)")
+            names = ["dims", "hidden_ratio", "mlp_ratio", "group_ratio", *(b.name for b in budgets()),
+                     "target_latency", "target_speedup"]
+            raise UserError(f"no keep rule: give {', '.join('--' + n for n in names[:-1])} or --{names[-1]} "
+                            "(without one the output equals the input)")
         return replace(self, criterion=crit, aggregation=self.aggregation.filled(crit.aggregation),
                        seed=(self.seed or 0) if "seed" in applies else None,
                        calibration=(self.calibration or Calibration()) if "calibration" in applies else None)
 
     def record(self):
         """The settings a resolved spec used, as JSON-able values (checkpoint `pruning.options`)."""
-        rules = asdict(self.rules)
+        rules = self.rules.values()
         rules["group_ratio"] = [list(p) for p in self.rules.group_ratio] if self.rules.group_ratio else None
         for key in ("dims", "hidden_ratio", "mlp_ratio"):
             rules[key] = list(rules[key]) if rules[key] is not None else None
