@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto tests
+
+# the inner loop: the unit and cli tiers (no subprocesses, kills, ranks or jobs)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n auto -m "not e2e and not cuda" tests
 
 clean:
 	rm -rf $(VENV) demo_output

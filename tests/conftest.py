@@ -10,6 +10,16 @@ import torch
 from helpers import ENV, ROOT, TRAINED_MODEL, TRAINED_RECIPE  # noqa: F401 (TRAINED_*: test files import them from here)
 
 
+TIERS = ("unit", "cli", "e2e", "cuda")
+
+
+def pytest_collection_modifyitems(items):
+    """A test without a tier marker is a unit test (pytest.ini lists the tiers)."""
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def _trained_once(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained_once") / "out"

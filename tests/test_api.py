@@ -42,6 +42,7 @@ def images():
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("criterion, flags, spec", [
     ("opnorm", ["--dims", "4", "8", "12", "16"], dict(rules=KeepRules(dims=[4, 8, 12, 16]))),
     ("l1", ["--ratio", "0.4", "--scope", "group"], dict(rules=KeepRules(ratio=0.4), aggregation=Aggregation(scope="group"))),
@@ -98,6 +99,7 @@ def half_l2():
     del CRITERIA["half_l2"]
 
 
+@pytest.mark.cli
 def test_a_registered_criterion_works_in_the_api_and_prune_py(half_l2, source, tmp_path):
     model, path = source
     rules = KeepRules(dims=[4, 8, 12, 16])
@@ -110,6 +112,7 @@ def test_a_registered_criterion_works_in_the_api_and_prune_py(half_l2, source, t
     assert load_checkpoint_file(out)["pruning"]["criterion"] == "half_l2"
 
 
+@pytest.mark.cli
 def test_a_registered_criterion_works_in_compare_criteria(half_l2, source, tmp_path, capsys):
     from cli import compare_criteria
     _, path = source
@@ -140,6 +143,7 @@ OPTIONS = {  # option -> (what PruneSpec gets, the CLI flags)
 }
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("name", sorted(CRITERIA))
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_every_inapplicable_option_is_refused(source, name, option, capsys):
@@ -185,6 +189,7 @@ def test_recorded_options_are_what_was_computed(source, name):
 
 # ----------------------------------------------------------------------------- stages, data
 
+@pytest.mark.cli
 def test_per_stage_hidden_ratio_on_resnet56(tmp_path):
     model = trained_like(models.default_arch("resnet56"))
     result = pruning.prune(model, PruneSpec(criterion="l1", rules=KeepRules(hidden_ratio=[0.5, 0.75, 1.0])))
@@ -222,6 +227,7 @@ def image_folder_checkpoint(tmp_path):
     return path
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("criterion", ["taylor", "activation"])
 def test_data_criteria_on_an_image_folder_checkpoint(image_folder_checkpoint, tmp_path, criterion, capsys):
     out = tmp_path / "out.pth"

@@ -84,6 +84,7 @@ def test_percentile_nearest_rank():
     assert bench.percentile([3.0], 90) == 3.0
 
 
+@pytest.mark.e2e
 def test_end_to_end_json_table_and_plot(tmp_path, tiny_ckpt):
     out_json, out_png = tmp_path / "r.jsonl", tmp_path / "r.png"
     res = _run("--models", tiny_ckpt, "convnext_tiny_3M_pruned_cifar10", *FAST,
@@ -105,6 +106,7 @@ def test_end_to_end_json_table_and_plot(tmp_path, tiny_ckpt):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.cli
 def test_skip_leaves_fields_empty_and_refuses_to_overwrite(tmp_path, tiny_ckpt, capsys):
     out_json = tmp_path / "r.jsonl"
     bench.main(["--models", tiny_ckpt, *FAST, "--skip", "train,latency", "--json", str(out_json)])
@@ -114,6 +116,7 @@ def test_skip_leaves_fields_empty_and_refuses_to_overwrite(tmp_path, tiny_ckpt, 
     assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.cli
 def test_vs_two_settings_prints_ratios(tiny_ckpt, capsys):
     summary = bench.main(["--vs", tiny_ckpt, "--vs_settings", "channels_last=0", "channels_last=1",
                           "--vs_mode", "train", *FAST, "--rounds", "3"])
@@ -125,6 +128,7 @@ def test_vs_two_settings_prints_ratios(tiny_ckpt, capsys):
     assert "channels_last=1" in summary["b"] and summary["ratio_min"] <= summary["ratio_median"]
 
 
+@pytest.mark.cli
 def test_backends_each_model_in_each_runtime(tmp_path, tiny_ckpt, capsys):
     rows = bench.main(["--models", tiny_ckpt, "resnet20", *FAST, "--backend", "eager", "onnxruntime",
                        "--skip", "latency"])
@@ -143,6 +147,7 @@ def test_backends_each_model_in_each_runtime(tmp_path, tiny_ckpt, capsys):
     assert summary["ratios"][0] > 0
 
 
+@pytest.mark.cli
 def test_int8_and_bf16_runtimes_time_a_tiny_model(tiny_ckpt, capsys):
     """onnxruntime-int8 quantizes the exported graph (its QDQ nodes are there) and times it;
     bf16 autocast runs in eager and both appear in the table."""
@@ -166,12 +171,14 @@ def test_a_graph_that_disagrees_with_pytorch_is_not_timed(tiny_ckpt, monkeypatch
         bench.make_runner(bench.build(tiny_ckpt), bench.Settings("cpu", 32, 2, backend="onnxruntime"), 10)
 
 
+@pytest.mark.cli
 def test_vs_two_models(tiny_ckpt, capsys):
     summary = bench.main(["--vs", tiny_ckpt, "resnet18", *FAST, "--rounds", "2"])
     assert len(summary["ratios"]) == 2 and summary["mode"] == "eval"
     assert "B/A median" in capsys.readouterr().out
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("argv, message", [
     (["--models", "no_such_model"], "unknown model"),
     (["--vs", "resnet18"], "needs --vs_settings"),
@@ -192,6 +199,7 @@ def test_bad_input_is_one_error_line(argv, message, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
+@pytest.mark.e2e
 def test_bad_model_name_cli_exit_2():
     res = _run("--models", "no_such_model", *FAST)
     assert res.returncode == 2
@@ -199,6 +207,7 @@ def test_bad_model_name_cli_exit_2():
     assert res.stdout == ""
 
 
+@pytest.mark.cli
 def test_bench_engine_alternates_and_reports_ratio(tiny_ckpt, capsys):
     from cli import bench_engine
     result = bench_engine.main(["--model", tiny_ckpt, "--input_size", "32", "--batch_size", "2",
@@ -210,6 +219,7 @@ def test_bench_engine_alternates_and_reports_ratio(tiny_ckpt, capsys):
     assert "target >= 0.90:" in out
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: scripts/gpu_check.sh runs for real")
 def test_gpu_check_without_a_gpu_says_so_and_writes_nothing(tmp_path):
     out = tmp_path / "table.md"

@@ -94,6 +94,7 @@ def test_wide_resnet_uses_the_reference_layout_and_activated_shortcuts():
     assert torch.allclose(block(x), hand, atol=1e-6)
 
 
+@pytest.mark.cli
 def test_wide_resnet_dropout_survives_pruning_and_is_off_in_eval(tmp_path, capsys):
     arch = {"family": "wrn_cifar", "depths": [1, 1, 1], "widen": 1, "inner": None, "dropout": 0.3,
             "num_classes": 10, "in_chans": 3}
@@ -240,6 +241,7 @@ def trained_resnet(tmp_path_factory):
     return out / "checkpoint-0.pth"
 
 
+@pytest.mark.e2e
 def test_cli_end_to_end_resnet(trained_resnet, tmp_path, capsys):
     out = tmp_path / "r20.pth"
     assert prune_main(["--checkpoint", str(trained_resnet), "--list_groups"]) == 0
@@ -255,6 +257,7 @@ def test_cli_end_to_end_resnet(trained_resnet, tmp_path, capsys):
     assert proc.returncode == 0 and "* Acc@1" in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.cli
 def test_cli_end_to_end_vgg_slimming(tmp_path, capsys):
     model = randomised(SMALL["vgg"])
     src = tmp_path / "vgg.pth"
@@ -295,18 +298,21 @@ def _train_resnet(out, *extra, launcher=()):
     return __import__("json").loads((out / "log.txt").read_text().splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_sparsity_makes_the_scale_factors_shrink_faster(tmp_path):
     plain = _train_resnet(tmp_path / "plain")
     sparse = _train_resnet(tmp_path / "sparse", "--sparsity", "0.05")
     assert sparse["train_mean_abs_scale"] < plain["train_mean_abs_scale"] - 0.01, (plain, sparse)
 
 
+@pytest.mark.e2e
 def test_sparsity_under_two_gloo_processes(tmp_path):
     log = _train_resnet(tmp_path / "dist", "--sparsity", "0.01",
                         launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
     assert 0 < log["train_mean_abs_scale"] < 1
 
 
+@pytest.mark.cli
 def test_sparsity_needs_one_of_our_families(capsys):
     import main
     assert main.cli(["--model", "resnet18", "--sparsity", "1e-4", "--data_set", "DIGITS",

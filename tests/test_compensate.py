@@ -126,6 +126,7 @@ def test_compensated_models_fold_and_export_exactly(tmp_path):
     assert diff <= 1e-5 and agree == 1.0
 
 
+@pytest.mark.cli
 def test_spec_and_cli_refuse_bad_compensation(source, capsys):
     with pytest.raises(UserError, match="--compensate 'x'"):
         PruneSpec(rules=KeepRules(ratio=0.5), compensate="x")
@@ -139,11 +140,13 @@ def test_spec_and_cli_refuse_bad_compensation(source, capsys):
     assert "invalid choice: 'stat'" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_compensation_refuses_to_guess_the_images():
     with pytest.raises(UserError, match="does not record the data it was trained on"):
         pruning.prune(planted(), PruneSpec(criterion="l1", rules=KeepRules(dims=[4, 6]), compensate="refit"))
 
 
+@pytest.mark.cli
 def test_prune_py_compensates_on_the_checkpoints_data(source, tmp_path, capsys):
     from cli.prune import main
     out = tmp_path / "p.pth"
@@ -182,6 +185,7 @@ def test_diagnosis_numbers_match_a_hand_computation():
     assert row.kept == 4 and row.width == 8 and row.stage == 0
 
 
+@pytest.mark.cli
 def test_diagnose_tool(source, tmp_path, capsys):
     from cli.prune import main as prune_main
     pruned = []
@@ -209,6 +213,7 @@ def test_diagnose_tool(source, tmp_path, capsys):
     assert "records no kept channels" in capsys.readouterr().err
 
 
+@pytest.mark.cli
 def test_compare_criteria_runs_compensated_cells_per_seed(source, tmp_path):
     from cli import compare_criteria
     logging.getLogger().handlers.clear()

@@ -61,6 +61,7 @@ def test_fp16_scaler_state_is_saved_and_restored_on_resume(fp16_run):
     assert load_checkpoint_file(out / "checkpoint-1.pth")["model_ema"] is not None
 
 
+@pytest.mark.e2e
 def test_bf16_compile_trains_and_evaluates(tmp_path):
     out = tmp_path / "bf16"
     text = run("--model", MODEL, *DATA, "--use_amp", "true", "--amp_dtype", "bf16", "--compile", "true",
@@ -68,6 +69,7 @@ def test_bf16_compile_trains_and_evaluates(tmp_path):
     assert "* Acc@1" in text and log(out)[0]["test_acc1"] > 10
 
 
+@pytest.mark.e2e
 def test_ddp_with_nccl_at_world_size_one_under_torchrun(tmp_path):
     out = tmp_path / "ddp"
     text = run("--model", MODEL, *DATA, "--epochs", 1, "--num_workers", "2", "--output_dir", out,
@@ -76,6 +78,7 @@ def test_ddp_with_nccl_at_world_size_one_under_torchrun(tmp_path):
     assert (out / "checkpoint-0.pth").exists()
 
 
+@pytest.mark.e2e
 def test_eval_parity_cpu_and_gpu(fp16_run):
     out, _, _ = fp16_run
     model, _ = load_held_model(str(out / "checkpoint-1.pth"))
@@ -98,6 +101,7 @@ def test_eval_parity_cpu_and_gpu(fp16_run):
     assert abs(acc[0] - acc[1]) <= 100 / 360 + 1e-6  # at most one of the 360 images
 
 
+@pytest.mark.e2e
 def test_export_of_a_cuda_trained_checkpoint(fp16_run, tmp_path):
     out, _, _ = fp16_run
     onnx = tmp_path / "m.onnx"

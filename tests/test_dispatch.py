@@ -42,6 +42,7 @@ def epochs_logged(folder):
     return len((folder / "log.txt").read_text().splitlines())
 
 
+@pytest.mark.e2e
 def test_controls_start_from_fresh_weights_and_train_the_stated_epochs(trained, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert compare_criteria.main(["--checkpoint", str(trained), "--output_dir", str(out), "--criteria", "l1",
@@ -66,6 +67,7 @@ def test_controls_start_from_fresh_weights_and_train_the_stated_epochs(trained, 
     assert "| ratio=0.5 | scratch_b |" in printed and "trained" in printed
 
 
+@pytest.mark.e2e
 def test_slurm_flags_are_refused_with_the_local_launcher(trained, tmp_path, capsys):
     for argv in (["--slurm_partition", "gpu"], ["--max_parallel", "4"], ["--launcher", "slurm", "--max_parallel", "0"]):
         assert compare_criteria.main(["--checkpoint", str(trained), "--output_dir", str(tmp_path / "x"), *argv]) == 2
@@ -80,6 +82,7 @@ def _parent(trained, out, *extra):
             "--eval_subset", "60", "--launcher", "slurm", "--max_parallel", "2", *extra]
 
 
+@pytest.mark.e2e
 def test_local_executor_retries_a_killed_job_resumes_after_the_parent_dies_and_writes_each_row_once(
         trained, tmp_path):
     out = tmp_path / "cmp"
@@ -106,6 +109,7 @@ def test_local_executor_retries_a_killed_job_resumes_after_the_parent_dies_and_w
     assert "| ratio=0.5 | random |" in done.stdout
 
 
+@pytest.mark.e2e
 def test_a_failing_cell_is_reported_with_its_log(trained, tmp_path):
     bad = subprocess.run(_parent(trained, tmp_path / "bad", "--retries", "0", "--criteria", "l1", "--seeds", "0",
                                  "--finetune_epochs", "1", "--train_args", TRAIN.replace("64", "5000")),
@@ -116,6 +120,7 @@ def test_a_failing_cell_is_reported_with_its_log(trained, tmp_path):
     assert Path(log).exists() and "smaller than one optimizer step" in err[-1] + Path(log).read_text()
 
 
+@pytest.mark.e2e
 def test_sensitivity_cells_run_as_jobs(trained, tmp_path):  # iterative: tests/test_studies.py
     sens = subprocess.run([sys.executable, str(ROOT / "pruning/sensitivity.py"), "--checkpoint", str(trained),
                            "--output_dir", str(tmp_path / "sens"), "--sets", "stages.1.*", "--ratios", "0.25", "0.5",

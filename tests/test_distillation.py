@@ -99,6 +99,7 @@ def last_log(folder):
     return [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_ensemble_with_mixup_accumulation_and_resume(teachers, tmp_path):
     out = tmp_path / "kd"
     common = ["--model", "resnet20", "--teacher", *teachers, "--kd_alpha", "1", "--output_dir", out, *TRAIN,
@@ -114,6 +115,7 @@ def test_ensemble_with_mixup_accumulation_and_resume(teachers, tmp_path):
     assert [r["epoch"] for r in last_log(out)] == [0, 1]
 
 
+@pytest.mark.e2e
 def test_teacher_under_two_gloo_processes(teachers, tmp_path):
     out = tmp_path / "dist"
     proc = main_py("--model", "resnet20", "--teacher", teachers[0], "--epochs", "1", "--output_dir", out,
@@ -123,6 +125,7 @@ def test_teacher_under_two_gloo_processes(teachers, tmp_path):
     assert log["train_loss"] == pytest.approx(0.5 * log["train_loss_ce"] + 0.5 * log["train_loss_kd"], rel=1e-3)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("extra,message", [
     (["--kd_alpha", "0.3"], "--kd_alpha / --kd_temperature need --teacher"),
     (["--teacher", "{t}", "--kd_alpha", "1.5"], "--kd_alpha must be in [0, 1]"),

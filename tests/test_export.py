@@ -41,6 +41,7 @@ def run_onnx(path, images):
     return session.run(None, {"images": images.numpy()})[0]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("family", list(ARCHS))
 def test_every_family_exports_with_parity_and_a_dynamic_batch(tmp_path, family, capsys):
     src, model = checkpoint_of(tmp_path, ARCHS[family])
@@ -55,6 +56,7 @@ def test_every_family_exports_with_parity_and_a_dynamic_batch(tmp_path, family, 
         assert np.abs(run_onnx(out, images) - expected).max() <= 1e-4
 
 
+@pytest.mark.cli
 def test_pruned_checkpoint_and_dynamic_size(tmp_path):
     src, _ = checkpoint_of(tmp_path, ARCHS["convnext"])
     pruned = tmp_path / "pruned.pth"
@@ -72,6 +74,7 @@ def test_pruned_checkpoint_and_dynamic_size(tmp_path):
     assert meta["input_size"] == "32" and '"dims": [4, 8, 12, 16]' in meta["arch"]
 
 
+@pytest.mark.cli
 def test_inference_reads_the_onnx_file_like_the_checkpoint(tmp_path, capsys):
     src, _ = checkpoint_of(tmp_path, ARCHS["resnet_cifar"])
     out = tmp_path / "r.onnx"
@@ -132,6 +135,7 @@ def test_folding_keeps_the_logits_to_1e5(arch):
     assert len(kept) == (1 if arch["family"] == "convnext" else 0)   # only ConvNeXt's stem norm
 
 
+@pytest.mark.cli
 def test_export_of_the_folded_form(tmp_path, capsys):
     src, _ = checkpoint_of(tmp_path, ARCHS["resnet_cifar"])
     out = tmp_path / "folded.onnx"
@@ -141,6 +145,7 @@ def test_export_of_the_folded_form(tmp_path, capsys):
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}
 
 
+@pytest.mark.e2e
 def test_int8_export_keeps_top1_reads_in_inference_and_refuses_a_drop(tmp_path, trained, capsys, monkeypatch):
     """--quantize int8 on the DIGITS-trained 3M: calibrated on training images, compared on the
     evaluation split; inference.py reads the int8 graph; a calibration that saturates every
@@ -172,6 +177,7 @@ def test_int8_export_keeps_top1_reads_in_inference_and_refuses_a_drop(tmp_path, 
     assert not bad.exists()
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("argv, message", [
     (["--calib_batches", "4"], "apply to --quantize int8"),
     (["--quantize", "int8", "--max_drop", "-1"], "--max_drop must be >= 0"),

@@ -49,6 +49,7 @@ def test_a_registered_budget_plans_and_is_recorded(channels_budget, src):
         prune(str(src), PruneSpec(rules=KeepRules(target_channels=1)))
 
 
+@pytest.mark.cli
 def test_a_registered_budget_is_a_flag_and_a_study_budget(channels_budget, src, tmp_path):
     out = tmp_path / "small.pth"
     assert prune_main(["--checkpoint", str(src), "--output", str(out), "--target_channels", "90"]) == 0

@@ -113,6 +113,7 @@ def test_layer_ids_cover_every_parameter_or_none(family):
         assert all(0 <= i <= num_layers + 1 for i in ids.values())
 
 
+@pytest.mark.cli
 def test_onnx_export_of_the_example(family, tmp_path, capsys):
     from cli import export
     _, model = family

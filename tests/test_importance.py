@@ -119,6 +119,7 @@ def digits_vgg(tmp_path):
     return path
 
 
+@pytest.mark.cli
 def test_cli_taylor_calibrates_on_the_checkpoints_data(digits_vgg, tmp_path, capsys):
     out = tmp_path / "out.pth"
     assert prune_main(["--checkpoint", str(digits_vgg), "--output", str(out), "--criterion", "taylor",
@@ -129,6 +130,7 @@ def test_cli_taylor_calibrates_on_the_checkpoints_data(digits_vgg, tmp_path, cap
     assert sum(v for v in pruned["arch"]["cfg"] if v != "M") == 12
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("argv,message", [
     (["--criterion", "l1", "--calib_batches", "4"], "calibration (--calib_batches, --calib_batch_size, --data_set, --data_path) does not apply"),
     (["--criterion", "activation", "--calib_batches", "0"], "--calib_batches must be >= 1"),

@@ -50,6 +50,7 @@ def top_lines(stdout):
     return [(LINE.match(r).group(1), float(LINE.match(r).group(2))) for r in rows]
 
 
+@pytest.mark.e2e
 def test_top5_from_a_training_checkpoint(tiny_checkpoint, image):
     proc = subprocess.run([sys.executable, SCRIPT, "--image", str(image), "--checkpoint",
                            str(tiny_checkpoint)], capture_output=True, text=True, cwd="/", timeout=120)
@@ -62,6 +63,7 @@ def test_top5_from_a_training_checkpoint(tiny_checkpoint, image):
     assert list(percents) == sorted(percents, reverse=True) and 0 < sum(percents) <= 100.01
 
 
+@pytest.mark.cli
 def test_state_dict_only_with_class_file(tmp_path, image, capsys):
     """No arch in the file: the shape comes from the weights; names from --class_names."""
     model = models.build_model(TINY_ARCH)
@@ -74,6 +76,7 @@ def test_state_dict_only_with_class_file(tmp_path, image, capsys):
     assert len(rows) == 5 and all(n.startswith("thing number ") for n, _ in rows)
 
 
+@pytest.mark.cli
 def test_timm_model_by_name(tmp_path, image, capsys):
     """timm's test_convnext (our keys in timm's layout, other norms) is refused unless --model
     names it; then timm builds it."""
@@ -90,6 +93,7 @@ def test_timm_model_by_name(tmp_path, image, capsys):
     assert all(n.startswith("class ") for n, _ in rows)
 
 
+@pytest.mark.e2e
 def test_bad_input_is_one_line_exit_2(tmp_path, tiny_checkpoint, image):
     proc = subprocess.run([sys.executable, SCRIPT, "--image", str(tmp_path / "missing.png"),
                            "--checkpoint", str(tiny_checkpoint)],
@@ -98,6 +102,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_checkpoint, image):
     assert proc.stderr.strip() == f"error: image not found: {tmp_path / 'missing.png'}"
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case", ["checkpoint", "names", "image", "data_set", "nan", "size", "small"])
 def test_bad_inputs(tmp_path, tiny_checkpoint, image, capsys, case):
     args = ["--image", str(image), "--checkpoint", str(tiny_checkpoint)]

@@ -102,6 +102,7 @@ def test_real_timings_of_the_eager_runtime_are_finite_and_positive(src):
     assert len(ms) == 1 and math.isfinite(ms[0]) and ms[0] > 0
 
 
+@pytest.mark.cli
 def test_target_speedup_is_met_and_recorded_and_the_cache_reused(src, fitted, tmp_path, capsys):
     out = tmp_path / "fast.pth"
     argv = ["--checkpoint", str(src), "--output", str(out), "--target_speedup", "1.6", *FLAGS]
@@ -130,6 +131,7 @@ def test_latency_rule_composes_with_fixed_groups_and_round_to(src, fitted):
     assert sum(widths.values()) < sum(g.width for g in result.source.groups)
 
 
+@pytest.mark.cli
 def test_an_unreachable_target_is_one_line(src, fitted, capsys):
     argv = ["--checkpoint", str(src), "--dry_run", "--target_latency", "0.001", *FLAGS]
     assert prune_main(argv) == 2

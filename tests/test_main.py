@@ -97,6 +97,7 @@ def _doc_commands(path):
             yield m.group(1), shlex.split(m.group(2))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("doc", ["TRAINING.md", "INSTALL.md"])
 def test_every_documented_command_parses(doc):
     commands = list(_doc_commands(ROOT / doc))
@@ -108,6 +109,7 @@ def test_every_documented_command_parses(doc):
             assert args.model in models.OUR_MODELS, f"{doc}: unknown model {args.model}"
 
 
+@pytest.mark.e2e
 def test_submitit_missing_is_one_clear_line(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)
     assert run_with_submitit.cli(["--nodes", "1", "--ngpus", "1", "--job_dir", "/tmp/x"]) == 2
@@ -117,6 +119,7 @@ def test_submitit_missing_is_one_clear_line(capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------- train / resume / eval
 
+@pytest.mark.e2e
 def test_train_one_epoch_writes_checkpoints(trained):
     out, proc = trained
     assert {p.name for p in out.iterdir()} == {"checkpoint-0.pth", "checkpoint-best.pth", "log.txt"}
@@ -128,6 +131,7 @@ def test_train_one_epoch_writes_checkpoints(trained):
     assert acc1_printed(proc.stdout) == pytest.approx(log["test_acc1"], abs=1e-3)
 
 
+@pytest.mark.e2e
 def test_auto_resume_continues_and_keeps_max_accuracy_then_evaluates(trained):
     out, _ = trained
     proc = run_main("--epochs", 2, "--auto_resume", "true", "--output_dir", out, *FAST)
@@ -145,6 +149,7 @@ def test_auto_resume_continues_and_keeps_max_accuracy_then_evaluates(trained):
     assert acc1_printed(proc.stdout) == pytest.approx(logs[1]["test_acc1"], abs=1e-3)
 
 
+@pytest.mark.e2e
 def test_official_format_checkpoint_evaluates(trained, tmp_path, capsys):
     out, _ = trained
     ours = load_checkpoint_file(out / "checkpoint-0.pth")
@@ -161,6 +166,7 @@ def test_official_format_checkpoint_evaluates(trained, tmp_path, capsys):
     assert acc1_printed(capsys.readouterr().out) == pytest.approx(ours["max_accuracy"], abs=1e-3)
 
 
+@pytest.mark.e2e
 def test_finetune_changes_the_head(trained, tmp_path, capsys):
     out, _ = trained
     src = load_checkpoint_file(out / "checkpoint-0.pth")
@@ -183,6 +189,7 @@ def test_finetune_changes_the_head(trained, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- distributed
 
+@pytest.mark.e2e
 def test_torchrun_two_cpu_processes(tmp_path):
     out = tmp_path / "dist"
     proc = run_main("--model", MODEL, "--epochs", 1, "--output_dir", out, *FAST,
@@ -199,6 +206,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
+@pytest.mark.e2e
 def test_code_in_a_checkpoint_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
@@ -244,6 +252,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_error_line(case, trained, truncated, capsys):
     argv, expected = BAD_INPUTS[case]
@@ -266,6 +275,7 @@ def test_cuda_falls_back_to_cpu_with_a_warning(caplog):
     assert args.amp_dtype == "bf16"
 
 
+@pytest.mark.cli
 def test_stock_timm_model_trains_and_resumes_by_its_saved_name(tmp_path, capsys):
     out = tmp_path / "resnet"
     argv = ["--model", "resnet18", "--epochs", "1", "--output_dir", str(out), "--layer_decay", "0.9",

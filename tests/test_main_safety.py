@@ -76,6 +76,7 @@ BAD_FLAGS = {
 }
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case", list(BAD_FLAGS))
 def test_every_bad_flag_is_one_line_before_any_data(case, tmp_path, capsys, monkeypatch):
     argv, expected = BAD_FLAGS[case]
@@ -89,6 +90,7 @@ def test_every_bad_flag_is_one_line_before_any_data(case, tmp_path, capsys, monk
     assert expected in err[0], err[0]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("content", [b"", b"\x13\x37 random bytes " * 50, b'{"epoch": 0}\n'],
                          ids=["empty", "random", "log.txt"])
 def test_non_checkpoints_in_every_entry_point(tmp_path, capsys, content):
@@ -120,6 +122,7 @@ def test_non_checkpoints_in_every_entry_point(tmp_path, capsys, content):
 
 # ----------------------------------------------------------------------------- no silent wrong numbers
 
+@pytest.mark.e2e
 def test_eval_takes_the_input_size_the_checkpoint_was_trained_at(trained_dir, capsys):
     [log] = read_log(trained_dir)
     assert main.cli(["--eval", "true", "--resume", str(trained_dir / "checkpoint-0.pth"), *DATA]) == 0
@@ -129,6 +132,7 @@ def test_eval_takes_the_input_size_the_checkpoint_was_trained_at(trained_dir, ca
     assert acc == pytest.approx(log["test_acc1"], abs=1e-3)
 
 
+@pytest.mark.cli
 def test_eval_with_auto_resume_takes_the_newest_checkpoint(trained_dir, capsys):
     [log] = read_log(trained_dir)
     assert main.cli(["--eval", "true", "--output_dir", str(trained_dir), *DATA]) == 0
@@ -137,6 +141,7 @@ def test_eval_with_auto_resume_takes_the_newest_checkpoint(trained_dir, capsys):
     assert float(re.findall(r"^\* Acc@1 ([\d.]+)", out, re.M)[-1]) == pytest.approx(log["test_acc1"], abs=1e-3)
 
 
+@pytest.mark.cli
 def test_eval_of_the_folded_form_gives_the_same_accuracy(trained_dir, capsys):
     [log] = read_log(trained_dir)
     assert main.cli(["--eval", "true", "--fold", "true", "--resume", str(trained_dir / "checkpoint-0.pth"),
@@ -146,12 +151,14 @@ def test_eval_of_the_folded_form_gives_the_same_accuracy(trained_dir, capsys):
     assert float(re.findall(r"^\* Acc@1 ([\d.]+)", out, re.M)[-1]) == pytest.approx(log["test_acc1"], abs=1e-3)
 
 
+@pytest.mark.e2e
 def test_eval_at_another_size_warns(trained_dir, capsys):
     assert main.cli(["--eval", "true", "--resume", str(trained_dir / "checkpoint-0.pth"), *DATA,
                      "--input_size", "64"]) == 0
     assert "trained at 32 px: its accuracy at this size may be far lower" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_logged_metrics_do_not_depend_on_print_freq(tmp_path):
     logs = []
     for freq in (1, 5):
@@ -165,6 +172,7 @@ def test_logged_metrics_do_not_depend_on_print_freq(tmp_path):
         assert logs[0][key] == pytest.approx(logs[1][key], rel=1e-5), key
 
 
+@pytest.mark.cli
 def test_nan_weights_are_refused_by_eval(trained_dir, tmp_path, capsys):
     ckpt = load_checkpoint_file(trained_dir / "checkpoint-0.pth")
     ckpt["model"]["head.weight"][0, 0] = float("nan")
@@ -175,6 +183,7 @@ def test_nan_weights_are_refused_by_eval(trained_dir, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- files
 
+@pytest.mark.cli
 def test_a_foreign_output_dir_is_refused_and_left_untouched(trained_dir, tmp_path, capsys):
     out = tmp_path / "reused"
     out.mkdir()
@@ -187,6 +196,7 @@ def test_a_foreign_output_dir_is_refused_and_left_untouched(trained_dir, tmp_pat
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+@pytest.mark.cli
 def test_auto_resume_of_another_model_says_where_the_checkpoint_came_from(trained_dir, capsys):
     assert main.cli(["--model", "convnext_tiny_13M_pruned_cifar10", "--epochs", "3",
                      "--output_dir", str(trained_dir), *FAST]) == 2
@@ -204,6 +214,7 @@ def _wait_for(predicate, proc, timeout, poll=0.002):
     return None
 
 
+@pytest.mark.e2e
 def test_kill_during_the_best_checkpoint_write_then_resume(tmp_path):
     out = tmp_path / "killed"
     argv = cmd("--model", MODEL, "--epochs", 4, "--lr", "2e-3", "--output_dir", out, *FAST)
@@ -242,6 +253,7 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_is_one_line(tmp_path):
     proc = subprocess.Popen(cmd("--model", MODEL, "--epochs", 100, *FAST, "--print_freq", 1), cwd=ROOT,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -278,6 +290,7 @@ def _rank_pid(parent, rank):
     return None
 
 
+@pytest.mark.e2e
 def test_a_stalled_rank_ends_the_job_with_a_message(tmp_path):
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     log = tmp_path / "stdout.txt"

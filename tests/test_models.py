@@ -63,6 +63,7 @@ def test_every_kwarg_is_honoured():
         timm.create_model("convnext_tiny_13M_pruned_cifar10", pretrained=True)
 
 
+@pytest.mark.e2e
 def test_import_registers_quietly(tmp_path):
     import subprocess
     import sys

@@ -39,6 +39,7 @@ def ckpt(tmp_path):
     return path
 
 
+@pytest.mark.e2e
 def test_cli_script_end_to_end(ckpt, tmp_path):
     out, scores = tmp_path / "pruned.pth", tmp_path / "scores.json"
     cmd = [sys.executable, "pruning/prune_convnext.py", "--checkpoint", str(ckpt), "--output", str(out),
@@ -66,6 +67,7 @@ def test_cli_script_end_to_end(ckpt, tmp_path):
     assert len(group["sources"]) > 3 and all(len(v) == 16 for v in group["sources"].values())
 
 
+@pytest.mark.e2e
 def test_output_evaluates_with_main_without_model(ckpt, tmp_path):
     if not os.path.exists(os.path.join(REPO, "main.py")):
         pytest.skip("main.py is not in this checkout")
@@ -79,6 +81,7 @@ def test_output_evaluates_with_main_without_model(ckpt, tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
 
 
+@pytest.mark.cli
 def test_released_format_and_model_flag(tmp_path):
     model = models.create_model("convnext_tiny_3M_pruned_cifar10")
     src = tmp_path / "released.pth"
@@ -94,6 +97,7 @@ def test_released_format_and_model_flag(tmp_path):
         assert pruned["arch"]["dims"] == [16, 32, 64, 128]
 
 
+@pytest.mark.e2e
 def test_targets_and_dry_run(ckpt, tmp_path, capsys):
     out, scores = tmp_path / "never.pth", tmp_path / "scores.json"
     before = sorted(os.listdir(tmp_path))
@@ -110,6 +114,7 @@ def test_targets_and_dry_run(ckpt, tmp_path, capsys):
     assert pruned["pruning"]["scored_weights"] == "model_ema"
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("argv,message", [
     (["--dims", "4", "8", "16", "64"], "only 32 channels"),
     (["--dims", "4", "0", "16", "16"], "at least 1"),
@@ -133,6 +138,7 @@ def test_bad_input(ckpt, tmp_path, capsys, argv, message):
     assert not out.exists()
 
 
+@pytest.mark.cli
 def test_bad_paths(ckpt, tmp_path, capsys):
     existing = tmp_path / "existing.pth"
     existing.write_bytes(b"keep me")
@@ -153,6 +159,7 @@ def test_bad_paths(ckpt, tmp_path, capsys):
     assert load_checkpoint_file(existing)["arch"]["dims"] == [4, 8, 8, 8]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("arch, rule, expect", [
     ({"family": "convnext_isotropic", "depth": 2, "dim": 16, "num_classes": 10}, ["--dims", "8"],
      {"dim": 8, "hidden": [32, 32]}),
@@ -169,6 +176,7 @@ def test_other_convnext_families_end_to_end(tmp_path, arch, rule, expect):
     models.build_model(pruned["arch"]).load_state_dict(pruned["model"], strict=True)
 
 
+@pytest.mark.cli
 def test_aggregation_defaults_per_criterion_and_flags_override(ckpt, tmp_path):
     base = ["--checkpoint", str(ckpt), "--dry_run", "--ratio", "0.3", "--input_size", "32"]
     for argv, expected in [(["--criterion", "opnorm"], ("group", "mean", "max")),

@@ -62,6 +62,7 @@ def wait_for(test, timeout=120, what="condition"):
 
 # ----------------------------------------------------------------------------- one run per folder
 
+@pytest.mark.e2e
 def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(cmd("main.py", "--model", "resnet20", "--epochs", "3", "--output_dir", out,
@@ -81,6 +82,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_l
     drop_lock(str(out))
 
 
+@pytest.mark.e2e
 def test_a_study_folder_in_use_is_refused(source, tmp_path):
     from common.files import hold_lock
     out = tmp_path / "study"
@@ -121,6 +123,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 def test_killing_a_study_kills_its_fine_tuning_child(source, tmp_path):
     out = tmp_path / "iter"
@@ -257,6 +260,7 @@ def test_a_download_cut_short_is_refused_and_never_cached(server, tmp_path, mode
     assert load_checkpoint_file(f"{server.url}/ok/a/best.pth")["arch"]["dims"] == [16, 32]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["stall", "silent"])
 def test_a_stalled_server_ends_the_command_with_a_message(server, tmp_path, mode):
     start = time.time()
@@ -284,6 +288,7 @@ def _flip_tensor_byte(path):
         f.write(bytes([byte ^ 0xFF]))
 
 
+@pytest.mark.e2e
 def test_a_flipped_byte_in_a_checkpoint_is_refused(source, tmp_path, capsys):
     from cli.prune import main as prune
     bad = tmp_path / "flipped.pth"
@@ -293,6 +298,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused(source, tmp_path, capsys):
     in_process(capsys, prune, "--checkpoint", bad, "--list_groups", needle="CRC")
 
 
+@pytest.mark.e2e
 def test_integer_weights_are_refused_by_name(source, tmp_path, capsys):
     from checkpoints.io import load_checkpoint_file
     from cli.prune import main as prune
@@ -304,6 +310,7 @@ def test_integer_weights_are_refused_by_name(source, tmp_path, capsys):
     in_process(capsys, prune, "--checkpoint", tmp_path / "int.pth", "--ratio", "0.5", "--dry_run", needle=message)
 
 
+@pytest.mark.e2e
 def test_a_nan_best_accuracy_is_refused_on_resume(tmp_path):
     import argparse
     from checkpoints.training_state import training_checkpoint
@@ -318,6 +325,7 @@ def test_a_nan_best_accuracy_is_refused_on_resume(tmp_path):
              "max_accuracy is nan, not a top-1")
 
 
+@pytest.mark.cli
 def test_a_damaged_or_stripped_onnx_file_is_refused(source, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from cli.export import main as export_main
@@ -348,6 +356,7 @@ def test_a_damaged_or_stripped_onnx_file_is_refused(source, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- distributed runs
 
+@pytest.mark.e2e
 def test_dist_eval_of_a_batchnorm_model_reports_what_the_checkpoint_holds(tmp_path):
     out = tmp_path / "dist"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -360,6 +369,7 @@ def test_dist_eval_of_a_batchnorm_model_reports_what_the_checkpoint_holds(tmp_pa
     assert f"Accuracy of the network on the 360 test images: {reported:.5f}%" in again.stdout + again.stderr
 
 
+@pytest.mark.e2e
 def test_ranks_launched_with_different_flags_stop_together_with_a_message(tmp_path):
     import socket
     with socket.socket() as s:
@@ -409,6 +419,7 @@ def test_unwritable_outputs_are_one_line_before_any_work(source, unwritable, tmp
                needle="too long")
 
 
+@pytest.mark.e2e
 def test_writing_through_a_link_never_touches_its_target(tmp_path):
     foreign = tmp_path / "foreign.txt"
     foreign.write_text("not yours")
@@ -419,6 +430,7 @@ def test_writing_through_a_link_never_touches_its_target(tmp_path):
     assert foreign.read_text() == "not yours" and not link.is_symlink() and link.read_text().startswith("{")
 
 
+@pytest.mark.e2e
 def test_sigterm_says_what_is_saved_and_where_the_run_resumes(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(cmd("main.py", "--model", "resnet20", "--epochs", "50", "--output_dir", out,
@@ -442,6 +454,7 @@ def _png_claiming(path, width, height):
                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
+@pytest.mark.e2e
 def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, capsys):
     bomb = tmp_path / "bomb.png"
     _png_claiming(bomb, 30000, 30000)

@@ -19,6 +19,7 @@ def dry(capsys, *argv):
     return capsys.readouterr().out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name, needles", [
     ("pfec_resnet56", ["--model resnet56", "--epochs 300 --sched multistep --decay_epochs 150 225",
                        "--weight_decay 1e-4", "--batch_size 128 --lr 0.1", "--opt sgd",
@@ -42,6 +43,7 @@ def test_dry_run_prints_the_seed_hyper_parameters(capsys, tmp_path, name, needle
     assert not (tmp_path / "x").exists()  # a dry run writes nothing
 
 
+@pytest.mark.e2e
 def test_gpus_run_training_under_torchrun_with_the_seed_batch_split(capsys, tmp_path):
     out = dry(capsys, "--recipe", "pfec_resnet56", "--data_set", "CIFAR100", "--data_path", tmp_path,
               "--output_dir", tmp_path / "x", "--gpus", 4)
@@ -51,6 +53,7 @@ def test_gpus_run_training_under_torchrun_with_the_seed_batch_split(capsys, tmp_
     assert "prune.py" in out and "--nproc_per_node" not in [line for line in out.splitlines() if "prune.py" in line][0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("argv, needle", [
     (["--recipe", "pfec_resnet56", "--output_dir", "x"], "--data_set is required"),
     (["--recipe", "pfec_resnet56", "--quick", "--data_set", "CIFAR10", "--output_dir", "x"], "--quick runs on"),
@@ -69,6 +72,7 @@ def _rows(folder):
     return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_quick_pfec_killed_after_a_step_resumes_and_prints_the_seed_table(tmp_path):
     out = tmp_path / "r56"
     cmd = [sys.executable, str(ROOT / "scripts/reproduce.py"), "--recipe", "pfec_resnet56", "--quick",
@@ -93,6 +97,7 @@ def test_quick_pfec_killed_after_a_step_resumes_and_prints_the_seed_table(tmp_pa
     assert "--finetune " + str(out / "pruned.pth") in (out / "logs/finetuned.log").read_text()
 
 
+@pytest.mark.e2e
 def test_quick_slimming_end_to_end(tmp_path, capsys):
     out = tmp_path / "slim"
     assert reproduce.main(["--recipe", "slimming_vgg19", "--quick", "--output_dir", str(out)]) == 0

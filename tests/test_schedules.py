@@ -65,6 +65,7 @@ def test_schedule_flags_are_checked_up_front(argv, needle):
         options.check_combinations(args)
 
 
+@pytest.mark.e2e
 def test_a_killed_multistep_run_resumes_on_the_same_lr(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, str(ROOT / "main.py"), "--model", "convnext_tiny_3M_pruned_cifar10",

@@ -28,11 +28,13 @@ def run(script, flag, env):
                           text=True, timeout=60)
 
 
+@pytest.mark.e2e
 def test_the_blocker_blocks(no_torch):
     res = subprocess.run([sys.executable, "-c", "import torch"], env=no_torch, capture_output=True, text=True)
     assert res.returncode == 1 and "torch is blocked" in res.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", CLIS)
 def test_help_and_a_bad_flag_need_no_torch(script, no_torch):
     res = run(script, "--help", no_torch)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 import models
 from checkpoints.io import load_checkpoint_file
@@ -40,6 +42,7 @@ COMPARE = ["--criteria", "l1", "random", "opnorm:scope=group,reduce=max", "taylo
            "--budgets", "ratio=0.5", "params=0.6", "--seeds", "0", "1", "2", "--eval_subset", "60"]
 
 
+@pytest.mark.e2e
 def test_compare_criteria_rows_files_and_resume_after_a_kill(source, tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, str(ROOT / "scripts/compare_criteria.py"), "--checkpoint", str(source),
@@ -65,6 +68,7 @@ def test_compare_criteria_rows_files_and_resume_after_a_kill(source, tmp_path):
     assert (out / "results.jsonl").read_text() == before
 
 
+@pytest.mark.cli
 def test_compare_criteria_bad_input(source, tmp_path, capsys):
     from cli import compare_criteria
     logging.getLogger().handlers.clear()  # an earlier in-process run may have logged to a closed stream
@@ -82,6 +86,7 @@ def test_compare_criteria_bad_input(source, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.e2e
 def test_sensitivity_rows_plot_tolerance_and_resume(source, tmp_path):
     out = tmp_path / "sens"
     argv = ["--checkpoint", str(source), "--output_dir", str(out), "--criterion", "l1", "--ratios", "0.25", "0.5",
@@ -105,6 +110,7 @@ def test_tolerance_picks_the_last_ratio_before_the_first_drop():
     assert tolerated([(0.1, 80)], 90, 1) == 0.0
 
 
+@pytest.mark.e2e
 def test_two_iterative_rounds_with_ensemble_distillation(source, tmp_path):
     out = tmp_path / "iter"
     argv = ["--checkpoint", str(source), "--output_dir", str(out), "--rounds", "2", "--prune",
@@ -132,6 +138,7 @@ def test_two_iterative_rounds_with_ensemble_distillation(source, tmp_path):
     assert "| distill |" in proc.stdout
 
 
+@pytest.mark.cli
 def test_flags_that_would_be_ignored_are_refused(source, tmp_path, capsys):
     from cli import iterative, sensitivity
     out = tmp_path / "never"

@@ -115,6 +115,7 @@ def test_a_named_stock_timm_model_keeps_its_own_layout(tmp_path):
     assert held.arch is None and held.name == "convnext_atto" and "stem.0.weight" in held.state
 
 
+@pytest.mark.e2e
 def test_prune_finetune_eval_and_export_of_timm_weights(timm_files, tmp_path, capsys):
     """prune.py keeping every channel, main.py --eval (against timm's own accuracy on the same
     images) and --finetune, and the ONNX export all read the timm-layout file."""
@@ -172,6 +173,7 @@ def test_damaged_safetensors_get_one_line(timm_files, tmp_path, damage, capsys):
     assert "safetensors" in one_line_error(capsys, prune_main, "--checkpoint", path, "--list_groups")
 
 
+@pytest.mark.e2e
 def test_prune_writes_safetensors_weights(timm_files, tmp_path):
     out = tmp_path / "p.safetensors"
     run("pruning/prune.py", "--checkpoint", timm_files[1], "--output", out, "--dims", "16", "32", "48", "32",
@@ -182,6 +184,7 @@ def test_prune_writes_safetensors_weights(timm_files, tmp_path):
         assert f.read(1) != b"\x80" and b"PK" not in f.read(2)              # no pickle, no zip
 
 
+@pytest.mark.e2e
 def test_main_save_format_safetensors_twins_the_best_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     recipe = ["--data_set", "DIGITS", "--input_size", "32", "--device", "cpu", "--num_workers", "0"]
@@ -271,6 +274,7 @@ def hub_env(tmp_path_factory):
     server.shutdown()
 
 
+@pytest.mark.e2e
 def test_hf_hub_ids_are_fetched_cached_and_read_offline(timm_files, hub_env):
     _Hub.files[("org/small", "model.safetensors")] = timm_files[2].read_bytes()
     proc = run("pruning/prune.py", "--checkpoint", "hf-hub:org/small", "--list_groups", env=hub_env)
@@ -284,6 +288,7 @@ def test_hf_hub_ids_are_fetched_cached_and_read_offline(timm_files, hub_env):
     assert missing.returncode == 2 and "not in the local Hugging Face cache" in missing.stderr
 
 
+@pytest.mark.e2e
 def test_a_tagged_name_offline_without_a_cached_copy_is_one_line(hub_env):
     offline = {**hub_env, "HF_HUB_OFFLINE": "1"}
     proc = run("main.py", "--model", "convnext_tiny.fb_in1k", "--eval", "true", "--data_set", "DIGITS",
@@ -296,6 +301,7 @@ def test_a_tagged_name_offline_without_a_cached_copy_is_one_line(hub_env):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_tagged_name_downloads_timms_weights_from_the_hub(timm_files, hub_env, tmp_path):
     """`convnext_tiny.fb_in22k` after `import models`: timm's pretrained cfg, its hub id,
     timm's download, our layout; then a new 10-class head."""
@@ -327,6 +333,7 @@ print(type(m).__module__)
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["convnext_tiny_13M_pruned_cifar10", "convnext_tiny_3M_pruned_cifar10"])
 def test_export_folder_loads_with_timm_alone(name, tmp_path, capsys):
     torch.manual_seed(0)
