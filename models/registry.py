@@ -207,7 +207,7 @@ def check_model_name(name):
     timm = _timm()
     if base_name(name) not in OUR_MODELS and not timm.is_model(name):
         close = [n for n in OUR_MODELS if n.startswith(name.split("_")[0])][:4]
-        hint = f" (ours include {', '.join(close)})" if close else " (see the README's model zoo)"
+        hint = f" (ours include {', '.join(close)})" if close else " (see docs/models.md's model zoo)"
         raise UserError(f"unknown model {name!r}: not one of ours nor a timm model name{hint}")
     if "." in name:
         try:

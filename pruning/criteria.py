@@ -349,7 +349,7 @@ class Criterion:
     uses_values: the scores depend on the weight values (False for random: only on shapes),
         so --raw_weights (the layer scale folded in or not) applies.
     aggregation: the default Aggregation (its scope is fixed unless reads == "weights").
-    summary: one line for --help and the README.
+    summary: one line for --help and the docs.
     """
     name: str
     score: Callable = field(repr=False)
@@ -422,8 +422,8 @@ def get_criterion(criterion):
         raise UserError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}") from None
 
 
-# Defaults chosen from the DIGITS comparison over three dense ConvNeXt-T checkpoints (README,
-# "Pruning studies"): the whole group with mean-normalised rows and the max over rows raised
+# Defaults chosen from the DIGITS comparison over three dense ConvNeXt-T checkpoints
+# (docs/studies.md): the whole group with mean-normalised rows and the max over rows raised
 # opnorm's and fpgm's accuracy right after pruning at 13M and 3M on average; l1 and l2 did
 # better with the producers alone.
 _WHOLE_GROUP = Aggregation(scope="group", normalize="mean", reduce="max")

@@ -89,7 +89,8 @@ def count(text):
 
 
 def _positive_count(value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
         return f"must be a whole number, got {value!r}"
     return None if value > 0 else f"must be positive, got {value}"
 

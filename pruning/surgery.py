@@ -94,7 +94,7 @@ def _resolve_arch(held):
     name, sd = models.base_name(held.name), held.state
     if name not in models.OUR_MODELS:
         raise UserError(f"--model {name}: pruning needs one of this toolkit's models (see the "
-                        "README's model zoo), whose channel groups it knows")
+                        "docs/models.md's model zoo), whose channel groups it knows")
     arch = dict(models.default_arch(name))
     try:  # the class count the weights hold, whatever the family's head is called
         arch["num_classes"] = models.infer_arch(sd)["num_classes"]

@@ -1,4 +1,4 @@
-"""Print the README's model zoo table: every registered model, params and MACs (FlopCounterMode)."""
+"""Print docs/models.md's model zoo table: every registered model, params and MACs (FlopCounterMode)."""
 import os
 import sys
 
