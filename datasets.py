@@ -12,12 +12,12 @@ handwritten digits that ship with scikit-learn. Nothing is ever downloaded.
 `--eval_data_path`, when given, is the evaluation folder itself (for the CIFAR pickles: the
 folder holding them or its parent).
 """
-import argparse
 import functools
 import logging
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 
+from common.config import Choice, Config, Range, ranged
 from common.errors import UserError
 from cli.flags import DATA_SETS
 
@@ -37,19 +38,37 @@ DIGITS_SEED = 0          # fixes the DIGITS train/val split: the same on every r
 DIGITS_VAL_SHARE = 0.2
 
 
+@dataclass(frozen=True)
+class DataConfig(Config):
+    """The data flags (main.py's names and official defaults), checked when made."""
+    data_set: str = ranged("DIGITS", Choice(DATA_SETS))
+    data_path: str | None = None
+    eval_data_path: str | None = None
+    nb_classes: int = ranged(1000, Range(1, integer=True))
+    input_size: int = ranged(224, Range(1, integer=True))
+    color_jitter: float = ranged(0.4, Range(0))
+    aa: str | None = "rand-m9-mstd0.5-inc1"
+    train_interpolation: str = "bicubic"
+    reprob: float = ranged(0.25, Range(0, 1))
+    remode: str = "pixel"
+    recount: int = ranged(1, Range(1, integer=True))
+    crop_pct: float | None = ranged(None, Range(0, 1, lo_open=True))
+    imagenet_default_mean_and_std: bool = True
+
+    @classmethod
+    def of(cls, value):
+        """A DataConfig as it is, or one read from a namespace with the data flags."""
+        return value if isinstance(value, cls) else cls.from_args(value)
+
+
 def default_data_args(**overrides):
-    """The official defaults of the data flags, for scripts and tests that do not parse main.py.
+    """The official defaults of the data flags (a DataConfig), for scripts and tests that do
+    not parse main.py.
 
     Args:
-        **overrides: flag values to set instead (e.g. data_set="DIGITS", input_size=32).
+        **overrides: fields to set instead (e.g. data_set="DIGITS", input_size=32).
     """
-    args = argparse.Namespace(
-        input_size=224, color_jitter=0.4, aa="rand-m9-mstd0.5-inc1", train_interpolation="bicubic",
-        reprob=0.25, remode="pixel", recount=1, crop_pct=None, imagenet_default_mean_and_std=True,
-        data_path=None, eval_data_path=None, data_set="DIGITS", nb_classes=1000)
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+    return DataConfig(**overrides)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -157,11 +176,11 @@ def _image_folder(root, transform, classes=None):
         raise UserError(f"image folder {root}: {str(e).splitlines()[0]}") from None
 
 
-def _eval_folder(args):
+def _eval_folder(data):
     """The evaluation folder: --eval_data_path itself, else data_path/val."""
-    if args.eval_data_path:
-        return _require_dir(args.eval_data_path, "--eval_data_path folder")
-    base = _require_dir(args.data_path, "--data_path folder")
+    if data.eval_data_path:
+        return _require_dir(data.eval_data_path, "--eval_data_path folder")
+    base = _require_dir(data.data_path, "--data_path folder")
     return _require_dir(os.path.join(base, "val"), "val folder (or give --eval_data_path)")
 
 
@@ -257,67 +276,67 @@ def _cifar_arrays(pickle_dir, data_set, is_train):
     return np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)), labels
 
 
-def _cifar_image_folder(is_train, args):
+def _cifar_image_folder(is_train, data):
     """The split's image folder: --eval_data_path, data_path/train, data_path/val|test; or None."""
-    if not is_train and args.eval_data_path:
-        return args.eval_data_path if os.path.isdir(args.eval_data_path) else None
+    if not is_train and data.eval_data_path:
+        return data.eval_data_path if os.path.isdir(data.eval_data_path) else None
     for name in ("train",) if is_train else ("val", "test"):
-        if args.data_path and os.path.isdir(os.path.join(args.data_path, name)):
-            return os.path.join(args.data_path, name)
+        if data.data_path and os.path.isdir(os.path.join(data.data_path, name)):
+            return os.path.join(data.data_path, name)
     return None
 
 
-def _cifar_source(is_train, args):
+def _cifar_source(is_train, data):
     """('pickle', dir) or ('folder', dir) for the CIFAR split; UserError if neither exists."""
-    path = args.eval_data_path if not is_train and args.eval_data_path else args.data_path
-    pickle_dir = _cifar_pickle_dir(path, args.data_set)
+    path = data.eval_data_path if not is_train and data.eval_data_path else data.data_path
+    pickle_dir = _cifar_pickle_dir(path, data.data_set)
     if pickle_dir:
         return "pickle", pickle_dir
-    folder = _cifar_image_folder(is_train, args)
+    folder = _cifar_image_folder(is_train, data)
     if folder:
         return "folder", folder
-    raise _cifar_missing(args.data_set, path)
+    raise _cifar_missing(data.data_set, path)
 
 
-def _cifar_classes(args):
-    kind, path = _cifar_source(True, args)
-    return _cifar_names(path, args.data_set) if kind == "pickle" else _folder_classes(path)
+def _cifar_classes(data):
+    kind, path = _cifar_source(True, data)
+    return _cifar_names(path, data.data_set) if kind == "pickle" else _folder_classes(path)
 
 
-def _load_cifar(is_train, args, transform):
-    kind, path = _cifar_source(is_train, args)
+def _load_cifar(is_train, data, transform):
+    kind, path = _cifar_source(is_train, data)
     if kind == "pickle":
-        images, labels = _cifar_arrays(path, args.data_set, is_train)
-        return ArrayImages(images, labels, _cifar_names(path, args.data_set), transform)
+        images, labels = _cifar_arrays(path, data.data_set, is_train)
+        return ArrayImages(images, labels, _cifar_names(path, data.data_set), transform)
     dataset = _image_folder(path, transform)
-    expected = 10 if args.data_set == "CIFAR10" else 100
+    expected = 10 if data.data_set == "CIFAR10" else 100
     if len(dataset.classes) != expected:
-        raise UserError(f"{args.data_set}: {path} holds {len(dataset.classes)} class folders, "
+        raise UserError(f"{data.data_set}: {path} holds {len(dataset.classes)} class folders, "
                         f"expected {expected}")
     return dataset
 
 
 # ----------------------------------------------------------------------------- Tiny ImageNet
 
-def _tiny_root(args, is_train=True):
+def _tiny_root(data, is_train=True):
     """The `tiny-imagenet-200` folder: --data_path itself or its child of that name; to
     evaluate only, the parent of --eval_data_path also serves (it holds wnids.txt)."""
-    paths = [args.data_path]
-    if not is_train and args.eval_data_path:
-        paths.append(os.path.dirname(os.path.abspath(args.eval_data_path)))
+    paths = [data.data_path]
+    if not is_train and data.eval_data_path:
+        paths.append(os.path.dirname(os.path.abspath(data.eval_data_path)))
     for path in filter(None, paths):
         for candidate in (path, os.path.join(path, "tiny-imagenet-200")):
             if (os.path.isfile(os.path.join(candidate, "wnids.txt"))
                     or os.path.isdir(os.path.join(candidate, "train"))):
                 return candidate
-    raise UserError(f"TINY_IMAGENET: no data set under {args.data_path}: expected tiny-imagenet-200/ "
+    raise UserError(f"TINY_IMAGENET: no data set under {data.data_path}: expected tiny-imagenet-200/ "
                     f"(wnids.txt, train/<wnid>/images/, val/images/ + val/val_annotations.txt; "
                     f"the folder itself or its parent)")
 
 
-def _tiny_classes(args, is_train=True):
+def _tiny_classes(data, is_train=True):
     """The 200 wnids, sorted: from wnids.txt, else the train sub-folders."""
-    root = _tiny_root(args, is_train)
+    root = _tiny_root(data, is_train)
     wnids_file = os.path.join(root, "wnids.txt")
     if not os.path.isfile(wnids_file):
         return _folder_classes(os.path.join(root, "train"))
@@ -340,13 +359,13 @@ def _tiny_raw_val(val_dir, classes, transform):
     return ImageList(samples, classes, transform)
 
 
-def _load_tiny(is_train, args, transform):
-    classes = _tiny_classes(args, is_train)
-    root = _tiny_root(args, is_train)
+def _load_tiny(is_train, data, transform):
+    classes = _tiny_classes(data, is_train)
+    root = _tiny_root(data, is_train)
     if is_train:
         # train/<wnid>/images/*.JPEG: ImageFolder searches each class folder recursively
         return _image_folder(os.path.join(root, "train"), transform, classes)
-    val_dir = args.eval_data_path or os.path.join(root, "val")
+    val_dir = data.eval_data_path or os.path.join(root, "val")
     _require_dir(val_dir, "TINY_IMAGENET val folder")
     if os.path.isfile(os.path.join(val_dir, "val_annotations.txt")):
         return _tiny_raw_val(val_dir, classes, transform)
@@ -355,37 +374,37 @@ def _load_tiny(is_train, args, transform):
 
 # ----------------------------------------------------------------------------- ImageNet, folders
 
-def _imnet_classes(args):
-    return _folder_classes(os.path.join(_require_dir(args.data_path, "--data_path folder"), "train"))
+def _imnet_classes(data):
+    return _folder_classes(os.path.join(_require_dir(data.data_path, "--data_path folder"), "train"))
 
 
-def _load_imnet(is_train, args, transform):
+def _load_imnet(is_train, data, transform):
     """data_path/train; eval: --eval_data_path or data_path/val, in the train folder's class
     order when there is one (evaluating alone needs only the val folder)."""
     if is_train:
-        base = _require_dir(args.data_path, "--data_path folder")
+        base = _require_dir(data.data_path, "--data_path folder")
         return _image_folder(os.path.join(base, "train"), transform)
-    has_train = args.data_path and os.path.isdir(os.path.join(args.data_path, "train"))
-    return _image_folder(_eval_folder(args), transform, _imnet_classes(args) if has_train else None)
+    has_train = data.data_path and os.path.isdir(os.path.join(data.data_path, "train"))
+    return _image_folder(_eval_folder(data), transform, _imnet_classes(data) if has_train else None)
 
 
-def _folder_root(is_train, args):
+def _folder_root(is_train, data):
     if is_train:
-        return _require_dir(args.data_path, "image_folder --data_path (train) folder")
-    if not args.eval_data_path:
+        return _require_dir(data.data_path, "image_folder --data_path (train) folder")
+    if not data.eval_data_path:
         raise UserError("--data_set image_folder needs --eval_data_path (the val folder) to evaluate")
-    return _require_dir(args.eval_data_path, "image_folder --eval_data_path (val) folder")
+    return _require_dir(data.eval_data_path, "image_folder --eval_data_path (val) folder")
 
 
-def _image_folder_classes(args):
-    return _folder_classes(_folder_root(True, args))
+def _image_folder_classes(data):
+    return _folder_classes(_folder_root(True, data))
 
 
-def _load_image_folder(is_train, args, transform):
-    root = _folder_root(is_train, args)
+def _load_image_folder(is_train, data, transform):
+    root = _folder_root(is_train, data)
     dataset = _image_folder(root, transform)
-    if len(dataset.classes) != args.nb_classes:
-        raise UserError(f"--nb_classes is {args.nb_classes} but {root} holds "
+    if len(dataset.classes) != data.nb_classes:
+        raise UserError(f"--nb_classes is {data.nb_classes} but {root} holds "
                         f"{len(dataset.classes)} class folders")
     return dataset
 
@@ -405,14 +424,14 @@ def _digits_split():
     return tr_x, tr_y, va_x, va_y
 
 
-def _digits_classes(args):
+def _digits_classes(data):
     return [str(i) for i in range(10)]
 
 
-def _load_digits(is_train, args, transform):
+def _load_digits(is_train, data, transform):
     tr_x, tr_y, va_x, va_y = _digits_split()
     images, labels = (tr_x, tr_y) if is_train else (va_x, va_y)
-    return ArrayImages(images, labels, _digits_classes(args), transform)
+    return ArrayImages(images, labels, _digits_classes(data), transform)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -427,19 +446,20 @@ _SOURCES = {  # data_set -> (class-name function, loader)
 }
 
 
-def _source(args):
-    if args.data_set not in _SOURCES:
-        raise UserError(f"unknown --data_set {args.data_set!r}; choose from {', '.join(DATA_SETS)}")
-    return _SOURCES[args.data_set]
+def _source(data):
+    if data.data_set not in _SOURCES:
+        raise UserError(f"unknown --data_set {data.data_set!r}; choose from {', '.join(DATA_SETS)}")
+    return _SOURCES[data.data_set]
 
 
 def class_names(args):
     """Class names in label order (wnids, CIFAR names, folder names, '0'..'9').
 
     Args:
-        args: namespace with data_set, data_path (and eval_data_path, nb_classes where used).
+        args: DataConfig (or a namespace with its fields).
     """
-    return _source(args)[0](args)
+    data = DataConfig.of(args)
+    return _source(data)[0](data)
 
 
 def build_dataset(is_train, args, augment=None):
@@ -447,16 +467,17 @@ def build_dataset(is_train, args, augment=None):
 
     Args:
         is_train: True for the training split, False for evaluation.
-        args: namespace with the official data flags (see `default_data_args`).
+        args: DataConfig (or the official flags' namespace, read into one).
         augment: use the training transform (default: is_train); False gives the training
             images through the deterministic evaluation transform (pruning calibration).
     """
-    loader = _source(args)[1]
-    dataset = loader(is_train, args, build_transform(is_train if augment is None else augment, args))
+    data = DataConfig.of(args)
+    loader = _source(data)[1]
+    dataset = loader(is_train, data, build_transform(is_train if augment is None else augment, data))
     if len(dataset) == 0:
-        raise UserError(f"{args.data_set}: the {'train' if is_train else 'eval'} split has no images")
+        raise UserError(f"{data.data_set}: the {'train' if is_train else 'eval'} split has no images")
     nb_classes = len(dataset.classes)
-    logger.info("%s %s split: %d images, %d classes", args.data_set,
+    logger.info("%s %s split: %d images, %d classes", data.data_set,
                 "train" if is_train else "eval", len(dataset), nb_classes)
     return dataset, nb_classes
 
@@ -481,31 +502,31 @@ def _pillow_safe(transform):
     return transform
 
 
-def _train_transform(args, mean, std):
+def _train_transform(data, mean, std):
     """timm's training pipeline; small inputs get the official random crop with padding."""
-    aa = args.aa if args.aa and str(args.aa).lower() != "none" else None
+    aa = data.aa if data.aa and str(data.aa).lower() != "none" else None
     transform = create_transform(
-        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-        auto_augment=aa, interpolation=args.train_interpolation, re_prob=args.reprob,
-        re_mode=args.remode, re_count=args.recount, mean=mean, std=std,
-        hflip=0.0 if args.data_set == "DIGITS" else 0.5)  # a mirrored digit is another glyph
-    if args.input_size <= 32:
+        input_size=data.input_size, is_training=True, color_jitter=data.color_jitter,
+        auto_augment=aa, interpolation=data.train_interpolation, re_prob=data.reprob,
+        re_mode=data.remode, re_count=data.recount, mean=mean, std=std,
+        hflip=0.0 if data.data_set == "DIGITS" else 0.5)  # a mirrored digit is another glyph
+    if data.input_size <= 32:
         # official rule: RandomCrop(padding=4) replaces RandomResizedCrop; the resize first
         # brings smaller images (the 8x8 digits) to input_size and leaves 32-px CIFAR as is
         transform.transforms[0] = transforms.Compose([
-            transforms.Resize(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.RandomCrop(args.input_size, padding=4)])
+            transforms.Resize(data.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomCrop(data.input_size, padding=4)])
     return _pillow_safe(transform)
 
 
-def _eval_resize(args):
+def _eval_resize(data):
     """Resize steps of the eval pipeline (official: warp at >= 384, else resize by crop_pct)."""
-    size, bicubic = args.input_size, transforms.InterpolationMode.BICUBIC
+    size, bicubic = data.input_size, transforms.InterpolationMode.BICUBIC
     if size >= 384:
         return [transforms.Resize((size, size), interpolation=bicubic)]
     if size <= 32:  # no crop margin at CIFAR size; upscales the 8x8 digits
         return [transforms.Resize(size, interpolation=bicubic), transforms.CenterCrop(size)]
-    crop_pct = args.crop_pct if args.crop_pct is not None else 224 / 256
+    crop_pct = data.crop_pct if data.crop_pct is not None else 224 / 256
     return [transforms.Resize(int(size / crop_pct), interpolation=bicubic), transforms.CenterCrop(size)]
 
 
@@ -515,12 +536,12 @@ def build_transform(is_train, args):
     Args:
         is_train: training pipeline (timm create_transform: RandAugment `aa`, color jitter,
             random erasing `reprob/remode/recount`) or evaluation (resize + center crop).
-        args: namespace with input_size, color_jitter, aa, train_interpolation, reprob, remode,
-            recount, crop_pct, imagenet_default_mean_and_std, data_set.
+        args: DataConfig (or a namespace with its fields).
     """
-    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if args.imagenet_default_mean_and_std
+    data = DataConfig.of(args)
+    mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if data.imagenet_default_mean_and_std
                  else (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD))
     if is_train:
-        return _train_transform(args, mean, std)
-    return transforms.Compose(_eval_resize(args) + [transforms.ToTensor(),
+        return _train_transform(data, mean, std)
+    return transforms.Compose(_eval_resize(data) + [transforms.ToTensor(),
                                                     transforms.Normalize(mean, std)])

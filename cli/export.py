@@ -226,7 +226,7 @@ def quantize(args, held, fp32_path, dst):
     graphs classify the evaluation split; refused above --max_drop. Returns its metadata."""
     data = held.data_args(args.data_set, args.data_path, args.input_size)
     if args.eval_data_path:
-        data.eval_data_path = args.eval_data_path
+        data = data.replace(eval_data_path=args.eval_data_path)
     calib, n_calib = calibration_batches(data, args.calib_batches, args.calib_batch_size, args.seed)
     n_int8, n_fp32 = quantize_int8(fp32_path, dst, [x.numpy() for x, _ in calib])
     dataset, _ = datasets.build_dataset(is_train=False, args=data)
@@ -263,7 +263,7 @@ def main(argv=None):
                         "--data_set (and --data_path) for its calibration and evaluation images")
     # DIGITS only names the transform when no --data_set is given (the images are random)
     data_args = held.data_args(args.data_set or "DIGITS", args.data_path, args.input_size)
-    data_args.eval_data_path = args.eval_data_path
+    data_args = data_args.replace(eval_data_path=args.eval_data_path)
     size = data_args.input_size
     held.check_size(size, batch_size=args.parity_images if args.format == "onnx" else 4)
     if args.format == "timm":

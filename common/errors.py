@@ -13,6 +13,10 @@ class UserError(Exception):
     def __init__(self, message=""):
         super().__init__(_unwrap_worker_message(str(message)))
 
+    def for_command_line(self):
+        """The message as a command line prints it (common.config.FieldError names the flag)."""
+        return str(self)
+
 
 def _unwrap_worker_message(message):
     """A DataLoader worker re-raises our error with its whole traceback in the message: keep
@@ -73,7 +77,7 @@ def run_cli(main, argv=None, extra_errors=None, stopped=None):
         status = main(argv)
         return status if isinstance(status, int) and not isinstance(status, bool) else 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.for_command_line()}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as e:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
@@ -98,5 +102,5 @@ def parse_first(make_parser, argv=None):
     try:
         make_parser().parse_args(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.for_command_line()}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,6 @@
 """datasets.py on real on-disk formats that each test writes itself (tiny)."""
+import argparse
+import dataclasses
 import os
 import pickle
 
@@ -192,7 +194,7 @@ def test_evaluating_alone_needs_only_the_val_folder(tiny_imagenet, tmp_path):
     args = data_args(data_set="IMNET", data_path=str(tmp_path / "nowhere"),
                      eval_data_path=str(tmp_path / "imnet_val"))
     assert datasets.build_dataset(False, args)[1] == 2
-    args.data_set, args.eval_data_path = "TINY_IMAGENET", str(val_dir)
+    args = args.replace(data_set="TINY_IMAGENET", eval_data_path=str(val_dir))
     with pytest.raises(UserError, match="no data set under"):  # training never guesses the root
         datasets.build_dataset(True, args)
 
@@ -253,7 +255,7 @@ def test_image_folder_errors(tmp_path):
     args = data_args(data_set="image_folder", data_path=str(tmp_path / "train"), nb_classes=5)
     with pytest.raises(UserError, match="--nb_classes is 5 but .* holds 2 class folders"):
         datasets.build_dataset(True, args)
-    args.nb_classes = 2
+    args = args.replace(nb_classes=2)
     with pytest.raises(UserError, match="needs --eval_data_path"):
         datasets.build_dataset(False, args)
 
@@ -304,11 +306,13 @@ def test_missing_data_path(tmp_path, data_set):
         assert "pickle" in str(err.value) and "train/ and val/ (or test/)" in str(err.value)
 
 
-def test_unknown_data_set():
-    with pytest.raises(UserError, match="unknown --data_set 'MNIST'; choose from CIFAR10"):
-        datasets.build_dataset(True, data_args(data_set="MNIST"))
-    with pytest.raises(UserError, match="unknown --data_set"):
-        datasets.class_names(data_args(data_set="MNIST"))
+def test_unknown_data_set_names_the_field_and_the_command_line_its_flag():
+    with pytest.raises(UserError, match="DataConfig.data_set must be one of CIFAR10, .*, got 'MNIST'") as e:
+        data_args(data_set="MNIST")
+    assert e.value.for_command_line().startswith("--data_set must be one of CIFAR10")
+    official = argparse.Namespace(**{**dataclasses.asdict(data_args()), "data_set": "MNIST"})  # the official call
+    with pytest.raises(UserError, match="DataConfig.data_set must be one of"):
+        datasets.class_names(official)
 
 
 def test_randaugment_posterize_to_zero_bits_works_on_any_pillow():
