@@ -29,7 +29,7 @@ from timm.data.mixup import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 
-from checkpoints.identity import DEFAULT_INPUT_SIZE, Held, args_to_dict, load_model_state, read_held  # noqa: E402
+from checkpoints.identity import DEFAULT_INPUT_SIZE, args_to_dict, load_model_state, read_held  # noqa: E402
 from checkpoints.io import load_checkpoint_file  # noqa: E402
 from checkpoints.training_state import ema_module, restore_training, training_checkpoint  # noqa: E402
 import datasets  # noqa: E402
@@ -273,11 +273,10 @@ def build_optimization(args, run, data, device):
         args, run.model_without_ddp, get_num_layer=assigner.get_layer_id if assigner else None,
         get_layer_scale=assigner.get_scale if assigner else None)
     run.loss_scaler = NativeScaler(enabled=args.use_amp and args.amp_dtype == "fp16", device=device.type)
-    run.lr_schedule = utils.lr_scheduler(args, run.steps_per_epoch)
-    if args.weight_decay_end is None:
-        args.weight_decay_end = args.weight_decay
-    run.wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs,
-                                             run.steps_per_epoch)
+    schedule = utils.ScheduleConfig.from_args(args)
+    run.lr_schedule = utils.lr_scheduler(schedule, run.steps_per_epoch)
+    run.wd_schedule = utils.cosine_scheduler(schedule.weight_decay, schedule.final_weight_decay,
+                                             schedule.epochs, run.steps_per_epoch)
     if data.mixup_fn is not None:
         run.criterion = SoftTargetCrossEntropy()  # smoothing is in the mixup targets
     elif args.smoothing > 0:
@@ -292,8 +291,8 @@ def build_optimization(args, run, data, device):
     logger.info("LR = %.8f, batch size = %d, update frequency = %d, %d training examples, "
                 "%d steps per epoch, criterion = %s", args.lr, total_batch, args.update_freq,
                 len(data.train), run.steps_per_epoch, run.criterion)
-    drops = (f", x{args.decay_rate:g} at epochs {args.decay_epochs}" if args.sched == "multistep" else
-             f", x{args.decay_rate:g} every {args.decay_epochs[0]} epochs" if args.sched == "step" else "")
+    drops = (f", x{schedule.drop_rate:g} at epochs {args.decay_epochs}" if args.sched == "multistep" else
+             f", x{schedule.drop_rate:g} every {args.decay_epochs[0]} epochs" if args.sched == "step" else "")
     logger.info("LR schedule: %s%s after %d warmup steps, floor %g", args.sched, drops,
                 min(args.warmup_steps if args.warmup_steps > 0 else args.warmup_epochs * run.steps_per_epoch,
                     len(run.lr_schedule)), args.min_lr)

@@ -5,10 +5,12 @@ ConvNeXt's official rule in the official and timm's layouts, one id per isotropi
 a model no family's rule reads gets one id for everything.
 """
 import logging
+from dataclasses import dataclass
 
 from timm.optim import create_optimizer_v2, list_optimizers
 
 import models
+from common.config import Config, FieldError, Range, ranged
 from common.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -70,38 +72,61 @@ def get_parameter_groups(model, weight_decay=1e-5, skip_list=(), get_num_layer=N
     return list(groups.values())
 
 
+@dataclass(frozen=True)
+class OptimConfig(Config):
+    """The optimizer flags (main.py's names and defaults), checked when made."""
+    opt: str = "adamw"
+    lr: float = ranged(4e-3, Range(0))
+    weight_decay: float = ranged(0.05, Range(0))
+    momentum: float = ranged(0.9, Range(0, 1, hi_open=True))
+    opt_eps: float | None = ranged(1e-8, Range(0, lo_open=True))
+    opt_betas: tuple | None = None
+    layer_decay: float = ranged(1.0, Range(0, 1, lo_open=True))
+
+    @classmethod
+    def of(cls, value):
+        """An OptimConfig as it is, or one read from a namespace with the optimizer flags."""
+        return value if isinstance(value, cls) else cls.from_args(value)
+
+    def check(self):
+        super().check()
+        if self.opt_betas is not None and (len(self.opt_betas) != 2 or not all(0 <= b < 1 for b in self.opt_betas)):
+            raise FieldError(type(self).__name__, "opt_betas", f"must be two values in [0, 1), got {list(self.opt_betas)}")
+
+
 def create_optimizer(args, model, get_num_layer=None, get_layer_scale=None,
                      filter_bias_and_bn=True, skip_list=None):
-    """Build the optimizer named by args.opt (timm's names: adamw, sgd, momentum, lamb, ...).
+    """Build the optimizer named by `opt` (timm's names: adamw, sgd, momentum, lamb, ...).
 
     Args:
-        args: flags opt, lr, weight_decay, momentum, opt_eps, opt_betas.
+        args: OptimConfig (or the official flags' namespace, read into one).
         model: the bare model (not DDP-wrapped).
         get_num_layer, get_layer_scale: layer decay (see LayerDecayValueAssigner).
         filter_bias_and_bn (bool): exclude 1-D params and biases from weight decay.
         skip_list: names without weight decay; default model.no_weight_decay().
     """
+    cfg = OptimConfig.of(args)
     if filter_bias_and_bn:
         if skip_list is None:
             skip_list = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-        params = get_parameter_groups(model, args.weight_decay, skip_list, get_num_layer,
+        params = get_parameter_groups(model, cfg.weight_decay, skip_list, get_num_layer,
                                       get_layer_scale)
     else:
         params = [{"params": [p for p in model.parameters() if p.requires_grad],
-                   "weight_decay": args.weight_decay, "lr_scale": 1.0}]
+                   "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
     kwargs = {}
-    if getattr(args, "opt_eps", None) is not None:
-        kwargs["eps"] = args.opt_eps
-    if getattr(args, "opt_betas", None) is not None:
-        kwargs["betas"] = tuple(args.opt_betas)
+    if cfg.opt_eps is not None:
+        kwargs["eps"] = cfg.opt_eps
+    if cfg.opt_betas is not None:
+        kwargs["betas"] = tuple(cfg.opt_betas)
     try:
         # weight decay lives in the groups; timm drops eps / betas where an optimizer has none
-        return create_optimizer_v2(params, opt=args.opt, lr=args.lr, weight_decay=0.0,
-                                   momentum=args.momentum, **kwargs)
+        return create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=0.0,
+                                   momentum=cfg.momentum, **kwargs)
     except ValueError as e:
-        if args.opt.lower().split("_")[-1] not in list_optimizers():
-            raise UserError(f"unknown --opt {args.opt!r}; timm knows: "
+        if cfg.opt.lower().split("_")[-1] not in list_optimizers():
+            raise UserError(f"unknown --opt {cfg.opt!r}; timm knows: "
                             f"{', '.join(list_optimizers())}") from None
-        raise UserError(f"--opt {args.opt}: {e}") from None
+        raise UserError(f"--opt {cfg.opt}: {e}") from None
     except ImportError as e:
-        raise UserError(f"--opt {args.opt} needs a package that is not installed: {e}") from None
+        raise UserError(f"--opt {cfg.opt} needs a package that is not installed: {e}") from None

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ import torch.distributed as dist
 
 from checkpoints.identity import args_to_dict
 from deploy.runners import AMP_DTYPES as RUN_DTYPES
+from cli.flags import SCHEDULES
+from common.config import Choice, Config, FieldError, Range, ranged
 from common.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -390,13 +393,70 @@ def step_scheduler(base_value, final_value, epochs, niter_per_ep, decay_epochs, 
     return np.concatenate((np.linspace(start_warmup_value, base_value, warmup), values))
 
 
+@dataclass(frozen=True)
+class ScheduleConfig(Config):
+    """The LR and weight-decay schedules (main.py's flags and defaults), checked when made.
+    decay_rate / weight_decay_end left out resolve to 0.1 (step schedules) / weight_decay:
+    `drop_rate` and `final_weight_decay` return them."""
+    sched: str = ranged("cosine", Choice(SCHEDULES))
+    lr: float = ranged(4e-3, Range(0))
+    min_lr: float = ranged(1e-6, Range(0))
+    epochs: int = ranged(300, Range(1, integer=True))
+    warmup_epochs: int = ranged(20, Range(0))
+    warmup_steps: int = ranged(-1, Range(-1, integer=True))
+    decay_epochs: tuple | None = None
+    decay_rate: float | None = ranged(None, Range(0, 1, lo_open=True, hi_open=True))
+    weight_decay: float = ranged(0.05, Range(0))
+    weight_decay_end: float | None = ranged(None, Range(0))
+
+    @classmethod
+    def of(cls, value):
+        """A ScheduleConfig as it is, or one read from a namespace with the schedule flags."""
+        return value if isinstance(value, cls) else cls.from_args(value)
+
+    @property
+    def drop_rate(self):
+        return 0.1 if self.decay_rate is None else self.decay_rate
+
+    @property
+    def final_weight_decay(self):
+        return self.weight_decay if self.weight_decay_end is None else self.weight_decay_end
+
+    def check(self):
+        super().check()
+        owner = type(self).__name__
+        if self.min_lr > self.lr:
+            raise FieldError(owner, "min_lr", f"{self.min_lr} is above `lr` {self.lr}: the schedule would rise")
+        if self.sched == "cosine":
+            for name in ("decay_epochs", "decay_rate"):
+                if getattr(self, name) is not None:
+                    raise FieldError(owner, name, "applies to `sched` step or multistep, not the cosine schedule")
+            return
+        epochs = self.decay_epochs
+        if not epochs:
+            raise FieldError(owner, "decay_epochs", f"is needed by `sched` {self.sched}")
+        if self.sched == "step" and (len(epochs) != 1 or epochs[0] < 1):
+            raise FieldError(owner, "decay_epochs", f"takes one period >= 1 with `sched` step, got {list(epochs)}")
+        if self.sched == "multistep" and (any(b <= a for a, b in zip(epochs, epochs[1:])) or epochs[0] < 1):
+            raise FieldError(owner, "decay_epochs", f"must be increasing epochs >= 1, got {list(epochs)}")
+
+    def check_drops_happen(self):
+        """A training run: every step drop falls inside `epochs` (else it would never happen)."""
+        if self.sched != "cosine" and self.decay_epochs[-1] >= self.epochs:
+            what = "the first drop" if self.sched == "step" else "that drop"
+            raise FieldError(type(self).__name__, "decay_epochs",
+                             f"{self.decay_epochs[-1]} is not before `epochs` {self.epochs}: {what} would never happen")
+
+
 def lr_scheduler(args, niter_per_ep):
-    """The per-iteration LR of `--sched` (the values a resumed run indexes by global step)."""
-    common = dict(warmup_epochs=args.warmup_epochs, warmup_steps=args.warmup_steps)
-    if args.sched == "cosine":
-        return cosine_scheduler(args.lr, args.min_lr, args.epochs, niter_per_ep, **common)
-    return step_scheduler(args.lr, args.min_lr, args.epochs, niter_per_ep, args.decay_epochs,
-                          args.decay_rate, periodic=args.sched == "step", **common)
+    """The per-iteration LR of a ScheduleConfig (or the flags' namespace): the values a resumed
+    run indexes by global step."""
+    cfg = ScheduleConfig.of(args)
+    common = dict(warmup_epochs=cfg.warmup_epochs, warmup_steps=cfg.warmup_steps)
+    if cfg.sched == "cosine":
+        return cosine_scheduler(cfg.lr, cfg.min_lr, cfg.epochs, niter_per_ep, **common)
+    return step_scheduler(cfg.lr, cfg.min_lr, cfg.epochs, niter_per_ep, cfg.decay_epochs,
+                          cfg.drop_rate, periodic=cfg.sched == "step", **common)
 
 
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,

@@ -4,10 +4,10 @@ data or model is built (ranges, combinations, files, the model name).
 Every bad value is one `error: ...` line and exit status 2 (errors.UserError).
 """
 import argparse
-import math
 import os
 import sys
 
+from common.config import Range
 from common.errors import ArgumentParser, HelpFormatter, UserError  # noqa: F401  (ArgumentParser: run_with_submitit)
 from checkpoints.sources import check_source, set_download_timeout
 from cli.flags import DATA_SETS, SCHEDULES, add_download_flag, str2bool
@@ -180,45 +180,35 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- checks
 
-def _in(lo, hi, lo_open=False, hi_open=False):
-    """A range test and its text, e.g. _in(0, 1, hi_open=True) -> '[0, 1)'."""
-    def test(v):
-        return ((lo is None or (v > lo if lo_open else v >= lo))
-                and (hi is None or (v < hi if hi_open else v <= hi)))
-    if hi is None:
-        return test, f"{'>' if lo_open else '>='} {lo}"
-    return test, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-
-
-# flag -> (test, text); None values mean "not set" and are not checked here.
+# flag -> its allowed values (common.config.Range, as every config field declares them);
+# None values mean "not set" and are not checked here.
 RANGES = {
-    "batch_size": _in(1, None), "epochs": _in(1, None), "update_freq": _in(1, None),
-    "print_freq": _in(1, None), "input_size": _in(1, None),
-    "drop_path": _in(0, 1, hi_open=True), "layer_scale_init_value": _in(0, None),
-    "model_ema_decay": _in(0, 1, hi_open=True), "opt_eps": _in(0, None, lo_open=True),
-    "clip_grad": _in(0, None, lo_open=True), "momentum": _in(0, 1, hi_open=True),
-    "weight_decay": _in(0, None), "weight_decay_end": _in(0, None),
-    "lr": _in(0, None), "layer_decay": _in(0, 1, lo_open=True), "min_lr": _in(0, None),
-    "warmup_epochs": _in(0, None), "warmup_steps": _in(-1, None),
-    "color_jitter": _in(0, None), "smoothing": _in(0, 1, hi_open=True),
-    "crop_pct": _in(0, 1, lo_open=True), "reprob": _in(0, 1), "recount": _in(1, None),
-    "mixup": _in(0, None), "cutmix": _in(0, None), "mixup_prob": _in(0, 1),
-    "mixup_switch_prob": _in(0, 1), "head_init_scale": _in(0, None, lo_open=True),
-    "nb_classes": _in(1, None), "seed": _in(0, 2 ** 31 - 1), "save_ckpt_freq": _in(1, None),
-    "save_ckpt_num": _in(0, None), "start_epoch": _in(0, None), "num_workers": _in(0, None),
-    "world_size": _in(1, None), "dist_timeout": _in(0, None, lo_open=True),
-    "decay_rate": _in(0, 1, lo_open=True, hi_open=True),
-    "sparsity": _in(0, None), "kd_temperature": _in(0, None, lo_open=True), "kd_alpha": _in(0, 1),
+    "batch_size": Range(1), "epochs": Range(1), "update_freq": Range(1),
+    "print_freq": Range(1), "input_size": Range(1),
+    "drop_path": Range(0, 1, hi_open=True), "layer_scale_init_value": Range(0),
+    "model_ema_decay": Range(0, 1, hi_open=True), "opt_eps": Range(0, lo_open=True),
+    "clip_grad": Range(0, lo_open=True), "momentum": Range(0, 1, hi_open=True),
+    "weight_decay": Range(0), "weight_decay_end": Range(0),
+    "lr": Range(0), "layer_decay": Range(0, 1, lo_open=True), "min_lr": Range(0),
+    "warmup_epochs": Range(0), "warmup_steps": Range(-1),
+    "color_jitter": Range(0), "smoothing": Range(0, 1, hi_open=True),
+    "crop_pct": Range(0, 1, lo_open=True), "reprob": Range(0, 1), "recount": Range(1),
+    "mixup": Range(0), "cutmix": Range(0), "mixup_prob": Range(0, 1),
+    "mixup_switch_prob": Range(0, 1), "head_init_scale": Range(0, lo_open=True),
+    "nb_classes": Range(1), "seed": Range(0, 2 ** 31 - 1), "save_ckpt_freq": Range(1),
+    "save_ckpt_num": Range(0), "start_epoch": Range(0), "num_workers": Range(0),
+    "world_size": Range(1), "dist_timeout": Range(0, lo_open=True),
+    "decay_rate": Range(0, 1, lo_open=True, hi_open=True),
+    "sparsity": Range(0), "kd_temperature": Range(0, lo_open=True), "kd_alpha": Range(0, 1),
 }
 
 
 def check_ranges(args):
-    for flag, (test, text) in RANGES.items():
+    for flag, allowed in RANGES.items():
         value = getattr(args, flag)
-        if value is None:
-            continue
-        if isinstance(value, float) and not math.isfinite(value) or not test(value):
-            raise UserError(f"--{flag} must be {text}, got {value}")
+        problem = None if value is None else allowed(value)
+        if problem:
+            raise UserError(f"--{flag} {problem}")
     for flag, values in (("opt_betas", args.opt_betas), ("cutmix_minmax", args.cutmix_minmax)):
         if values is not None and len(values) != 2:
             raise UserError(f"--{flag} takes two values, got {len(values)}")
@@ -243,31 +233,17 @@ def check_augmentation(args):
 
 
 def check_schedule(args):
-    """--decay_epochs / --decay_rate belong to the step schedules, and each drop must happen."""
-    if args.sched == "cosine":
-        if args.decay_epochs is not None or args.decay_rate is not None:
-            raise UserError("--decay_epochs / --decay_rate apply to --sched step or multistep, "
-                            "not the cosine schedule")
-        return
-    if args.decay_rate is None:
-        args.decay_rate = 0.1
-    epochs = args.decay_epochs
-    if not epochs:
-        raise UserError(f"--sched {args.sched} needs --decay_epochs")
-    if args.sched == "step" and (len(epochs) != 1 or epochs[0] < 1):
-        raise UserError(f"--sched step takes one --decay_epochs period >= 1, got {epochs}")
-    if args.sched == "multistep":
-        if any(b <= a for a, b in zip(epochs, epochs[1:])) or epochs[0] < 1:
-            raise UserError(f"--decay_epochs must be increasing epochs >= 1, got {epochs}")
-        if not args.eval and epochs[-1] >= args.epochs:
-            raise UserError(f"--decay_epochs {epochs[-1]} is not before --epochs {args.epochs}: "
-                            "that drop would never happen")
+    """The schedule flags make a ScheduleConfig (range and combination checks), and in a
+    training run each step drop must happen."""
+    import utils  # here: --help and flag errors come before torch loads
+    schedule = utils.ScheduleConfig.from_args(args)
+    if not args.eval:
+        schedule.check_drops_happen()
+    return schedule
 
 
 def check_combinations(args):
     check_schedule(args)
-    if args.min_lr > args.lr:
-        raise UserError(f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule would rise")
     if not args.eval and args.start_epoch >= args.epochs:
         raise UserError(f"--start_epoch {args.start_epoch} leaves nothing to train with --epochs "
                         f"{args.epochs}")

@@ -11,21 +11,27 @@ and the runtimes check their numbers with the same `Range`.
 """
 import math
 import numbers
+import re
 from dataclasses import dataclass, field, fields, replace
 
 from common.errors import UserError
 
 
 class FieldError(UserError):
-    """A bad value of a named field. str(): "Owner.field problem"; the same
-    with the field's flag ("--field problem"): `for_command_line()`, what run_cli prints."""
+    """A bad value of a named field. str(): "Owner.field problem"; `for_command_line()` (what
+    run_cli prints): "--field problem". Other fields the problem names are written `name` in
+    backquotes: plain in the library's message, --name on the command line."""
 
     def __init__(self, owner, name, problem):
         self.owner, self.field, self.problem = owner, name, problem
-        super().__init__(f"{owner}.{name} {problem}" if owner else f"{name} {problem}")
+        text = _FIELD_REF.sub(r"\1", problem)
+        super().__init__(f"{owner}.{name} {text}" if owner else f"{name} {text}")
 
     def for_command_line(self):
-        return f"--{self.field} {self.problem}"
+        return f"--{self.field} " + _FIELD_REF.sub(r"--\1", self.problem)
+
+
+_FIELD_REF = re.compile(r"`(\w+)`")
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,18 @@ class Range:
     @property
     def text(self):
         noun = "a whole number" if self.integer else "a number"
+        lo, hi = _number(self.lo), _number(self.hi)
         if self.lo is not None and self.hi is not None:
-            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
         if self.lo is not None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            return f"{'>' if self.lo_open else '>='} {lo}"
         if self.hi is not None:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+            return f"{'<' if self.hi_open else '<='} {hi}"
         return noun
+
+
+def _number(x):
+    return str(int(x)) if isinstance(x, (int, float)) and float(x).is_integer() else f"{x}"
 
 
 @dataclass(frozen=True)

@@ -50,19 +50,26 @@ def test_cosine_stays_the_default_and_unchanged():
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--decay_epochs", "5"], "apply to --sched step or multistep"),
-    (["--decay_rate", "0.5"], "apply to --sched step or multistep"),
-    (["--sched", "multistep"], "needs --decay_epochs"),
-    (["--sched", "step", "--decay_epochs", "2", "3"], "one --decay_epochs period"),
+    (["--decay_epochs", "5"], "--decay_epochs applies to --sched step or multistep"),
+    (["--decay_rate", "0.5"], "--decay_rate applies to --sched step or multistep"),
+    (["--sched", "multistep"], "--decay_epochs is needed by --sched multistep"),
+    (["--sched", "step", "--decay_epochs", "2", "3"], "--decay_epochs takes one period"),
     (["--sched", "multistep", "--decay_epochs", "4", "2"], "increasing"),
     (["--sched", "multistep", "--decay_epochs", "2", "6"], "not before --epochs 6"),
+    (["--sched", "step", "--decay_epochs", "6"], "not before --epochs 6: the first drop would never happen"),
     (["--sched", "step", "--decay_epochs", "2", "--decay_rate", "1.5"], "--decay_rate must be in (0, 1)"),
 ])
 def test_schedule_flags_are_checked_up_front(argv, needle):
     args = main.parse_args(["--epochs", "6", *argv])
-    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError) as e:
         options.check_ranges(args)
         options.check_combinations(args)
+    assert needle in e.value.for_command_line()
+
+
+def test_a_schedule_error_from_python_names_the_field():
+    with pytest.raises(UserError, match=r"ScheduleConfig.decay_epochs is needed by sched multistep"):
+        utils.ScheduleConfig(sched="multistep")
 
 
 @pytest.mark.e2e
