@@ -41,7 +41,7 @@ from training.losses import DistillationLoss, load_teachers  # noqa: E402
 from optim_factory import LayerDecayValueAssigner, create_optimizer  # noqa: E402
 from cli.options import DEFAULT_MODEL, check_args, parse_args  # noqa: E402
 from common.files import drop_lock, hold_lock  # noqa: E402
-from training.run_folder import RunFolder, list_epoch_checkpoints, resolve_resume, resume_label  # noqa: E402
+from training.run_folder import RunFolder, list_epoch_checkpoints, resolve_resume  # noqa: E402
 from utils import NativeScalerWithGradNormCount as NativeScaler  # noqa: E402
 
 logger = logging.getLogger("main")
@@ -143,6 +143,7 @@ class Sources:
     model to build (`arch` of a shape of ours, else a registered `name`)."""
     resume: Any = None
     finetune: Any = None
+    point: Any = None  # run_folder.ResumePoint: which checkpoint --resume / --auto_resume gave
     held: Any = None  # Held of the checkpoint the weights come from
     state: Any = None
     arch: Any = None
@@ -151,17 +152,18 @@ class Sources:
 
 def load_sources(args):
     """Sources; --resume (or auto-resume) wins over --finetune."""
-    resume = load_checkpoint_file(args.resume) if resolve_resume(args) else None
+    point = resolve_resume(args.resume, args.auto_resume, args.output_dir)
+    resume = load_checkpoint_file(point.path) if point.path else None
     finetune = None
     if args.finetune and resume is not None:
-        logger.info("Resuming from %s: --finetune %s is not loaded", args.resume, args.finetune)
+        logger.info("Resuming from %s: --finetune %s is not loaded", point.path, args.finetune)
     elif args.finetune:
         finetune = load_checkpoint_file(args.finetune)
         logger.info("Load ckpt from %s", args.finetune)
     if args.eval and resume is None and finetune is None and not (args.model and models.is_tagged(args.model)):
         raise UserError(f"--eval true needs trained weights: --output_dir {args.output_dir} holds "
                         "no checkpoint-N.pth; give --resume CHECKPOINT")
-    src = Sources(resume, finetune)
+    src = Sources(resume, finetune, point=point)
     if resume is not None:
         src.held = read_held(resume, args.model)
     elif finetune is not None:
@@ -200,9 +202,9 @@ def check_input_size(args, src):
                         f"declare scale factors and folding); {name} is a stock timm model")
 
 
-def _model_from_arch(args, arch, finetuning, kwargs):
+def _model_from_arch(args, arch, finetuning, kwargs, resume_label):
     """Rebuild the exact shape of a checkpoint (a fresh head of nb_classes when fine-tuning)."""
-    source = f"--finetune {args.finetune}" if finetuning else resume_label(args)
+    source = f"--finetune {args.finetune}" if finetuning else resume_label
     if finetuning:
         arch = {**arch, "num_classes": args.nb_classes}
     elif arch.get("num_classes") != args.nb_classes:
@@ -217,8 +219,8 @@ def build_model(args, src):
     kwargs = dict(drop_path_rate=args.drop_path, layer_scale_init_value=args.layer_scale_init_value,
                   head_init_scale=args.head_init_scale)
     if src.arch is not None:
-        model = _model_from_arch(args, src.arch, src.resume is None, kwargs)
-        source = args.resume if src.resume is not None else args.finetune
+        model = _model_from_arch(args, src.arch, src.resume is None, kwargs, src.point.label)
+        source = src.point.path if src.resume is not None else args.finetune
         args.model = models.registered_name(model.arch) or f"the arch stored in {source}"
     else:  # a tagged name with no checkpoint (convnext_tiny.fb_in22k) starts from timm's weights
         args.model = src.name
@@ -232,8 +234,8 @@ def build_model(args, src):
         if pretrained:
             logger.info("Weights: timm's pretrained %s (a new head when --nb_classes differs)", src.name)
     if src.resume is not None:
-        load_model_state(model, src.state, resume_label(args))
-        logger.info("Resume checkpoint %s", args.resume)
+        load_model_state(model, src.state, src.point.label)
+        logger.info("Resume checkpoint %s", src.point.path)
     elif src.finetune is not None:  # evaluating needs the trained head: it is never dropped then
         load_model_state(model, src.state, f"--finetune {args.finetune}",
                                     drop_head_on_mismatch=not args.eval)
@@ -327,7 +329,7 @@ def build_run(args, data, device, src):
         build_optimization(args, run, data, device)
     restored = {"max_accuracy": 0.0, "max_accuracy_ema": 0.0}
     if src.resume is not None:
-        restored = restore_training(args, src.resume, resume_label(args), run.model_ema,
+        restored = restore_training(src.resume, src.point.label, run.model_ema,
                                                run.optimizer, run.loss_scaler)
     return run, restored
 
@@ -393,15 +395,15 @@ def validate(args, data, run, device, best, log_stats):
     return stats, new_best
 
 
-def train(args, data, run, device, best, folder):
-    """The epoch loop: train, evaluate, checkpoint, log."""
+def train(args, data, run, device, best, folder, start_epoch):
+    """The epoch loop from `start_epoch`: train, evaluate, checkpoint, log."""
     log_writer = utils.TensorboardLogger(args.log_dir) if args.log_dir and utils.is_main_process() else None
     wandb_logger = utils.WandbLogger(args) if args.enable_wandb and utils.is_main_process() else None
     if folder is not None and utils.is_main_process():
         folder.prepare()
     logger.info("Start training for %d epochs", args.epochs)
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
+    for epoch in range(start_epoch, args.epochs):
         data.loader_train.sampler.set_epoch(epoch)  # a new shuffle every epoch, also on one GPU
         if log_writer is not None:
             log_writer.set_step(epoch * run.steps_per_epoch * args.update_freq)
@@ -440,7 +442,7 @@ def _write_log(folder, log_stats, log_writer, wandb_logger):
         wandb_logger.log_epoch_metrics(log_stats)
 
 
-def open_run_folder(args, resume):
+def open_run_folder(args, src, start_epoch):
     """The RunFolder of a training run with --output_dir (None without one: nothing is saved).
     Refuses a folder another run is writing in (its lock) or holding another run's files;
     every rank checks, so all stop together."""
@@ -449,9 +451,9 @@ def open_run_folder(args, resume):
         return None
     if utils.env_rank(args) == 0:  # the main process holds the folder's lock for the whole run
         hold_lock(args.output_dir, "--output_dir")
-    folder = RunFolder(args.output_dir, resume, args.resume, restart=args.auto_resume)
+    folder = RunFolder(args.output_dir, src.resume, src.point.path, restart=args.auto_resume)
     try:
-        folder.check(args.start_epoch)
+        folder.check(start_epoch)
     except UserError:
         drop_lock(args.output_dir)
         raise
@@ -479,12 +481,12 @@ def main(args):
     check_input_size(args, src)
     folder = None
     if not args.eval:
-        args.start_epoch = _resume_epoch(args, src.resume)
-        if args.start_epoch >= args.epochs:
+        start_epoch = _resume_epoch(args, src.resume)
+        if start_epoch >= args.epochs:
             logger.info("The run is already complete: %s holds epoch %d of --epochs %d; raise "
-                        "--epochs to train longer", args.resume, args.start_epoch - 1, args.epochs)
+                        "--epochs to train longer", src.point.path, start_epoch - 1, args.epochs)
             return None
-        folder = open_run_folder(args, src.resume)
+        folder = open_run_folder(args, src, start_epoch)
     device = setup(args)
     data = build_data(args, device)
     run, best = build_run(args, data, device, src)
@@ -492,7 +494,7 @@ def main(args):
         return evaluate_only(args, data, run, device)
     if folder is not None and utils.is_main_process():
         folder.check_space(_checkpoint_bytes(run))
-    train(args, data, run, device, best, folder)
+    train(args, data, run, device, best, folder, start_epoch)
     return None
 
 

@@ -39,8 +39,9 @@ def _top1_record(checkpoint, key, label):
     return float(value)
 
 
-def restore_training(args, checkpoint, label, model_ema=None, optimizer=None, loss_scaler=None):
-    """After the model weights are loaded: EMA, optimizer, scaler and the epoch to start at.
+def restore_training(checkpoint, label, model_ema=None, optimizer=None, loss_scaler=None):
+    """After the model weights are loaded: EMA, optimizer and scaler (the epoch to start at is
+    the checkpoint's epoch + 1: main.py resolves it before the run folder is opened).
 
     Args:
         label (str): how messages name the checkpoint.
@@ -61,7 +62,6 @@ def restore_training(args, checkpoint, label, model_ema=None, optimizer=None, lo
     except (ValueError, KeyError) as e:
         raise UserError(f"the optimizer state in {label} does not fit this run "
                         f"(different --opt or --layer_decay?): {e}") from None
-    args.start_epoch = checkpoint["epoch"] + 1
     loss_scaler.load_state_dict(checkpoint.get("scaler") or {})
-    logger.info("With optim & sched! Continuing at epoch %d", args.start_epoch)
+    logger.info("With optim & sched! Continuing at epoch %d", checkpoint["epoch"] + 1)
     return restored

@@ -12,6 +12,7 @@ Rules (a kill at any instant loses at most the epoch in progress; nothing foreig
 import json
 import logging
 import os
+from dataclasses import dataclass
 import re
 import shutil
 import uuid
@@ -38,24 +39,30 @@ def list_epoch_checkpoints(output_dir):
     return sorted(found)
 
 
-def resolve_resume(args):
-    """With --auto_resume and no --resume, point args.resume at the newest checkpoint-N.pth
-    (args.resume_auto records that the user did not name it)."""
-    args.resume_auto = False
-    if args.auto_resume and not args.resume and args.output_dir:
-        found = list_epoch_checkpoints(args.output_dir)
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumes from: the one --resume names, or the newest checkpoint-N.pth
+    that --auto_resume picked in --output_dir (auto); path None: nothing to resume."""
+    path: str | None = None
+    auto: bool = False
+
+    @property
+    def label(self):
+        """How messages name it (saying so when auto-resume chose it)."""
+        if self.auto:
+            return (f"{self.path} (picked by auto-resume from --output_dir; start afresh with another "
+                    "--output_dir, or --auto_resume false)")
+        return f"--resume {self.path}"
+
+
+def resolve_resume(resume, auto_resume, output_dir):
+    """The ResumePoint of the flags --resume, --auto_resume and --output_dir."""
+    if auto_resume and not resume and output_dir:
+        found = list_epoch_checkpoints(output_dir)
         if found:
-            args.resume, args.resume_auto = found[-1][1], True
-            logger.info("Auto resume checkpoint: %s", args.resume)
-    return args.resume
-
-
-def resume_label(args):
-    """How messages name the resumed checkpoint (saying so when auto-resume chose it)."""
-    if getattr(args, "resume_auto", False):
-        return (f"{args.resume} (picked by auto-resume from --output_dir; start afresh with another "
-                "--output_dir, or --auto_resume false)")
-    return f"--resume {args.resume}"
+            logger.info("Auto resume checkpoint: %s", found[-1][1])
+            return ResumePoint(found[-1][1], auto=True)
+    return ResumePoint(resume or None)
 
 
 def _same_folder(path, folder):
