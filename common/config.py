@@ -22,13 +22,14 @@ class FieldError(UserError):
     run_cli prints): "--field problem". Other fields the problem names are written `name` in
     backquotes: plain in the library's message, --name on the command line."""
 
-    def __init__(self, owner, name, problem):
+    def __init__(self, owner, name, problem, flag=None):
         self.owner, self.field, self.problem = owner, name, problem
+        self.flag = flag or f"--{name}"  # a field whose flag has another name says which
         text = _FIELD_REF.sub(r"\1", problem)
         super().__init__(f"{owner}.{name} {text}" if owner else f"{name} {text}")
 
     def for_command_line(self):
-        return f"--{self.field} " + _FIELD_REF.sub(r"--\1", self.problem)
+        return f"{self.flag} " + _FIELD_REF.sub(r"--\1", self.problem)
 
 
 _FIELD_REF = re.compile(r"`(\w+)`")
@@ -47,7 +48,8 @@ class Range:
     def __call__(self, value):
         kind = numbers.Integral if self.integer else numbers.Real
         if isinstance(value, bool) or not isinstance(value, kind):
-            return f"must be {self.text}, got {value!r}"
+            noun = "a whole number" if self.integer else "a number"
+            return f"must be {noun} {self.text}, got {value!r}"
         if not math.isfinite(value):
             return f"must be {self.text}, got {value}"
         low = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
@@ -85,11 +87,11 @@ def ranged(default, check, **kwargs):
     return field(default=default, metadata={"check": check}, **kwargs)
 
 
-def check_value(owner, name, value, check):
+def check_value(owner, name, value, check, flag=None):
     """FieldError when `check` refuses `value` (None is 'not given' and passes)."""
     problem = None if value is None else check(value)
     if problem:
-        raise FieldError(owner, name, problem)
+        raise FieldError(owner, name, problem, flag)
 
 
 class Config:

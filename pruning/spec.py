@@ -8,6 +8,7 @@ checkpoint stores as `pruning.options`: the settings actually used.
 """
 from dataclasses import asdict, dataclass, field, replace
 
+from common.config import Choice, FieldError, Range, check_value
 from common.errors import UserError
 from deploy.runtime import get_runtime, runtime_names
 
@@ -29,6 +30,16 @@ def _tuple(value):
 SETTINGS = {"dims": None, "hidden_ratio": None, "mlp_ratio": None, "group_ratio": None, "round_to": 1,
             "target_latency": None, "target_speedup": None, "latency_backend": "eager", "latency_batch": 1,
             "latency_dtype": "fp32"}
+
+
+# KeepRules' settings and their allowed values (the budgets check their own)
+_RANGES = {"round_to": Range(1, integer=True), "hidden_ratio": Range(0, 1, lo_open=True), "mlp_ratio": Range(0, lo_open=True),
+           "dims": Range(1, integer=True), "target_latency": Range(0, lo_open=True), "target_speedup": Range(1, lo_open=True),
+           "latency_batch": Range(1, integer=True), "latency_dtype": Choice(("fp32", "bf16"))}
+
+
+def _values(value):
+    return value if isinstance(value, tuple) else (value,)
 
 
 def rule_names():
@@ -106,45 +117,31 @@ class KeepRules:
         return [(b, self._values[b.name]) for b in budgets() if self._values.get(b.name) is not None]
 
     def _check(self):
-        if self.round_to < 1:
-            raise UserError(f"--round_to must be >= 1, got {self.round_to}")
+        for name, allowed in _RANGES.items():
+            for value in _values(getattr(self, name)):
+                check_value("KeepRules", name, value, allowed)
         for budget, value in self.given_budgets():
             problem = budget.check(value)
             if problem:
-                raise UserError(f"--{budget.name} {problem}")
+                raise FieldError("KeepRules", budget.name, problem)
         if self.hidden_ratio is not None and self.mlp_ratio is not None:
-            raise UserError("give --hidden_ratio or --mlp_ratio, not both")
-        for r in self.hidden_ratio or ():
-            if not 0 < r <= 1:
-                raise UserError(f"--hidden_ratio must be in (0, 1], got {r}")
-        for r in self.mlp_ratio or ():
-            if not r > 0:
-                raise UserError(f"--mlp_ratio must be positive, got {r}")
+            raise FieldError("KeepRules", "hidden_ratio", "and `mlp_ratio` exclude each other: give one")
         for pattern, share in self.group_ratio or ():
-            if not 0 <= share < 1:
-                raise UserError(f"--group_ratio {pattern}={share:g}: the share must be in [0, 1)")
+            if Range(0, 1, hi_open=True)(share):
+                raise FieldError("KeepRules", "group_ratio", f"{pattern}={share:g}: the share must be in [0, 1)")
         self._check_latency()
 
     def _check_latency(self):
         if self.target_latency is not None and self.target_speedup is not None:
-            raise UserError("give --target_latency or --target_speedup, not both")
-        if self.target_latency is not None and not self.target_latency > 0:
-            raise UserError(f"--target_latency must be > 0 ms, got {self.target_latency}")
-        if self.target_speedup is not None and not self.target_speedup > 1:
-            raise UserError(f"--target_speedup must be > 1 (times faster than the source), got {self.target_speedup}")
-        given = [f"--{k}" for k, default in (("latency_backend", "eager"), ("latency_batch", 1),
-                                              ("latency_dtype", "fp32")) if getattr(self, k) != default]
+            raise FieldError("KeepRules", "target_latency", "and `target_speedup` exclude each other: give one")
+        given = [f"`{k}`" for k in ("latency_backend", "latency_batch", "latency_dtype") if self._values[k] != SETTINGS[k]]
         if given and not self.latency_targeted:
-            raise UserError(f"{', '.join(given)} apply to --target_latency / --target_speedup")
-        if self.latency_backend not in runtime_names():
-            raise UserError(f"--latency_backend {self.latency_backend!r}: choose one of {', '.join(runtime_names())}")
+            raise FieldError("KeepRules", given[0].strip("`"), "applies to `target_latency` / `target_speedup` "
+                             f"(given: {', '.join(given)})")
+        check_value("KeepRules", "latency_backend", self.latency_backend, Choice(runtime_names()))
         runtime = get_runtime(self.latency_backend)
-        if self.latency_batch < 1:
-            raise UserError(f"--latency_batch must be >= 1, got {self.latency_batch}")
-        if self.latency_dtype not in ("fp32", "bf16"):
-            raise UserError(f"--latency_dtype {self.latency_dtype!r}: choose fp32 or bf16")
         if self.latency_dtype == "bf16" and "bf16" not in runtime.amps:
-            raise UserError(f"--latency_dtype bf16: the {runtime.name} backend runs in {runtime.precisions()}")
+            raise FieldError("KeepRules", "latency_dtype", f"bf16: the {runtime.name} backend runs in {runtime.precisions()}")
 
     @property
     def latency_targeted(self):
@@ -185,10 +182,9 @@ class Calibration:
 
     def __post_init__(self):
         for name in ("batches", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--calib_{name} must be >= 1, got {getattr(self, name)}")
+            check_value("Calibration", name, getattr(self, name), Range(1, integer=True), flag=f"--calib_{name}")
         if self.data is not None and (self.data_set or self.data_path):
-            raise UserError("calibration: give data, or data_set / data_path, not both")
+            raise FieldError("Calibration", "data", "and `data_set` / `data_path` exclude each other: give one")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,12 +215,13 @@ class PruneSpec:
     compensate: str = "none"
 
     def __post_init__(self):
-        if self.compensate not in COMPENSATIONS:
-            raise UserError(f"--compensate {self.compensate!r}: choose one of {', '.join(COMPENSATIONS)}")
-        if self.input_size is not None and self.input_size < 1:
-            raise UserError(f"--input_size must be >= 1, got {self.input_size}")
-        if self.seed is not None and self.seed < 0:
-            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        for name, types in (("rules", KeepRules), ("aggregation", Aggregation), ("calibration", (Calibration, type(None)))):
+            if not isinstance(getattr(self, name), types):
+                raise TypeError(f"PruneSpec.{name} must be a {getattr(types, '__name__', 'Calibration or None')}, "
+                                f"not {type(getattr(self, name)).__name__}")
+        check_value("PruneSpec", "compensate", self.compensate, Choice(tuple(COMPENSATIONS)))
+        check_value("PruneSpec", "input_size", self.input_size, Range(1, integer=True))
+        check_value("PruneSpec", "seed", self.seed, Range(0, 2 ** 31 - 1, integer=True))
 
     def resolved(self):
         """The spec with the criterion's defaults filled in (idempotent); UserError for any

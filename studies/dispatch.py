@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from common.config import Range
 from common.errors import ArgumentParser, UserError
 from cli.flags import add_download_flag
 
@@ -57,8 +58,9 @@ def check_flags(args):
         if getattr(args, key) is None:
             setattr(args, key, default)
     for key, low in (("slurm_time", 1), ("gpus_per_cell", 0), ("max_parallel", 1), ("retries", 0)):
-        if getattr(args, key) < low:
-            raise UserError(f"--{key} must be >= {low}, got {getattr(args, key)}")
+        problem = Range(low, integer=True)(getattr(args, key))
+        if problem:
+            raise UserError(f"--{key} {problem}")
 
 
 def torchrun(gpus):

@@ -26,6 +26,7 @@ import datasets
 import models
 from engine import evaluate
 from checkpoints.sources import check_source, set_download_timeout
+from common.config import Range
 from common.errors import UserError, first_line
 from common.files import LOCK_NAME, atomic_open, drop_lock, hold_lock
 
@@ -47,8 +48,9 @@ def check_common(args):
     if seeds is not None and (len(set(seeds)) != len(seeds) or min(seeds) < 0):
         raise UserError("--seeds must be distinct non-negative integers")
     subset = getattr(args, "eval_subset", None)
-    if subset is not None and subset < 1:
-        raise UserError(f"--eval_subset must be >= 1, got {subset}")
+    problem = None if subset is None else Range(1, integer=True)(subset)
+    if problem:
+        raise UserError(f"--eval_subset {problem}")
 
 
 def open_source(checkpoint):

@@ -81,7 +81,7 @@ def test_bad_sources_and_specs_are_plain_errors():
         pruning.prune(torch.nn.Linear(2, 2), PruneSpec(rules=KeepRules(ratio=0.5)))
     with pytest.raises(UserError, match="no keep rule"):
         pruning.prune(trained_like(), PruneSpec())
-    with pytest.raises(UserError, match="--ratio must be in"):
+    with pytest.raises(UserError, match=r"KeepRules.ratio must be in \[0, 1\), got 1.5"):
         KeepRules(ratio=1.5)
     with pytest.raises(UserError, match="unknown reduce"):
         Aggregation(reduce="median")

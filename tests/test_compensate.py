@@ -128,7 +128,7 @@ def test_compensated_models_fold_and_export_exactly(tmp_path):
 
 @pytest.mark.cli
 def test_spec_and_cli_refuse_bad_compensation(source, capsys):
-    with pytest.raises(UserError, match="--compensate 'x'"):
+    with pytest.raises(UserError, match="PruneSpec.compensate must be one of none, stats, refit, got 'x'"):
         PruneSpec(rules=KeepRules(ratio=0.5), compensate="x")
     with pytest.raises(UserError, match="--seed does not apply"):
         PruneSpec(criterion="opnorm", rules=KeepRules(ratio=0.5), seed=1).resolved()

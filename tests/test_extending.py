@@ -43,7 +43,7 @@ def test_a_registered_budget_plans_and_is_recorded(channels_budget, src):
     total = sum(g.width for g in result.source.groups)
     assert kept <= 100 < total
     assert result.checkpoint["pruning"]["options"]["target_channels"] == 100
-    with pytest.raises(UserError, match="--target_channels must be a positive whole number"):
+    with pytest.raises(UserError, match="KeepRules.target_channels must be a positive whole number"):
         KeepRules(target_channels=0)
     with pytest.raises(UserError, match="target cannot be met: the smallest reachable shape keeps"):
         prune(str(src), PruneSpec(rules=KeepRules(target_channels=1)))

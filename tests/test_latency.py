@@ -140,17 +140,20 @@ def test_an_unreachable_target_is_one_line(src, fitted, capsys):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"target_latency": 5, "target_speedup": 2}, "not both"),
-    ({"target_speedup": 1.0}, "must be > 1"),
-    ({"target_latency": -1}, "must be > 0 ms"),
-    ({"ratio": 0.5, "latency_batch": 4}, "apply to --target_latency"),
-    ({"target_speedup": 2, "latency_backend": "tvm"}, "choose one of eager, compile"),
-    ({"target_speedup": 2, "latency_dtype": "bf16", "latency_backend": "onnxruntime"}, "the onnxruntime backend runs in fp32"),
-    ({"target_speedup": 2, "latency_batch": 0}, "--latency_batch must be >= 1"),
+    ({"target_latency": 5, "target_speedup": 2}, "target_latency and target_speedup exclude each other"),
+    ({"target_speedup": 1.0}, "target_speedup must be > 1"),
+    ({"target_latency": -1}, "target_latency must be > 0"),
+    ({"target_latency": float("inf")}, "target_latency must be > 0, got inf"),
+    ({"ratio": 0.5, "latency_batch": 4}, "latency_batch applies to target_latency / target_speedup"),
+    ({"target_speedup": 2, "latency_backend": "tvm"}, "latency_backend must be one of eager, compile"),
+    ({"target_speedup": 2, "latency_dtype": "bf16", "latency_backend": "onnxruntime"}, "latency_dtype bf16: the onnxruntime backend runs in fp32"),
+    ({"target_speedup": 2, "latency_batch": 0}, "latency_batch must be >= 1"),
+    ({"target_speedup": 2, "latency_batch": 2.5}, "latency_batch must be a whole number"),
 ])
 def test_bad_latency_rules_are_refused_before_any_work(kwargs, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match="KeepRules." + message) as e:
         KeepRules(**kwargs)
+    assert e.value.for_command_line().startswith("--")  # prune.py names the flag
 
 
 def test_replanning_brackets_the_target_and_keeps_the_closest_plan(monkeypatch):

@@ -117,7 +117,7 @@ def test_targets_and_dry_run(ckpt, tmp_path, capsys):
 @pytest.mark.cli
 @pytest.mark.parametrize("argv,message", [
     (["--dims", "4", "8", "16", "64"], "only 32 channels"),
-    (["--dims", "4", "0", "16", "16"], "at least 1"),
+    (["--dims", "4", "0", "16", "16"], "--dims must be >= 1, got 0"),
     (["--dims", "4", "8", "16"], "takes 4 values"),
     (["--criterion", "hrank"], "unknown criterion"),
     (["--target_params", "10"], "cannot be met"),

@@ -147,7 +147,7 @@ def test_keep_rule_errors(small):
     _, sd, groups = small
     scores = score_groups(sd, groups, "l1")
     for dims, msg in [([8, 16, 24], "takes 4 values"), ([8, 16, 24, 64], "only 32 channels"),
-                      ([8, 0, 24, 32], "at least 1")]:
+                      ([8, 0, 24, 32], "KeepRules.dims must be >= 1, got 0")]:
         with pytest.raises(UserError, match=msg):
             plan_keep(groups, scores, KeepRules(dims=dims))
     with pytest.raises(UserError, match="1 or 4 values"):
