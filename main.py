@@ -29,7 +29,7 @@ from timm.data.mixup import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.utils import ModelEmaV3  # noqa: E402
 
-from checkpoints.identity import DEFAULT_INPUT_SIZE, args_to_dict, load_model_state, read_held  # noqa: E402
+from checkpoints.identity import DEFAULT_INPUT_SIZE, args_to_dict, check_size, load_model_state, read_held  # noqa: E402
 from checkpoints.io import load_checkpoint_file  # noqa: E402
 from checkpoints.training_state import ema_module, restore_training, training_checkpoint  # noqa: E402
 import datasets  # noqa: E402
@@ -192,10 +192,8 @@ def resolve_input_size(args, held):
 def check_input_size(args, src):
     """Refuse an --input_size the model cannot take, on a weightless (meta) copy."""
     arch, name = src.arch, src.name
-    with torch.device("meta"):
-        probe = models.build_model(arch) if arch is not None else models.create_model(name)
-    models.check_input_size(probe, args.input_size, name or models.describe_arch(arch))
-    models.check_memory(probe, args.input_size, args.batch_size, not args.eval, args.device)
+    probe = check_size(lambda: models.build_model(arch) if arch is not None else models.create_model(name),
+                       name or models.describe_arch(arch), args.input_size, args.batch_size, not args.eval, args.device)
     if (args.sparsity or args.fold) and getattr(probe, "arch", None) is None:
         flag = "--sparsity" if args.sparsity else "--fold true"
         raise UserError(f"{flag} needs one of this toolkit's model families (their own files "

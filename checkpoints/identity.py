@@ -137,12 +137,8 @@ class Held:
             nb_classes=self.num_classes or 1000)
 
     def check_size(self, input_size, batch_size=1, training=False, device="cpu"):
-        """Refuse an input size the model cannot run at, or whose activations exceed the
-        device's memory; on a weightless (meta) copy, so nothing large is allocated."""
-        with torch.device("meta"):
-            probe = self.build()
-        models.check_input_size(probe, input_size, self.label)
-        models.check_memory(probe, input_size, batch_size, training, device)
+        """check_size of the model it holds (the one input-size check)."""
+        return check_size(self.build, self.label, input_size, batch_size, training, device)
 
     def build(self, **kwargs):
         """The model it holds, without weights (load them with load_model_state)."""
@@ -174,12 +170,14 @@ def load_held_model(path, model_name=None, model_key="model|module"):
     return model, held
 
 
-def head_prefix(model):
-    """Key prefix of the classifier: timm's get_classifier() where it exists, else `head.`."""
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-    return f"{name}." if name else "head."
+def check_size(build, label, input_size, batch_size=1, training=False, device="cpu"):
+    """Refuse an input size the model `build()` makes cannot run at, or whose activations exceed
+    the device's memory; on a weightless (meta) copy, so nothing large is allocated. Returns it."""
+    with torch.device("meta"):
+        probe = build()
+    models.check_input_size(probe, input_size, label)
+    models.check_memory(probe, input_size, batch_size, training, device)
+    return probe
 
 
 def load_model_state(model, state_dict, what, drop_head_on_mismatch=False):
@@ -190,14 +188,9 @@ def load_model_state(model, state_dict, what, drop_head_on_mismatch=False):
         drop_head_on_mismatch (bool): fine-tuning: a head of another class count is dropped
             (the model keeps its fresh head) instead of being an error.
     """
-    own = model.state_dict()
     state = dict(state_dict)
-    if drop_head_on_mismatch:
-        prefix = head_prefix(model)
-        for k in [k for k in own if k.startswith(prefix)]:
-            if k not in state or state[k].shape != own[k].shape:
-                logger.info("Removing key %s from pretrained checkpoint (%s -> %s)", k,
-                            list(state[k].shape) if k in state else "absent", list(own[k].shape))
-                state[k] = own[k]  # the model keeps its fresh head
+    if drop_head_on_mismatch:  # the model keeps its fresh head
+        state = models.with_own_head(model, state, lambda k, old, new: logger.info(
+            "Removing key %s from pretrained checkpoint (%s -> %s)", k, old, new))
     models.check_arch_matches(model, state, what)
     model.load_state_dict(state, strict=True)

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import statistics
 import sys
 from dataclasses import replace
@@ -28,6 +29,7 @@ from deploy.runtime import AMP, Settings, check_settings, percentile, runtime_na
 from checkpoints.sources import set_download_timeout
 from cli.flags import add_download_flag, str2bool
 from common.errors import ArgumentParser, UserError, parse_first, run_cli
+from common.provenance import write_report
 from common.files import atomic_open, atomic_path, check_output_file
 
 MODES = ("eval", "latency", "train")
@@ -84,7 +86,9 @@ def get_args_parser():
     p.add_argument("--skip", default="", help=f"comma list of {', '.join(MODES)} to skip")
     p.add_argument("--json", help="write results as JSON lines (one per model)")
     p.add_argument("--plot", help="PNG of throughput against MACs")
-    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot files")
+    p.add_argument("--report", help="write the printed table as a markdown report that records the machine, "
+                   "versions, commit and date (docs/results/ holds the ones the docs show)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json/--plot/--report files")
     add_download_flag(p)
     return p
 
@@ -219,7 +223,10 @@ def run_list(args, settings):
         for spec in args.models:
             rows.append(benchmark_model(spec, check_settings(replace(settings, backend=backend)), args))
             logger.info("%s", json.dumps(rows[-1]))
-    print(markdown_table(rows))
+    table = markdown_table(rows)
+    print(table)
+    if args.report:
+        write_report(args.report, "scripts/benchmark.py", args.command, table, overwrite=True)
     if args.json:
         write_json(rows, args.json)
     if args.plot:
@@ -259,17 +266,22 @@ def run_vs(args, settings):
                "b_macs": sides[1][2], "a_img_s": rates[0],
                "b_img_s": rates[1], "ratios": ratios, "ratio_median": statistics.median(ratios),
                "ratio_min": min(ratios), "ratio_max": max(ratios), "torch": torch.__version__}
-    print(f"\nB/A median {summary['ratio_median']:.3f} (min {summary['ratio_min']:.3f}, "
-          f"max {summary['ratio_max']:.3f}) over {args.rounds} rounds; "
-          f"A median {statistics.median(rates[0]):.2f} img/s, "
-          f"B median {statistics.median(rates[1]):.2f} img/s; MACs ratio A/B "
-          f"{sides[0][2] / sides[1][2]:.3f}")
+    line = (f"B/A median {summary['ratio_median']:.3f} (min {summary['ratio_min']:.3f}, "
+            f"max {summary['ratio_max']:.3f}) over {args.rounds} rounds; "
+            f"A median {statistics.median(rates[0]):.2f} img/s, "
+            f"B median {statistics.median(rates[1]):.2f} img/s; MACs ratio A/B "
+            f"{sides[0][2] / sides[1][2]:.3f}")
+    print("\n" + line)
+    if args.report:
+        write_report(args.report, "scripts/benchmark.py", args.command,
+                     f"A: {sides[0][0]}\n\nB: {sides[1][0]}\n\n{line}", overwrite=True)
     if args.json:
         write_json([summary], args.json)
     return summary
 
 
 # --- command line -------------------------------------------------------------------------
+
 
 def check_args(args):
     """Every bad flag combination is one clear line, before any timing starts."""
@@ -304,7 +316,7 @@ def check_args(args):
         raise UserError("--warmup and --threads cannot be negative")
     if not 0 <= args.min_time <= 3600:
         raise UserError(f"--min_time must be in [0, 3600] seconds, got {args.min_time}")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--report", args.report)):
         if path is not None:
             check_output_file(path, flag, args.overwrite)
     try:
@@ -316,6 +328,7 @@ def check_args(args):
 def main(argv=None):
     """Run the benchmark; returns the rows (or the --vs summary). Bad input: UserError."""
     args = get_args_parser().parse_args(argv)
+    args.command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     check_args(args)
     if args.threads:

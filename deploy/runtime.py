@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 
 from common.errors import UserError
+from common.registry import Registry
 
 AMP = ("none", "bf16", "fp16")  # autocast dtypes of the PyTorch backends
 
@@ -68,17 +69,12 @@ class Runtime:
         return {p: importlib.metadata.version(p) for p in self.packages}
 
 
-RUNTIMES = {}
+RUNTIMES = Registry("runtime", Runtime)
 
 
 def register_runtime(runtime, replace_existing=False):
     """Add a Runtime under its name (a second one of that name needs replace_existing); returns it."""
-    if not isinstance(runtime, Runtime):
-        raise TypeError(f"register_runtime takes a Runtime, not {type(runtime).__name__}")
-    if runtime.name in RUNTIMES and not replace_existing:
-        raise ValueError(f"a runtime named {runtime.name!r} is registered already")
-    RUNTIMES[runtime.name] = runtime
-    return runtime
+    return RUNTIMES.register(runtime, replace_existing)
 
 
 def get_runtime(name):

@@ -14,9 +14,9 @@ from .groups import Group, Part, Producer
 from . import weights
 from .registry import (ARCH_FACTORY, FAMILIES, OUR_MODELS, TIMM_HEAD_KEYS, base_name, check_model_name,
                        create_model, default_arch, is_stock_timm, is_tagged, our_layout,
-                       pretrained_classes)
+                       pretrained_classes, with_own_head)
 
-__all__ = ["Family", "Group", "Part", "Producer", "FAMILIES", "layer_ids", "head_weight", "OUR_MODELS", "create_model", "default_arch",
+__all__ = ["Family", "Group", "Part", "Producer", "FAMILIES", "layer_ids", "head_weight", "with_own_head", "OUR_MODELS", "create_model", "default_arch",
            "check_model_name", "check_input_size", "activation_bytes", "check_memory", "weights", "ARCH_FACTORY", "base_name", "is_stock_timm", "is_tagged", "pretrained_classes",
            "our_layout", "timm_export",
            "build_model", "infer_arch", "channel_groups", "registered_name", "describe_arch",

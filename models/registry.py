@@ -138,6 +138,28 @@ def _resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key):
     return cfg
 
 
+def head_prefix(model):
+    """Key prefix of the classifier: timm's get_classifier() where it exists, else the
+    family's head_key, else `head.`."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    return f"{name}." if name else f"{getattr(type(model), 'head_key', 'head')}."
+
+
+def with_own_head(model, state_dict, log=None):
+    """`state_dict` with the model's own (fresh) head wherever the checkpoint's head has another
+    shape or is missing: the one head-drop rule (fine-tuning to other classes, timm's weights
+    under a new head). log(key, old shape, new shape) hears of each tensor replaced."""
+    own, state = model.state_dict(), dict(state_dict)
+    for k in [k for k in own if k.startswith(head_prefix(model))]:
+        if k not in state or state[k].shape != own[k].shape:
+            if log is not None:
+                log(k, list(state[k].shape) if k in state else "absent", list(own[k].shape))
+            state[k] = own[k]
+    return state
+
+
 def _pretrained_filter(name):
     """timm's weights -> ours, checked: finite, and every tensor fitting the model except a
     head of another class count, which the model keeps fresh (timm's head reset)."""
@@ -147,10 +169,7 @@ def _pretrained_filter(name):
         bad = nonfinite_keys(state)
         if bad:
             raise UserError(f"{name}: the pretrained weights hold NaN or infinite values (e.g. {bad[0]})")
-        own = model.state_dict()
-        for k in [k for k in own if k.startswith(f"{type(model).head_key}.")]:
-            if k not in state or state[k].shape != own[k].shape:
-                state[k] = own[k]
+        state = with_own_head(model, state)
         check_arch_matches(model, state, f"the pretrained weights of {name}", name)
         return state
     return convert

@@ -62,7 +62,7 @@ class Source:
     def check_input_size(self, size):
         """Refuse an input size the model cannot take (measured once per size, not per cell)."""
         if size not in self._sizes_checked:
-            models.count_arch(self.arch, size)
+            self.held.check_size(size)
             self._sizes_checked.add(size)
 
     def calibration(self, calib, input_size, seed):

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from common.errors import UserError
+from common.registry import Registry
 
 # torch and numpy are imported in the functions that use them: the command lines list the
 # criteria in --help without loading either.
@@ -392,24 +393,13 @@ class Criterion:
         return applies
 
 
-CRITERIA = {}
+CRITERIA = Registry("criterion", Criterion)
 
 
 def register_criterion(criterion, replace_existing=False):
-    """Add a Criterion to the registry prune.py, the studies and pruning.prune read.
-
-    Args:
-        criterion: a Criterion.
-        replace_existing: allow replacing a registered one of the same name.
-    Returns:
-        the criterion (so a module can register and keep it in one line).
-    """
-    if not isinstance(criterion, Criterion):
-        raise TypeError(f"register_criterion takes a Criterion, not {type(criterion).__name__}")
-    if criterion.name in CRITERIA and not replace_existing:
-        raise ValueError(f"a criterion named {criterion.name!r} is registered already")
-    CRITERIA[criterion.name] = criterion
-    return criterion
+    """Add a Criterion to the registry prune.py, the studies and pruning.prune read (a second
+    one of a taken name needs replace_existing); returns it."""
+    return CRITERIA.register(criterion, replace_existing)
 
 
 def get_criterion(criterion):

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ import torch.nn as nn
 import models
 from common.errors import UserError
 from common.files import atomic_open
+from common.provenance import machine
 from deploy.runtime import Settings, check_settings, get_runtime
 
 from .costs import KeptShapes
@@ -69,16 +69,6 @@ def cache_dir():
     root = os.environ.get("EFFICIENT_CONVNEXT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "efficient_convnext")
     return os.path.join(root, "latency")
-
-
-def _machine():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine()}
 
 
 def _layers(arch, input_size):
@@ -157,7 +147,7 @@ class LatencyModel:
     def key(self):
         s = self.settings
         return {"format": FORMAT, "arch": self.arch, "input_size": self.input_size, "backend": s.backend,
-                "batch": s.batch, "dtype": s.dtype, "threads": torch.get_num_threads(), "machine": _machine(),
+                "batch": s.batch, "dtype": s.dtype, "threads": torch.get_num_threads(), "machine": machine(),
                 **get_runtime(s.backend).versions()}
 
     def load_or_fit(self):

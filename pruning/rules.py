@@ -14,6 +14,8 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.registry import Registry
+
 
 @dataclass
 class Shape:
@@ -59,17 +61,12 @@ class Budget:
     from_share: Callable | None = None
 
 
-BUDGETS = {}
+BUDGETS = Registry("budget", Budget)
 
 
 def register_budget(budget, replace_existing=False):
     """Add a Budget under its name (a second one of that name needs replace_existing); returns it."""
-    if not isinstance(budget, Budget):
-        raise TypeError(f"register_budget takes a Budget, not {type(budget).__name__}")
-    if budget.name in BUDGETS and not replace_existing:
-        raise ValueError(f"a budget named {budget.name!r} is registered already")
-    BUDGETS[budget.name] = budget
-    return budget
+    return BUDGETS.register(budget, replace_existing)
 
 
 def budgets():

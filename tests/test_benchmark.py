@@ -227,3 +227,22 @@ def test_gpu_check_without_a_gpu_says_so_and_writes_nothing(tmp_path):
                           timeout=120, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 2 and not out.exists()
     assert proc.stderr.strip().splitlines() == [f"error: no CUDA GPU visible to torch ({sys.executable}): nothing to check"]
+
+
+@pytest.mark.cli
+def test_report_records_where_it_was_measured_and_is_not_overwritten(tmp_path, tiny_ckpt, capsys):
+    """--report: the printed table in a markdown file whose first lines say which command, on
+    which machine, with which versions, at which commit and date; an existing report is refused."""
+    import platform
+    from common.provenance import commit
+    report = tmp_path / "speed.md"
+    argv = ["--models", tiny_ckpt, *FAST, "--skip", "train,latency", "--report", str(report)]
+    bench.main(argv)
+    text = report.read_text()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert text.startswith("<!-- written by scripts/benchmark.py")
+    assert "python scripts/benchmark.py --models" in text and f"Python {platform.python_version()}" in text
+    assert f"torch {torch.__version__.split('+')[0]}" in text and f"commit {commit()}" in text
+    assert all(line in text for line in printed) and len(printed) == 3
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        bench.main(argv)

@@ -127,7 +127,7 @@ def test_targets_and_dry_run(ckpt, tmp_path, capsys):
     (["--ratio", "0.5", "--export_scores", "{out}"], "--output and --export_scores name the same file"),
     (["--dims", "4", "x"], "invalid int value"),
     (["--target_macs", "lots"], "not a count"),
-    (["--input_size", "8", "--ratio", "0.5"], "cannot run this model at --input_size 8"),
+    (["--input_size", "8", "--ratio", "0.5"], "--input_size 8 is too small for ConvNeXt"),
 ])
 def test_bad_input(ckpt, tmp_path, capsys, argv, message):
     out = tmp_path / "out.pth"
