@@ -15,11 +15,11 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto tests
+	$(BIN)/python -m pytest -q -n auto --dist worksteal tests
 
 # the inner loop: the unit and cli tiers (no subprocesses, kills, ranks or jobs)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto -m "not e2e and not cuda" tests
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not e2e and not cuda" tests
 
 clean:
 	rm -rf $(VENV) demo_output

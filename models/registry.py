@@ -8,7 +8,7 @@ works as it always has.
 """
 import functools
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import os
 import sys
 import warnings
@@ -73,17 +73,24 @@ def _register_pending():
 
 
 class _AfterTimm(importlib.abc.MetaPathFinder):
-    """Registers our factories right after `import timm` completes, whoever imports it."""
+    """Registers our factories right after `import timm` completes, whoever imports it.
+
+    It stays on sys.meta_path until timm is really imported: a probe such as
+    importlib.util.find_spec("timm") (transformers, accelerate and lightning run those at
+    import time) only gets a spec, and the import that follows still passes through here."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != "timm":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)  # not via meta_path: no recursion
+        if spec is None or spec.loader is None:
+            return None
         run = spec.loader.exec_module
 
         def exec_module(module):
             run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register_pending()
         spec.loader.exec_module = exec_module
         return spec

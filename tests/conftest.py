@@ -14,10 +14,12 @@ TIERS = ("unit", "cli", "e2e", "cuda")
 
 
 def pytest_collection_modifyitems(items):
-    """A test without a tier marker is a unit test (pytest.ini lists the tiers)."""
+    """A test without a tier marker is a unit test (pytest.ini lists the tiers). The e2e tier
+    runs first: its long tests then overlap the many short ones instead of ending the run alone."""
     for item in items:
         if not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(pytest.mark.unit)
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 @pytest.fixture(scope="session")

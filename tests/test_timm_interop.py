@@ -387,3 +387,26 @@ def test_export_folder_refuses_to_clobber(tmp_path, timm_files, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     for flag in ("--fold", "--dynamic_size"):
         assert "apply to --format onnx" in one_line_error(capsys, export_main, *argv[:5], tmp_path / "g", flag)
+
+
+PROBES = {
+    "find_spec before import": "importlib.util.find_spec('timm'); import timm",
+    "import_module": "importlib.util.find_spec('timm'); importlib.import_module('timm'); import timm",
+    "two probes, then a submodule first": ("importlib.util.find_spec('timm'); importlib.util.find_spec('timm'); "
+                                           "import timm.models; import timm"),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("order", ["models first", "timm first"])
+@pytest.mark.parametrize("probe", list(PROBES))
+def test_our_names_are_in_timms_registry_whatever_probes_run(probe, order):
+    """Availability probes (importlib.util.find_spec, as transformers or lightning run them at
+    import time) must not undo the registration; in either import order."""
+    body = (f"import models\n{PROBES[probe].replace('; ', chr(10))}\n" if order == "models first"
+            else f"{PROBES[probe].replace('; ', chr(10))}\nimport models\n")
+    code = ("import importlib, importlib.util\n" + body
+            + "m = timm.create_model('convnext_tiny_13M_pruned_cifar10')\nprint(m.arch['dims'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[96, 192, 384, 192]"
