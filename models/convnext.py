@@ -19,6 +19,12 @@ from .weights import rename_keys
 
 
 class ConvNeXt(PooledHead, Family):
+    first_conv = "downsample_layers.0.0"
+    group_patterns = {
+        "fine": dict(stem=r"^downsample_layers\.0\.", blocks=[(r"^downsample_layers\.(\d+)", (0,)),
+                                                            (r"^stages\.(\d+)\.(\d+)", None), (r"^norm", (99999,))]),
+        "coarse": dict(stem=r"^downsample_layers\.0\.", blocks=r"^(?:downsample_layers|stages)\.(\d+)")}
+
     """ConvNeXt: a 4x4/4 stem, then stages of blocks joined by LayerNorm + 2x2/2 downsampling.
 
     Args:
@@ -33,11 +39,12 @@ class ConvNeXt(PooledHead, Family):
         drop_path_rate (float): stochastic depth rate, rising linearly over the blocks.
         layer_scale_init_value (float): initial layer scale; <= 0 disables it.
         head_init_scale (float): multiplier on the initial head weights and bias.
+        global_pool (str): "avg" (official), "max", "avgmax", or "" (the head at every position).
     """
 
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  hidden=None, dw="standard", dw_branches=None, drop_path_rate=0.,
-                 layer_scale_init_value=1e-6, head_init_scale=1.):
+                 layer_scale_init_value=1e-6, head_init_scale=1., global_pool="avg"):
         super().__init__()
         depths, dims = list(map(int, depths)), list(map(int, dims))
         hidden = block_hidden_widths(hidden, depths, dims)
@@ -63,6 +70,7 @@ class ConvNeXt(PooledHead, Family):
                      "dw": dw, "dw_branches": branches if dw == "multiscale" else None,
                      "layer_scale": layer_scale_init_value > 0,
                      "num_classes": num_classes, "in_chans": in_chans}
+        self._init_protocol(global_pool)
 
     @staticmethod
     def _branch_widths(dw, dw_branches, depths, dims):
@@ -74,10 +82,13 @@ class ConvNeXt(PooledHead, Family):
             return [[default_branch_widths(d)] * n for n, d in zip(depths, dims)]
         return [[list(map(int, b)) for b in stage] for stage in dw_branches]
 
-    def forward_features(self, x):
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
-        return self.pool_norm(x)
+    def _levels(self):
+        """Stage i after its downsampling (the stem for i = 0), as timm's ConvNeXt taps them."""
+        return [(f"stages.{i}", [f"downsample_layers.{i}", f"stages.{i}"],
+                 lambda x, i=i: self.stages[i](self.downsample_layers[i](x))) for i in range(len(self.stages))]
+
+    def _level_info(self):
+        return [(d, 4 * 2 ** i) for i, d in enumerate(self.arch["dims"])]
 
     def fold(self):
         """Inference form (models/fold.py): each LayerNorm's affine goes into the layer after it

@@ -9,6 +9,10 @@ from .registry import register_factory, register_family
 
 
 class ConvNeXtIsotropic(PooledHead, Family):
+    first_conv = "stem"
+    group_patterns = {"fine": dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]),
+                      "coarse": dict(stem=r"^stem", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])}
+
     """A 16x16/16 patchify stem followed by `depth` blocks of one width.
 
     Args:
@@ -20,10 +24,11 @@ class ConvNeXtIsotropic(PooledHead, Family):
         drop_path_rate (float): stochastic depth rate, rising linearly over the blocks.
         layer_scale_init_value (float): initial layer scale; the official default 0 disables it.
         head_init_scale (float): multiplier on the initial head weights and bias.
+        global_pool (str): "avg" (official), "max", "avgmax", or "" (the head at every position).
     """
 
     def __init__(self, in_chans=3, num_classes=1000, depth=18, dim=384, hidden=None,
-                 drop_path_rate=0., layer_scale_init_value=0., head_init_scale=1.):
+                 drop_path_rate=0., layer_scale_init_value=0., head_init_scale=1., global_pool="avg"):
         super().__init__()
         hidden = [4 * dim] * depth if hidden is None else list(map(int, hidden))
         self.stem = nn.Conv2d(in_chans, dim, kernel_size=16, stride=16)
@@ -36,9 +41,15 @@ class ConvNeXtIsotropic(PooledHead, Family):
         self.arch = {"family": "convnext_isotropic", "depth": depth, "dim": dim, "hidden": hidden,
                      "layer_scale": layer_scale_init_value > 0,
                      "num_classes": num_classes, "in_chans": in_chans}
+        self._init_protocol(global_pool)
 
-    def forward_features(self, x):
-        return self.pool_norm(self.blocks(self.stem(x)))
+    def _levels(self):
+        """Every block (the stem before the first), as timm taps its isotropic models."""
+        return [(f"blocks.{j}", [f"blocks.{j}"],
+                 (lambda x, j=j: self.blocks[j](self.stem(x) if j == 0 else x))) for j in range(len(self.blocks))]
+
+    def _level_info(self):
+        return [(self.arch["dim"], 16)] * len(self.blocks)
 
     def fold(self):
         """Inference form: block norm -> pwconv1, final norm -> head (models/fold.py)."""

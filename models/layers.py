@@ -3,6 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .protocol import TimmProtocol
+
 # Multi-scale depthwise branches: name -> (kernel size, dilation). Order is channel order.
 MS_BRANCHES = {"local": (3, 1), "mid": (7, 1), "wide": (7, 3)}
 
@@ -94,18 +96,15 @@ class Block(nn.Module):
         return shortcut + self.drop_path(x)
 
 
-class PooledHead(nn.Module):
-    """The shared tail of the ConvNeXt families: global average pool, LayerNorm, Linear head.
+class PooledHead(TimmProtocol, nn.Module):
+    """The shared tail of the ConvNeXt families: global pool, LayerNorm, Linear head.
 
-    Subclasses build `self.norm` and `self.head` and define `forward_features` (up to the
-    pooled, normalised features), then call `init_weights`.
+    Subclasses build `self.norm` and `self.head`, call `init_weights`, then `_init_protocol`
+    (models/protocol.py: forward_features gives the unpooled map, forward_head pools it).
     """
 
-    def pool_norm(self, x):
-        return self.norm(x.mean([-2, -1]))  # global average pooling, (N, C, H, W) -> (N, C)
-
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+    def _pre_logits(self, x):
+        return self.norm(x)
 
     def init_weights(self, head_init_scale):
         """Official init, the head's weights and bias then scaled by `head_init_scale`."""
@@ -114,9 +113,6 @@ class PooledHead(nn.Module):
             self.head.weight.mul_(head_init_scale)
             self.head.bias.mul_(head_init_scale)
 
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return set()
 
 
 def init_weights(module):

@@ -19,6 +19,7 @@ from .family import Family
 from .fold import bn_into_conv
 from .groups import Group, Part, Producer
 from .layers import spans
+from .protocol import TimmProtocol
 from .registry import register_factory, register_family
 
 WIDTHS = (16, 32, 64)
@@ -63,7 +64,7 @@ class PreActBlock(nn.Module):
         self.conv1, self.bn2 = bn_into_conv(self.conv1, self.bn2), nn.Identity()
 
 
-class PreResNetCifar(nn.Module, Family):
+class PreResNetCifar(TimmProtocol, nn.Module, Family):
     """PreResNet-(6n+2) for 32 px images.
 
     Args:
@@ -75,8 +76,12 @@ class PreResNetCifar(nn.Module, Family):
             model; this ResNet has no drop path (only 0 is accepted) and no layer scale (ignored).
     """
 
+    classifier_name, first_conv, default_input_size = "fc", "conv1", 32
+    group_patterns = {"fine": dict(stem=r"^conv1", blocks=[(r"^layer(\d+)\.(\d+)", None), (r"^bn\.", (99999,))]),
+                      "coarse": dict(stem=r"^conv1", blocks=[(r"^layer(\d+)", None), (r"^bn\.", (99999,))])}
+
     def __init__(self, depths=(18, 18, 18), inner=None, num_classes=10, in_chans=3, drop_path_rate=0.,
-                 layer_scale_init_value=None, head_init_scale=1.):
+                 layer_scale_init_value=None, head_init_scale=1., global_pool="avg"):
         super().__init__()
         if drop_path_rate:
             raise ValueError("this ResNet has no drop path: use --drop_path 0")
@@ -98,15 +103,20 @@ class PreResNetCifar(nn.Module, Family):
         self.fc.weight.data.mul_(head_init_scale)
         self.arch = {"family": "preresnet_cifar", "depths": depths, "inner": inner,
                      "num_classes": num_classes, "in_chans": in_chans}
+        self._init_protocol(global_pool)
 
-    def forward(self, x):
-        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1))
+    def _levels(self):
+        """The stem conv, then each stage (models/protocol.py)."""
+        return [("conv1", ["conv1"], self.conv1)] + [
+            (f"layer{s}", [f"layer{s}"], getattr(self, f"layer{s}")) for s in (1, 2, 3)]
+
+    def _level_info(self):
+        return [(WIDTHS[0], 1)] + [(w, 2 ** s) for s, w in enumerate(WIDTHS)]
+
+    def _final(self, x):
+        return F.relu(self.bn(x))  # pre-activation: the last stage's output is normalised here
 
     head_key = "fc"
-
-    def get_classifier(self):
-        return self.fc
 
     def fold(self):
         """Inference form: each block's bn2 folded into its conv1. bn1 and the final bn read a

@@ -25,6 +25,8 @@ OUR_MODELS = {}  # registered name -> (class, default kwargs)
 ARCH_FACTORY = "efficient_convnext_arch"  # builds any family's `arch` (timm-layout export folders)
 # Classifier weights of stock timm models (ours: each family's `head_key`).
 TIMM_HEAD_KEYS = ("head.fc.weight", "fc.weight", "classifier.weight", "head.weight")
+# timm's feature-extraction options (features_only=True: timm's builder wraps the model)
+FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls")
 # Our constructors' own options, which stock timm models do not take.
 OURS_ONLY_KWARGS = ("layer_scale_init_value", "head_init_scale")
 
@@ -105,10 +107,11 @@ def _factory(name, build, doc, module, head_key):
     def factory(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
                 pretrained_model_args=None, **kwargs):  # timm passes pretrained_model_args; unused
         try:
-            if not (pretrained or pretrained_cfg or pretrained_cfg_overlay):
+            features = {k: kwargs.pop(k) for k in FEATURE_KWARGS if k in kwargs}
+            if not (pretrained or pretrained_cfg or pretrained_cfg_overlay or features.get("features_only")):
                 return build(**kwargs)
-            return _with_weights(name, build, head_key, pretrained, pretrained_cfg, pretrained_cfg_overlay,
-                                 cache_dir, kwargs)
+            return _through_timm(name, build, head_key, pretrained, pretrained_cfg, pretrained_cfg_overlay,
+                                 cache_dir, kwargs, features)
         except ValueError as e:  # an option the family does not have (e.g. drop path in VGG)
             raise UserError(f"{name}: {e}") from None
 
@@ -118,12 +121,23 @@ def _factory(name, build, doc, module, head_key):
     return factory
 
 
-def _with_weights(name, build, head_key, pretrained, pretrained_cfg, overlay, cache_dir, kwargs):
+def _through_timm(name, build, head_key, pretrained, pretrained_cfg, overlay, cache_dir, kwargs, features):
+    """timm's builder: pretrained weights (renamed into our layout, checked) and / or
+    features_only (timm's FeatureGetterNet over our forward_intermediates, every level by
+    default; out_indices picks some)."""
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
     from timm.models import build_model_with_cfg
+    with torch.device("meta"):
+        probe = build(**kwargs)  # the shape's own cfg and feature levels, no memory
+    feature_cfg = None
+    if features.get("features_only"):
+        kwargs["features_only"] = True
+        feature_cfg = dict(feature_cls=features.get("feature_cls", "getter"),
+                           out_indices=features.get("out_indices", tuple(range(len(probe.feature_info)))))
     try:
-        cfg = _resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key)
-        return build_model_with_cfg(build, name, pretrained, pretrained_cfg=cfg.to_dict(),
+        weights = pretrained or pretrained_cfg or overlay
+        cfg = _resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key).to_dict() if weights else probe.pretrained_cfg
+        return build_model_with_cfg(build, name, pretrained, pretrained_cfg=cfg, feature_cfg=feature_cfg,
                                     pretrained_filter_fn=_pretrained_filter(name), cache_dir=cache_dir, **kwargs)
     except (OSError, HfHubHTTPError, EntryNotFoundError) as e:  # the download, or the cache
         raise UserError(f"{name}: cannot fetch its pretrained weights ({first_line(e)})") from None

@@ -19,6 +19,7 @@ from .family import Family
 from .fold import bn_into_conv
 from .groups import Group, Part, Producer
 from .layers import spans
+from .protocol import TimmProtocol
 from .registry import register_factory, register_family
 
 WIDTHS = (16, 32, 64)
@@ -46,7 +47,11 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class ResNetCifar(nn.Module, Family):
+class ResNetCifar(TimmProtocol, nn.Module, Family):
+    classifier_name, first_conv, default_input_size = "fc", "conv1", 32
+    group_patterns = {"fine": dict(stem=r"^conv1|^bn1", blocks=r"^layer(\d+)\.(\d+)"),
+                      "coarse": dict(stem=r"^conv1|^bn1", blocks=r"^layer(\d+)")}
+
     """ResNet-(6n+2) for 32 px images.
 
     Args:
@@ -59,7 +64,7 @@ class ResNetCifar(nn.Module, Family):
     """
 
     def __init__(self, depths=(9, 9, 9), inner=None, num_classes=10, in_chans=3, drop_path_rate=0.,
-                 layer_scale_init_value=None, head_init_scale=1.):
+                 layer_scale_init_value=None, head_init_scale=1., global_pool="avg"):
         super().__init__()
         if drop_path_rate:
             raise ValueError("this ResNet has no drop path: use --drop_path 0")
@@ -81,16 +86,17 @@ class ResNetCifar(nn.Module, Family):
         self.fc.weight.data.mul_(head_init_scale)
         self.arch = {"family": "resnet_cifar", "depths": depths, "inner": inner,
                      "num_classes": num_classes, "in_chans": in_chans}
+        self._init_protocol(global_pool)
 
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+    def _levels(self):
+        """The stem's activation, then each stage (models/protocol.py)."""
+        return [("bn1", ["conv1", "bn1"], lambda x: F.relu(self.bn1(self.conv1(x))))] + [
+            (f"layer{s}", [f"layer{s}"], getattr(self, f"layer{s}")) for s in (1, 2, 3)]
+
+    def _level_info(self):
+        return [(WIDTHS[0], 1)] + [(w, 2 ** s) for s, w in enumerate(WIDTHS)]
 
     head_key = "fc"
-
-    def get_classifier(self):
-        return self.fc
 
     def fold(self):
         """Inference form: every BatchNorm folded into the conv before it (models/fold.py)."""

@@ -15,6 +15,7 @@ import torch.nn as nn
 from .fold import bn_into_conv, bn_into_linear
 from .groups import Group, Part, Producer
 from .family import Family
+from .protocol import TimmProtocol
 from .registry import register_factory, register_family
 
 CONFIGS = {
@@ -27,7 +28,11 @@ CONFIGS = {
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
-class VGGCifar(nn.Module, Family):
+class VGGCifar(TimmProtocol, nn.Module, Family):
+    classifier_name, first_conv, default_input_size = "classifier", "feature.0", 32
+    group_patterns = {"fine": dict(stem=r"^feature\.[01]\.", blocks=[(r"^feature\.(\d+)", None), (r"^hidden", (99999,))]),
+                      "coarse": dict(stem=r"^feature\.[01]\.", blocks=[(r"^feature\.(\d+)", None), (r"^hidden", (99999,))])}
+
     """conv-BN-ReLU layers and max-pools as `cfg` says, global average pool, one linear layer.
 
     Args:
@@ -39,7 +44,7 @@ class VGGCifar(nn.Module, Family):
     """
 
     def __init__(self, cfg=None, num_classes=10, in_chans=3, hidden=(), drop_path_rate=0.,
-                 layer_scale_init_value=None, head_init_scale=1.):
+                 layer_scale_init_value=None, head_init_scale=1., global_pool="avg"):
         super().__init__()
         if drop_path_rate:
             raise ValueError("VGG has no drop path: use --drop_path 0")
@@ -52,7 +57,6 @@ class VGGCifar(nn.Module, Family):
             layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
             c = v
         self.feature = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)  # = the seed's AvgPool2d(2) at 32 px
         hidden, fc = [int(h) for h in hidden], []
         for h in hidden:
             fc += [nn.Linear(c, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
@@ -63,6 +67,7 @@ class VGGCifar(nn.Module, Family):
         self.arch = {"family": "vgg_cifar", "cfg": cfg, "num_classes": num_classes, "in_chans": in_chans}
         if hidden:
             self.arch["hidden"] = hidden
+        self._init_protocol(global_pool)
 
     def _init(self, head_init_scale):
         """The slimming seed's initialisation: BN scales start at 0.5."""
@@ -77,13 +82,29 @@ class VGGCifar(nn.Module, Family):
                 nn.init.zeros_(m.bias)
         self.classifier.weight.data.mul_(head_init_scale)
 
-    def forward(self, x):
-        return self.classifier(self.hidden(self.pool(self.feature(x)).flatten(1)))
+    def _segments(self):
+        """[(first, stop)) ranges of `feature`: each level ends before a max-pool (the pool opens
+        the next level; a trailing pool joins the last)."""
+        pools = [i for i, m in enumerate(self.feature) if isinstance(m, nn.MaxPool2d)]
+        starts = [0] + [p for p in pools if any(isinstance(m, nn.Conv2d) for m in self.feature[p:])]
+        return list(zip(starts, starts[1:] + [len(self.feature)]))
+
+    def _levels(self):
+        """The convs between max-pools, as timm's VGG taps them (models/protocol.py)."""
+        return [(f"feature.{b - 1}", [f"feature.{i}" for i in range(a, b)],
+                 lambda x, a=a, b=b: self.feature[a:b](x)) for a, b in self._segments()]
+
+    def _level_info(self):
+        info, reduction = [], 1
+        for a, b in self._segments():
+            reduction *= 2 ** sum(isinstance(m, nn.MaxPool2d) for m in self.feature[a:b])
+            info.append(([m.out_channels for m in self.feature[a:b] if isinstance(m, nn.Conv2d)][-1], reduction))
+        return info
+
+    def _pre_logits(self, x):
+        return self.hidden(x)
 
     head_key = "classifier"
-
-    def get_classifier(self):
-        return self.classifier
 
     def fold(self):
         """Inference form: every BatchNorm folded into the conv before it (models/fold.py)."""

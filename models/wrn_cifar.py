@@ -18,6 +18,7 @@ from .family import Family
 from .fold import bn_into_conv
 from .layers import spans
 from .preresnet_cifar import inner_group, stage_depths
+from .protocol import TimmProtocol
 from .registry import register_factory, register_family
 
 
@@ -44,7 +45,7 @@ class WideBlock(nn.Module):
         self.conv1, self.bn2 = bn_into_conv(self.conv1, self.bn2), nn.Identity()
 
 
-class WideResNetCifar(nn.Module, Family):
+class WideResNetCifar(TimmProtocol, nn.Module, Family):
     """WRN-depth-k for 32 px images.
 
     Args:
@@ -57,8 +58,12 @@ class WideResNetCifar(nn.Module, Family):
             model; no drop path (only 0 is accepted), no layer scale (ignored).
     """
 
+    classifier_name, first_conv, default_input_size = "fc", "conv1", 32
+    group_patterns = {"fine": dict(stem=r"^conv1", blocks=[(r"^block(\d+)\.layer\.(\d+)", None), (r"^bn1", (99999,))]),
+                      "coarse": dict(stem=r"^conv1", blocks=[(r"^block(\d+)", None), (r"^bn1", (99999,))])}
+
     def __init__(self, depths=(4, 4, 4), widen=10, inner=None, dropout=0., num_classes=10, in_chans=3,
-                 drop_path_rate=0., layer_scale_init_value=None, head_init_scale=1.):
+                 drop_path_rate=0., layer_scale_init_value=None, head_init_scale=1., global_pool="avg"):
         super().__init__()
         if drop_path_rate:
             raise ValueError("this Wide ResNet has no drop path: use --drop_path 0 (its dropout is "
@@ -87,20 +92,24 @@ class WideResNetCifar(nn.Module, Family):
                      "num_classes": num_classes, "in_chans": in_chans}
         if dropout:  # kept in checkpoints, so pruning and fine-tuning keep it
             self.arch["dropout"] = float(dropout)
+        self._init_protocol(global_pool)
+
+    def _levels(self):
+        """The stem conv, then each stage (models/protocol.py)."""
+        return [("conv1", ["conv1"], self.conv1)] + [
+            (f"block{s}", [f"block{s}"], getattr(self, f"block{s}").layer) for s in (1, 2, 3)]
+
+    def _level_info(self):
+        w = self.arch["widen"]
+        return [(16, 1), (16 * w, 1), (32 * w, 2), (64 * w, 4)]
+
+    def _final(self, x):
+        return F.relu(self.bn1(x))  # pre-activation: the last stage's output is normalised here
 
     def blocks(self):
         return [b for s in (1, 2, 3) for b in getattr(self, f"block{s}").layer]
 
-    def forward(self, x):
-        x = self.conv1(x)
-        for s in (1, 2, 3):
-            x = getattr(self, f"block{s}").layer(x)
-        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn1(x)), 1).flatten(1))
-
     head_key = "fc"
-
-    def get_classifier(self):
-        return self.fc
 
     def fold(self):
         """Inference form: each block's bn2 folded into its conv1 (bn1 and the final BN read

@@ -330,6 +330,10 @@ torch.manual_seed(1)
 with torch.no_grad():
     torch.save(m(torch.randn(4, 3, int(sys.argv[2]), int(sys.argv[2]))), sys.argv[3])
 print(type(m).__module__)
+backbone = timm.create_model("local-dir:" + sys.argv[1], pretrained=True, features_only=True).eval()
+with torch.no_grad():
+    maps = backbone(torch.randn(1, 3, 64, 64))
+print(backbone.feature_info.channels(), [m.shape[1] for m in maps], backbone.feature_info.reduction())
 """
 
 
@@ -349,7 +353,11 @@ def test_export_folder_loads_with_timm_alone(name, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-I", "-c", _TIMM_ONLY, str(folder), "32", str(tmp_path / "o.pt")],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "timm.models.convnext"
+    module, channels = proc.stdout.strip().split("\n", 1)
+    assert module == "timm.models.convnext"
+    # a backbone in a Python that imports only timm: the pruned stage widths, strides 4 to 32
+    widths = model.arch["dims"]
+    assert channels == f"{widths} {widths} [4, 8, 16, 32]"
     assert torch.allclose(torch.load(tmp_path / "o.pt"), logits(model), atol=1e-5)
     card = (folder / "README.md").read_text()
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() in card and f"{models.count_params(model):,}" in card
