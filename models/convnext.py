@@ -40,11 +40,12 @@ class ConvNeXt(PooledHead, Family):
         layer_scale_init_value (float): initial layer scale; <= 0 disables it.
         head_init_scale (float): multiplier on the initial head weights and bias.
         global_pool (str): "avg" (official), "max", "avgmax", or "" (the head at every position).
+        drop_rate (float): dropout before the classifier (timm's argument; 0 as official).
     """
 
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  hidden=None, dw="standard", dw_branches=None, drop_path_rate=0.,
-                 layer_scale_init_value=1e-6, head_init_scale=1., global_pool="avg"):
+                 layer_scale_init_value=1e-6, head_init_scale=1., global_pool="avg", drop_rate=0.):
         super().__init__()
         depths, dims = list(map(int, depths)), list(map(int, dims))
         hidden = block_hidden_widths(hidden, depths, dims)
@@ -70,7 +71,7 @@ class ConvNeXt(PooledHead, Family):
                      "dw": dw, "dw_branches": branches if dw == "multiscale" else None,
                      "layer_scale": layer_scale_init_value > 0,
                      "num_classes": num_classes, "in_chans": in_chans}
-        self._init_protocol(global_pool)
+        self._init_protocol(global_pool, drop_rate)
 
     @staticmethod
     def _branch_widths(dw, dw_branches, depths, dims):

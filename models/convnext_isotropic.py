@@ -25,10 +25,11 @@ class ConvNeXtIsotropic(PooledHead, Family):
         layer_scale_init_value (float): initial layer scale; the official default 0 disables it.
         head_init_scale (float): multiplier on the initial head weights and bias.
         global_pool (str): "avg" (official), "max", "avgmax", or "" (the head at every position).
+        drop_rate (float): dropout before the classifier (timm's argument; 0 as official).
     """
 
     def __init__(self, in_chans=3, num_classes=1000, depth=18, dim=384, hidden=None,
-                 drop_path_rate=0., layer_scale_init_value=0., head_init_scale=1., global_pool="avg"):
+                 drop_path_rate=0., layer_scale_init_value=0., head_init_scale=1., global_pool="avg", drop_rate=0.):
         super().__init__()
         hidden = [4 * dim] * depth if hidden is None else list(map(int, hidden))
         self.stem = nn.Conv2d(in_chans, dim, kernel_size=16, stride=16)
@@ -41,7 +42,7 @@ class ConvNeXtIsotropic(PooledHead, Family):
         self.arch = {"family": "convnext_isotropic", "depth": depth, "dim": dim, "hidden": hidden,
                      "layer_scale": layer_scale_init_value > 0,
                      "num_classes": num_classes, "in_chans": in_chans}
-        self._init_protocol(global_pool)
+        self._init_protocol(global_pool, drop_rate)
 
     def _levels(self):
         """Every block (the stem before the first), as timm taps its isotropic models."""

@@ -40,9 +40,13 @@ class MultiScaleDWConv(nn.Module):
                 setattr(self, name, nn.Conv2d(w, w, k, padding=d * (k - 1) // 2, dilation=d, groups=w))
 
     def forward(self, x):
-        chunks = torch.split(x, [w for w in self.widths if w > 0], dim=1)
-        convs = [getattr(self, n) for n, w in zip(MS_BRANCHES, self.widths) if w > 0]
-        return torch.cat([conv(c) for conv, c in zip(convs, chunks)], dim=1)
+        # channel slices by Python ints, so torch.fx can trace it (timm's feature extractors)
+        outs, start = [], 0
+        for name, w in zip(MS_BRANCHES, self.widths):
+            if w > 0:
+                outs.append(getattr(self, name)(x[:, start:start + w]))
+                start += w
+        return torch.cat(outs, dim=1)
 
 
 class ScaledLinear(nn.Linear):

@@ -81,7 +81,7 @@ class PreResNetCifar(TimmProtocol, nn.Module, Family):
                       "coarse": dict(stem=r"^conv1", blocks=[(r"^layer(\d+)", None), (r"^bn\.", (99999,))])}
 
     def __init__(self, depths=(18, 18, 18), inner=None, num_classes=10, in_chans=3, drop_path_rate=0.,
-                 layer_scale_init_value=None, head_init_scale=1., global_pool="avg"):
+                 layer_scale_init_value=None, head_init_scale=1., global_pool="avg", drop_rate=0.):
         super().__init__()
         if drop_path_rate:
             raise ValueError("this ResNet has no drop path: use --drop_path 0")
@@ -103,7 +103,7 @@ class PreResNetCifar(TimmProtocol, nn.Module, Family):
         self.fc.weight.data.mul_(head_init_scale)
         self.arch = {"family": "preresnet_cifar", "depths": depths, "inner": inner,
                      "num_classes": num_classes, "in_chans": in_chans}
-        self._init_protocol(global_pool)
+        self._init_protocol(global_pool, drop_rate)
 
     def _levels(self):
         """The stem conv, then each stage (models/protocol.py)."""

@@ -13,6 +13,7 @@ A family describes itself with a few hooks; the mixin does the rest:
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -46,16 +47,19 @@ def _pointwise(fn, x):
 
 
 class TimmProtocol:
-    """The mixin (see the module doc); call `_init_protocol(global_pool)` at the end of __init__."""
+    """The mixin (see the module doc); call `_init_protocol(global_pool, drop_rate)` at the end
+    of __init__ (drop_rate: dropout before the classifier, as timm's models take it)."""
     classifier_name = "head"
     first_conv = ""
     default_input_size = 224
     group_patterns = {}
 
-    def _init_protocol(self, global_pool="avg"):
+    def _init_protocol(self, global_pool="avg", drop_rate=0.):
         if global_pool not in POOLS:
             raise ValueError(f"global_pool must be one of {', '.join(map(repr, POOLS))}, not {global_pool!r}")
-        self.global_pool = global_pool
+        if not 0 <= drop_rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        self.global_pool, self.drop_rate = global_pool, float(drop_rate)
         self.grad_checkpointing = False
         self._depth = len(self._levels())
         self._final_on = True
@@ -63,6 +67,8 @@ class TimmProtocol:
                              for (name, _, _), (c, r) in zip(self._levels(), self._level_info())]
         self.num_features = self.feature_info[-1]["num_chs"]
         classifier = self.get_classifier()
+        if isinstance(classifier, nn.Linear) and classifier.out_features == 0:  # timm's num_classes=0
+            setattr(self, self.classifier_name, nn.Identity())
         self.head_hidden_size = classifier.in_features if isinstance(classifier, nn.Linear) else self.num_features
         self.pretrained_cfg = self.default_cfg = self._default_cfg()
 
@@ -105,10 +111,13 @@ class TimmProtocol:
         With global_pool '' the head runs at every position (N x classes x H x W)."""
         pool = POOLS[self.global_pool]
         if pool is None:
-            fn = self._pre_logits if pre_logits else (lambda v: self.get_classifier()(self._pre_logits(v)))
-            return _pointwise(fn, x)
-        x = self._pre_logits(pool(x))
-        return x if pre_logits else self.get_classifier()(x)
+            return _pointwise(lambda v: self._logits(self._pre_logits(v), pre_logits), x)
+        return self._logits(self._pre_logits(pool(x)), pre_logits)
+
+    def _logits(self, x, pre_logits):
+        if pre_logits:
+            return x
+        return self.get_classifier()(F.dropout(x, self.drop_rate, self.training) if self.drop_rate else x)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))

@@ -64,7 +64,7 @@ class ResNetCifar(TimmProtocol, nn.Module, Family):
     """
 
     def __init__(self, depths=(9, 9, 9), inner=None, num_classes=10, in_chans=3, drop_path_rate=0.,
-                 layer_scale_init_value=None, head_init_scale=1., global_pool="avg"):
+                 layer_scale_init_value=None, head_init_scale=1., global_pool="avg", drop_rate=0.):
         super().__init__()
         if drop_path_rate:
             raise ValueError("this ResNet has no drop path: use --drop_path 0")
@@ -86,7 +86,7 @@ class ResNetCifar(TimmProtocol, nn.Module, Family):
         self.fc.weight.data.mul_(head_init_scale)
         self.arch = {"family": "resnet_cifar", "depths": depths, "inner": inner,
                      "num_classes": num_classes, "in_chans": in_chans}
-        self._init_protocol(global_pool)
+        self._init_protocol(global_pool, drop_rate)
 
     def _levels(self):
         """The stem's activation, then each stage (models/protocol.py)."""

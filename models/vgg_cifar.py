@@ -44,7 +44,7 @@ class VGGCifar(TimmProtocol, nn.Module, Family):
     """
 
     def __init__(self, cfg=None, num_classes=10, in_chans=3, hidden=(), drop_path_rate=0.,
-                 layer_scale_init_value=None, head_init_scale=1., global_pool="avg"):
+                 layer_scale_init_value=None, head_init_scale=1., global_pool="avg", drop_rate=0.):
         super().__init__()
         if drop_path_rate:
             raise ValueError("VGG has no drop path: use --drop_path 0")
@@ -67,7 +67,7 @@ class VGGCifar(TimmProtocol, nn.Module, Family):
         self.arch = {"family": "vgg_cifar", "cfg": cfg, "num_classes": num_classes, "in_chans": in_chans}
         if hidden:
             self.arch["hidden"] = hidden
-        self._init_protocol(global_pool)
+        self._init_protocol(global_pool, drop_rate)
 
     def _init(self, head_init_scale):
         """The slimming seed's initialisation: BN scales start at 0.5."""
@@ -92,7 +92,12 @@ class VGGCifar(TimmProtocol, nn.Module, Family):
     def _levels(self):
         """The convs between max-pools, as timm's VGG taps them (models/protocol.py)."""
         return [(f"feature.{b - 1}", [f"feature.{i}" for i in range(a, b)],
-                 lambda x, a=a, b=b: self.feature[a:b](x)) for a, b in self._segments()]
+                 lambda x, a=a, b=b: self._run_range(a, b, x)) for a, b in self._segments()]
+
+    def _run_range(self, a, b, x):
+        for i in range(a, b):  # the installed modules themselves: torch.fx can trace them
+            x = self.feature[i](x)
+        return x
 
     def _level_info(self):
         info, reduction = [], 1

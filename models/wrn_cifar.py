@@ -63,7 +63,7 @@ class WideResNetCifar(TimmProtocol, nn.Module, Family):
                       "coarse": dict(stem=r"^conv1", blocks=[(r"^block(\d+)", None), (r"^bn1", (99999,))])}
 
     def __init__(self, depths=(4, 4, 4), widen=10, inner=None, dropout=0., num_classes=10, in_chans=3,
-                 drop_path_rate=0., layer_scale_init_value=None, head_init_scale=1., global_pool="avg"):
+                 drop_path_rate=0., layer_scale_init_value=None, head_init_scale=1., global_pool="avg", drop_rate=0.):
         super().__init__()
         if drop_path_rate:
             raise ValueError("this Wide ResNet has no drop path: use --drop_path 0 (its dropout is "
@@ -92,7 +92,7 @@ class WideResNetCifar(TimmProtocol, nn.Module, Family):
                      "num_classes": num_classes, "in_chans": in_chans}
         if dropout:  # kept in checkpoints, so pruning and fine-tuning keep it
             self.arch["dropout"] = float(dropout)
-        self._init_protocol(global_pool)
+        self._init_protocol(global_pool, drop_rate)
 
     def _levels(self):
         """The stem conv, then each stage (models/protocol.py)."""

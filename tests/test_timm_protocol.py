@@ -90,6 +90,23 @@ def test_the_protocol_computes_what_forward_computes(arch):
 
 
 @pytest.mark.parametrize("arch", examples())
+def test_torch_fx_traces_every_family_as_timms_feature_extractors_do(arch):
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    torch.manual_seed(0)
+    model = models.build_model(arch).eval()
+    kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
+    traced = create_feature_extractor(model, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:],
+                                      tracer_kwargs=kwargs)
+    x = torch.randn(2, arch.get("in_chans", 3), 32, 32)
+    with torch.no_grad():
+        assert torch.equal(next(iter(traced(x).values())), model(x))
+    headless = models.build_model({**arch, "num_classes": 0}, global_pool="")
+    assert isinstance(headless.get_classifier(), torch.nn.Identity) and headless(x).shape[1] == headless.head_hidden_size
+
+
+@pytest.mark.parametrize("arch", examples())
 def test_features_only_through_timms_builder_gives_forward_intermediates(arch):
     torch.manual_seed(0)
     model = models.build_model(arch).eval()
@@ -106,18 +123,20 @@ def test_features_only_through_timms_builder_gives_forward_intermediates(arch):
     assert len(picked.feature_info.channels()) == 1
 
 
-def test_pruned_shapes_report_their_widths_as_features(tmp_path):
+def test_pruned_shapes_report_their_widths_as_features():
     """A pruned ConvNeXt (per-block MLP widths, narrower stages) and a pruned multi-scale one:
     feature_info and features_only give the pruned stage widths."""
     torch.manual_seed(0)
-    for name, dims in (("convnext_tiny", [32, 64, 128, 256]), ("convnext_ms_tiny", [48, 96, 192, 384])):
-        source = models.create_model(name, num_classes=10).eval()
+    base = {"family": "convnext", "depths": [1, 1, 2, 1], "dims": [16, 32, 48, 64], "num_classes": 10}
+    for arch, dims in ((base, [8, 16, 24, 40]), ({**base, "dw": "multiscale"}, [12, 16, 32, 40])):
+        source = models.build_model(arch).eval()
         result = prune(source, PruneSpec(rules=KeepRules(dims=dims), input_size=32))
         assert [i["num_chs"] for i in result.model.feature_info] == dims
         backbone = timm.create_model(models.ARCH_FACTORY, arch=result.model.arch, features_only=True).eval()
         with torch.no_grad():
             maps = backbone(torch.randn(1, 3, 64, 64))
         assert [m.shape[1] for m in maps] == dims == backbone.feature_info.channels()
+        assert backbone.feature_info.reduction() == [4, 8, 16, 32]
 
 
 def test_replaced_timm_names_keep_their_tags_and_options():
