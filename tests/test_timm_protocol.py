@@ -142,6 +142,10 @@ def test_pruned_shapes_report_their_widths_as_features():
 def test_replaced_timm_names_keep_their_tags_and_options():
     """The names we replace keep what timm's class offers for them."""
     assert "convnext_tiny.fb_in22k" in timm.list_pretrained("convnext_tiny.*")
+    tagged = meta("convnext_tiny.fb_in22k_ft_in1k_384")  # a tag's cfg, in our module names
+    cfg = tagged.pretrained_cfg
+    assert cfg["input_size"] == (3, 384, 384) and cfg["first_conv"] == "downsample_layers.0.0" and cfg["classifier"] == "head"
+    assert tuple(tagged.forward_features(torch.randn(1, *cfg["input_size"], device="meta")).shape[-2:]) == cfg["pool_size"]
     model = timm.create_model("convnext_tiny", global_pool="", num_classes=3)
     assert model.global_pool == "" and model.pretrained_cfg["classifier"] == "head"
     backbone = timm.create_model("convnext_tiny", features_only=True, out_indices=(1, 2))
