@@ -20,6 +20,7 @@ from .fold import bn_into_conv
 from .groups import Group, Part, Producer
 from .layers import spans
 from .protocol import TimmProtocol
+from .resnet_cifar import stage_level_info
 from .registry import register_factory, register_family
 
 WIDTHS = (16, 32, 64)
@@ -107,11 +108,10 @@ class PreResNetCifar(TimmProtocol, nn.Module, Family):
 
     def _levels(self):
         """The stem conv, then each stage (models/protocol.py)."""
-        return [("conv1", ["conv1"], self.conv1)] + [
-            (f"layer{s}", [f"layer{s}"], getattr(self, f"layer{s}")) for s in (1, 2, 3)]
+        return self._stage_levels(("conv1", ["conv1"], self.conv1), ("layer1", "layer2", "layer3"))
 
     def _level_info(self):
-        return [(WIDTHS[0], 1)] + [(w, 2 ** s) for s, w in enumerate(WIDTHS)]
+        return stage_level_info(WIDTHS)
 
     def _final(self, x):
         return F.relu(self.bn(x))  # pre-activation: the last stage's output is normalised here

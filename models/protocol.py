@@ -77,6 +77,10 @@ class TimmProtocol:
     def _final(self, x):
         return x
 
+    def _stage_levels(self, stem, names):
+        """Levels of a CIFAR-style net: `stem` (name, paths, run), then each named stage module."""
+        return [stem] + [(n, [n], self.get_submodule(n)) for n in names]
+
     def _pre_logits(self, x):
         return x
 

@@ -136,9 +136,10 @@ def _through_timm(name, build, head_key, pretrained, pretrained_cfg, overlay, ca
                            out_indices=features.get("out_indices", tuple(range(len(probe.feature_info)))))
     try:
         weights = pretrained or pretrained_cfg or overlay
-        # a tag's cfg names timm's modules: ours are named by the official key layout
-        overlay = {"first_conv": probe.first_conv, **(overlay or {})}
-        cfg = _resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key).to_dict() if weights else probe.pretrained_cfg
+        cfg = probe.pretrained_cfg
+        if weights:  # a tag's cfg names timm's modules: ours follow the official key layout
+            cfg = {**_resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key).to_dict(),
+                   "first_conv": probe.first_conv}
         return build_model_with_cfg(build, name, pretrained, pretrained_cfg=cfg, feature_cfg=feature_cfg,
                                     pretrained_filter_fn=_pretrained_filter(name), cache_dir=cache_dir, **kwargs)
     except (OSError, HfHubHTTPError, EntryNotFoundError) as e:  # the download, or the cache

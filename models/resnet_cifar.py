@@ -47,6 +47,11 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
+def stage_level_info(widths):
+    """(channels, reduction) of the stem and of each stage of a 3-stage CIFAR net."""
+    return [(widths[0], 1)] + [(w, 2 ** s) for s, w in enumerate(widths)]
+
+
 class ResNetCifar(TimmProtocol, nn.Module, Family):
     classifier_name, first_conv, default_input_size = "fc", "conv1", 32
     group_patterns = {"fine": dict(stem=r"^conv1|^bn1", blocks=r"^layer(\d+)\.(\d+)"),
@@ -90,11 +95,11 @@ class ResNetCifar(TimmProtocol, nn.Module, Family):
 
     def _levels(self):
         """The stem's activation, then each stage (models/protocol.py)."""
-        return [("bn1", ["conv1", "bn1"], lambda x: F.relu(self.bn1(self.conv1(x))))] + [
-            (f"layer{s}", [f"layer{s}"], getattr(self, f"layer{s}")) for s in (1, 2, 3)]
+        return self._stage_levels(("bn1", ["conv1", "bn1"], lambda x: F.relu(self.bn1(self.conv1(x)))),
+                                  ("layer1", "layer2", "layer3"))
 
     def _level_info(self):
-        return [(WIDTHS[0], 1)] + [(w, 2 ** s) for s, w in enumerate(WIDTHS)]
+        return stage_level_info(WIDTHS)
 
     head_key = "fc"
 

@@ -19,6 +19,7 @@ from .fold import bn_into_conv
 from .layers import spans
 from .preresnet_cifar import inner_group, stage_depths
 from .protocol import TimmProtocol
+from .resnet_cifar import stage_level_info
 from .registry import register_factory, register_family
 
 
@@ -96,12 +97,11 @@ class WideResNetCifar(TimmProtocol, nn.Module, Family):
 
     def _levels(self):
         """The stem conv, then each stage (models/protocol.py)."""
-        return [("conv1", ["conv1"], self.conv1)] + [
-            (f"block{s}", [f"block{s}"], getattr(self, f"block{s}").layer) for s in (1, 2, 3)]
+        return self._stage_levels(("conv1", ["conv1"], self.conv1), ("block1.layer", "block2.layer", "block3.layer"))
 
     def _level_info(self):
         w = self.arch["widen"]
-        return [(16, 1), (16 * w, 1), (32 * w, 2), (64 * w, 4)]
+        return [(16, 1)] + stage_level_info((16 * w, 32 * w, 64 * w))[1:]
 
     def _final(self, x):
         return F.relu(self.bn1(x))  # pre-activation: the last stage's output is normalised here
