@@ -377,6 +377,13 @@ def test_export_folder_of_other_shapes_loads_once_models_is_imported(arch, tmp_p
     again = timm.create_model(f"local-dir:{folder}", pretrained=True)
     assert torch.allclose(logits(again), logits(model), atol=1e-5)
     assert "import models" in (folder / "README.md").read_text()
+    backbone = timm.create_model(f"local-dir:{folder}", pretrained=True, features_only=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():  # the folder's weights, as a backbone
+        maps = backbone(x)
+        _, expected = model.forward_intermediates(x)
+    assert backbone.feature_info.channels() == [i["num_chs"] for i in model.feature_info]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(maps, expected)) and len(maps) == len(expected)
 
 
 def test_a_malformed_hub_id_is_one_line(capsys):
