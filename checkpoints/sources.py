@@ -30,10 +30,32 @@ def is_remote(path):
     return is_url(path) or os.fspath(path).startswith(HF_HUB)
 
 
+def hub_parts(ref):
+    """(repo id, revision or None) of `hf-hub:ORG/NAME[@REVISION]`, both validated as the Hub
+    names them, before any file-system path is built from them: ORG and NAME start and end with a
+    letter or digit, hold letters, digits, '-', '_', '.', no '--' or '..', 96 characters at most;
+    a revision is a branch, tag or commit name without '..' or '.' segments, a leading '/', a
+    backslash or control characters (a revision of '../../x' would walk out of the cache)."""
+    repo, at, revision = ref[len(HF_HUB):].partition("@")
+    part = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
+    if (not re.fullmatch(f"{part}/{part}", repo) or len(repo) > 96 or "--" in repo or ".." in repo):
+        raise UserError(f"{ref}: expected hf-hub:ORG/NAME[@REVISION] with ORG and NAME of letters, digits, "
+                        "'-', '_', '.' (starting and ending with a letter or digit, no '--' or '..', "
+                        "96 characters at most)")
+    if at and (not re.fullmatch(r"[\w.\-/]{1,255}", revision) or revision.startswith("/")
+               or any(seg in ("", ".", "..") for seg in revision.split("/"))):
+        raise UserError(f"{ref}: a revision is a branch, tag or commit name (letters, digits, '-', '_', "
+                        "'.', '/' between parts; no '.' or '..' parts)")
+    return repo, revision or None
+
+
 def check_source(path, what):
-    """Refuse a local checkpoint path that is missing or a folder, before any work (URLs and
-    hf-hub: ids are checked when fetched). `what` names it: "--resume x.pth", "checkpoint"."""
+    """Refuse a local checkpoint path that is missing or a folder, or a malformed hf-hub: id,
+    before any work (URLs are checked when fetched). `what` names it: "--resume x.pth"."""
     path = os.fspath(path)
+    if path.startswith(HF_HUB):
+        hub_parts(path)
+        return
     if is_remote(path):
         return
     if os.path.isdir(path):
@@ -119,12 +141,10 @@ def hub_copy(ref):
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RemoteEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
-    repo, _, revision = ref[len(HF_HUB):].partition("@")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise UserError(f"{ref}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    repo, revision = hub_parts(ref)
     for filename in HUB_WEIGHTS:
         try:
-            return hf_hub_download(repo, filename, revision=revision or None)
+            return hf_hub_download(repo, filename, revision=revision)
         except RemoteEntryNotFoundError:
             continue
         except LocalEntryNotFoundError:

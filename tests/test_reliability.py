@@ -489,3 +489,23 @@ def test_flags_that_cannot_work_are_refused_before_any_data(source, tmp_path, ca
     in_process(capsys, main.cli, "--model", "resnet20", "--epochs", "1", "--data_set", "DIGITS", "--device", "cpu",
                "--input_size", "100000", needle="for activations alone")
     in_process(capsys, benchmark, "--models", "resnet20", "--min_time", "inf", needle="--min_time")
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("ref", ["hf-hub:org/small@../../../../victim.txt", "hf-hub:org/small@main/../../x",
+                                 "hf-hub:org..x/small", "hf-hub:org--x/small", "hf-hub:-org/small",
+                                 "hf-hub:org./small", "hf-hub:org/" + "s" * 96])
+def test_a_hub_id_that_could_name_a_path_outside_the_cache_is_one_line(ref, tmp_path, monkeypatch, capsys):
+    """A revision of '..' parts would walk out of the Hub cache and overwrite a file there; ids the
+    Hub cannot hold would end in its validation traceback. Both are refused before any path is
+    built, and the file outside the cache is untouched."""
+    from cli.prune import main as prune_main
+    cache = tmp_path / "a" / "b" / "c" / "hf"
+    monkeypatch.setenv("HF_HOME", str(cache))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no request may be needed
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    assert prune_main(["--checkpoint", ref, "--output", str(tmp_path / "o.pth"), "--ratio", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {ref}: ")
+    assert victim.read_text() == "keep me" and not cache.exists()
