@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import stat
 import socket
 import tempfile
 
@@ -69,6 +70,9 @@ def check_output_file(path, flag, overwrite=False):
         raise UserError(f"{flag}: give a file name (it is empty)")
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder; give a file name")
+    if os.path.lexists(path) and not (stat.S_ISREG(os.lstat(path).st_mode) or os.path.islink(path)):
+        raise UserError(f"{flag} {path} is not a regular file (a pipe, socket or device): it is never "
+                        "replaced; give a file name")
     if os.path.lexists(path) and not overwrite:
         raise UserError(f"{flag} {path} exists; pass --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(path))

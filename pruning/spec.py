@@ -22,8 +22,13 @@ COMPENSATIONS = {
     "refit": "stats, and each layer reading a LayerNorm refit by least squares to the dense outputs"}
 
 
-def _tuple(value):
-    return None if value is None else tuple(value)
+def _tuple(value, name="value"):
+    """A list-like rule value as a tuple; a single number or a string is refused naming the rule."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise FieldError("KeepRules", name, f"takes a list, got {value!r}")
+    return tuple(value)
 
 
 # KeepRules' own settings and their defaults; the registered budgets (pruning/rules.py) join them
@@ -74,8 +79,8 @@ class KeepRules:
                             f"known: {', '.join(rule_names())}")
         v = {name: values.get(name, SETTINGS.get(name)) for name in rule_names()}
         for name in ("dims", "hidden_ratio", "mlp_ratio"):
-            v[name] = _tuple(v[name])
-        pairs = _tuple(v["group_ratio"])
+            v[name] = _tuple(v[name], name)
+        pairs = _tuple(v["group_ratio"], "group_ratio")
         v["group_ratio"] = None if pairs is None else tuple((str(p), float(r)) for p, r in pairs)
         object.__setattr__(self, "_values", v)
         self._check()

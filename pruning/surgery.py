@@ -5,6 +5,8 @@ deal with the checkpoint around it (our format with `arch`, or a released offici
 Efficient ConvNeXt / seed file with a `model` state dict and no `arch`).
 """
 
+import math
+
 import torch
 
 import models
@@ -108,6 +110,15 @@ def new_arch(source_arch, state_dict):
     return {**source_arch, **models.infer_arch(state_dict)}
 
 
+def _one_number(value):
+    """A plain int / float of a number or one-element tensor; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def prune_checkpoint(ckpt, sds, groups, keep, source_arch, provenance):
     """The pruned checkpoint: the same cut on every state dict, optimizer and scaler dropped.
 
@@ -128,8 +139,8 @@ def prune_checkpoint(ckpt, sds, groups, keep, source_arch, provenance):
     record["kept"] = {name: [int(i) for i in idx] for name, idx in keep.items()}
     record["source_arch"] = source_arch
     for key in ("epoch", "max_accuracy"):
-        if isinstance(ckpt, dict) and key in ckpt:
-            value = ckpt[key]
-            record[f"source_{key}"] = value.item() if hasattr(value, "item") else value
+        value = _one_number(ckpt.get(key)) if isinstance(ckpt, dict) else None
+        if value is not None:  # provenance only: a damaged value is left out, never a crash
+            record[f"source_{key}"] = value
     out["pruning"] = record
     return out

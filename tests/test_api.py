@@ -1,6 +1,7 @@
 """The pruning library API (pruning.prune and its typed spec), criteria as objects, and the
 options each criterion reads: the same results as prune.py, refusals instead of dropped flags."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -236,3 +237,31 @@ def test_data_criteria_on_an_image_folder_checkpoint(image_folder_checkpoint, tm
     assert "calibration: 10 image_folder training images in 2 batches" in capsys.readouterr().out
     options = load_checkpoint_file(out)["pruning"]["options"]
     assert options["data_set"] == "image_folder" and options["calib_batches"] == 2
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: KeepRules(dims=5), "KeepRules.dims takes a list, got 5"),
+    (lambda: KeepRules(dims=[8.5, 16, 24, 32]), "KeepRules.dims must be a whole number >= 1, got 8.5"),
+    (lambda: KeepRules(ratio="0.5"), "KeepRules.ratio must be a number, got '0.5'"),
+    (lambda: KeepRules(ratio=0.5, round_to=1.5), "KeepRules.round_to must be a whole number >= 1, got 1.5"),
+    (lambda: KeepRules(target_speedup=2, latency_batch=2.5), "KeepRules.latency_batch must be a whole number"),
+    (lambda: PruneSpec(rules=KeepRules(ratio=0.5), seed=1.5), "PruneSpec.seed must be a whole number"),
+    (lambda: PruneSpec(rules=KeepRules(ratio=0.5), input_size=float("nan")), "PruneSpec.input_size must be"),
+])
+def test_the_python_api_refuses_instead_of_coercing(build, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        build()
+
+
+def test_spec_parts_of_the_wrong_type_are_a_type_error():
+    with pytest.raises(TypeError, match="PruneSpec.rules must be a KeepRules, not NoneType"):
+        PruneSpec(rules=None)
+
+
+def test_a_damaged_provenance_value_is_left_out_not_a_crash(tmp_path):
+    model = trained_like()
+    path = tmp_path / "src.pth"
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch, "max_accuracy": torch.tensor([1.0, 2.0]),
+                          "epoch": 3, "args": {"data_set": "DIGITS", "input_size": 32}}, path)
+    record = pruning.prune(str(path), PruneSpec(rules=KeepRules(ratio=0.5))).checkpoint["pruning"]
+    assert "source_max_accuracy" not in record and record["source_epoch"] == 3

@@ -2,6 +2,7 @@
 (real processes, real signals, a real HTTP server, real files)."""
 import json
 import os
+import stat
 import shutil
 import signal
 import subprocess
@@ -509,3 +510,16 @@ def test_a_hub_id_that_could_name_a_path_outside_the_cache_is_one_line(ref, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {ref}: ")
     assert victim.read_text() == "keep me" and not cache.exists()
+
+
+@pytest.mark.cli
+def test_a_pipe_or_device_as_output_is_refused_even_with_overwrite(source, tmp_path, capsys):
+    """--overwrite replaces a file this run may replace; a FIFO or a device is never turned into one."""
+    from cli.prune import main as prune_main
+    fifo = tmp_path / "out.pth"
+    os.mkfifo(fifo)
+    for target in (fifo, "/dev/null"):
+        assert prune_main(["--checkpoint", str(source), "--output", str(target), "--ratio", "0.5", "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a regular file" in err[0]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
