@@ -116,7 +116,7 @@ def check_args(args):
     if args.format == "timm":
         given = [f for f, on in (("--fold", args.fold), ("--dynamic_size", args.dynamic_size),
                                  ("--parity_images", args.parity_images != 64),
-                                 ("--quantize", args.quantize != "none")) if on]
+                                 ("--quantize", args.quantize != "none")) if on] + _int8_flags_given(args)
         if given:
             raise UserError(f"{', '.join(given)} apply to --format onnx (a timm folder holds the "
                             "unfolded weights and is checked on 4 random images)")
@@ -130,11 +130,16 @@ def check_args(args):
     check_quantize_args(args)
 
 
+def _int8_flags_given(args):
+    """The --quantize int8 flags set away from their defaults."""
+    return [f for f, on in (("--calib_batches", args.calib_batches != 8),
+                            ("--calib_batch_size", args.calib_batch_size != 32),
+                            ("--eval_images", args.eval_images is not None),
+                            ("--max_drop", args.max_drop != 1.0), ("--seed", args.seed != 0)) if on]
+
+
 def check_quantize_args(args):
-    given = [f for f, on in (("--calib_batches", args.calib_batches != 8),
-                             ("--calib_batch_size", args.calib_batch_size != 32),
-                             ("--eval_images", args.eval_images is not None),
-                             ("--max_drop", args.max_drop != 1.0), ("--seed", args.seed != 0)) if on]
+    given = _int8_flags_given(args)
     if args.quantize == "none":
         if given:
             raise UserError(f"{', '.join(given)} apply to --quantize int8")

@@ -400,8 +400,9 @@ def test_export_folder_refuses_to_clobber(tmp_path, timm_files, capsys):
     assert run_cli(export_main, [str(a) for a in argv] + ["--overwrite"]) == 0
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
-    for flag in ("--fold", "--dynamic_size"):
-        assert "apply to --format onnx" in one_line_error(capsys, export_main, *argv[:5], tmp_path / "g", flag)
+    for flag in ("--fold", "--dynamic_size", "--max_drop 2", "--calib_batches 2", "--seed 3", "--eval_images 9"):
+        error = one_line_error(capsys, export_main, *argv[:5], tmp_path / "g", *flag.split())
+        assert "apply to --format onnx" in error and flag.split()[0] in error
 
 
 PROBES = {
