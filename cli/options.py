@@ -5,6 +5,7 @@ Every bad value is one `error: ...` line and exit status 2 (errors.UserError).
 """
 import argparse
 import os
+import re
 import sys
 
 from common.config import Range
@@ -222,6 +223,9 @@ def check_augmentation(args):
     """--aa must be a policy timm builds (it would fail with an assertion at the first batch)."""
     if not args.aa or args.aa.lower() == "none":
         return
+    width = re.search(r"-w(\d+)", args.aa) if args.aa.startswith("augmix") else None
+    if width and int(width.group(1)) < 1:  # timm builds it, then mixes no augmentation chain
+        raise UserError(f"--aa {args.aa!r}: an AugMix width (-wN) must be at least 1")
     from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
     build = (rand_augment_transform if args.aa.startswith("rand") else
              augment_and_mix_transform if args.aa.startswith("augmix") else auto_augment_transform)

@@ -68,6 +68,7 @@ BAD_FLAGS = {
     "--save_ckpt_freq 0": (["--save_ckpt_freq", "0"], "--save_ckpt_freq must be >= 1"),
     "--dist_timeout 0": (["--dist_timeout", "0"], "--dist_timeout must be > 0"),
     "--lr nan": (["--lr", "nan"], "--lr must be >= 0, got nan"),
+    "--aa augmix width 0": (["--aa", "augmix-m5-w0"], "an AugMix width (-wN) must be at least 1"),
     "--model typo": (["--model", "convnext_tinyy"], "unknown model 'convnext_tinyy'"),
     "--output_dir is a file": (["--output_dir", "{file}"], "is a file, not a folder"),
     "--log_dir is a file": (["--log_dir", "{file}"], "is a file, not a folder"),
