@@ -163,6 +163,9 @@ def load_sources(args):
     if args.eval and resume is None and finetune is None and not (args.model and models.is_tagged(args.model)):
         raise UserError(f"--eval true needs trained weights: --output_dir {args.output_dir} holds "
                         "no checkpoint-N.pth; give --resume CHECKPOINT")
+    if args.eval and args.model_ema_eval and "model_ema" not in (resume or {}):
+        raise UserError("--eval true --model_ema_eval true: the checkpoint holds no model_ema weights "
+                        "(give --resume a checkpoint that has them, or leave out --model_ema_eval)")
     src = Sources(resume, finetune, point=point)
     if resume is not None:
         src.held = read_held(resume, args.model)
@@ -340,8 +343,14 @@ def _amp(args):
 
 
 def evaluate_only(args, data, run, device):
+    """The model's accuracy, and the EMA's with --model_ema_eval true (keys *_ema)."""
     stats = evaluate(data.loader_val, run.eval_model, device, **_amp(args))
     logger.info("Accuracy of the network on the %d test images: %.5f%%", stats["num_images"], stats["acc1"])
+    if run.model_ema is not None and args.model_ema_eval:
+        ema_model = ema_module(run.model_ema)
+        ema = evaluate(data.loader_val, ema_model, next(ema_model.parameters()).device, **_amp(args))
+        logger.info("Accuracy of the model EMA on the %d test images: %.5f%%", ema["num_images"], ema["acc1"])
+        stats = {**stats, **{f"{k}_ema": v for k, v in ema.items()}}
     return stats
 
 

@@ -258,6 +258,8 @@ def check_combinations(args):
         raise UserError("--resplit true needs augmentation splits, which this repo does not have")
     if args.fold and not args.eval:
         raise UserError("--fold true applies to --eval true (a folded model is not trained)")
+    if args.model_ema_eval and not args.model_ema:
+        raise UserError("--model_ema_eval true needs --model_ema true (there is no EMA to evaluate)")
     if args.teacher and args.eval:
         raise UserError("--teacher applies to training; --eval true evaluates the model alone")
     if not args.teacher and (args.kd_alpha != 0.5 or args.kd_temperature != 5.0):

@@ -87,6 +87,10 @@ def read_source(ckpt, model_name=None, use_ema=False):
         shapes = {k: tuple(v.shape) for k, v in sds["model"].items()}
         if {k: tuple(v.shape) for k, v in sds["model_ema"].items()} != shapes:
             raise UserError("the checkpoint's model_ema weights do not have the shape of its model weights")
+        bad = models.weights.nonfinite_keys(sds["model_ema"])
+        if bad:  # the pruned file would carry them on, and --model_ema_eval would evaluate them
+            raise UserError(f"the checkpoint's model_ema weights hold NaN or infinite values ({len(bad)} "
+                            f"tensors, e.g. {bad[0]}); prune a checkpoint whose EMA is finite")
     return sds, ("model_ema" if use_ema else "model"), arch
 
 

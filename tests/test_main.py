@@ -164,6 +164,16 @@ def test_official_format_checkpoint_evaluates(trained, tmp_path, capsys):
     # without --model the shape is inferred from the weights
     assert main.cli(["--eval", "true", "--resume", str(path), *FAST]) == 0
     assert acc1_printed(capsys.readouterr().out) == pytest.approx(ours["max_accuracy"], abs=1e-3)
+    # the EMA is evaluated too when asked; refused where there is none to evaluate
+    assert main.cli(["--eval", "true", "--resume", str(path), "--model_ema", "true", "--model_ema_eval", "true",
+                     *FAST]) == 0
+    both = re.findall(r"^\* Acc@1 ([\d.]+) ", capsys.readouterr().out, re.M)  # the model's, then the EMA's
+    assert len(both) == 2 and all(float(a) == pytest.approx(ours["max_accuracy"], abs=1e-3) for a in both)
+    assert main.cli(["--eval", "true", "--resume", str(path), "--model_ema_eval", "true", *FAST]) == 2
+    assert "needs --model_ema true" in capsys.readouterr().err
+    assert main.cli(["--eval", "true", "--resume", str(out / "checkpoint-0.pth"), "--model_ema", "true",
+                     "--model_ema_eval", "true", *FAST]) == 2
+    assert "holds no model_ema weights" in capsys.readouterr().err
 
 
 @pytest.mark.e2e

@@ -523,3 +523,21 @@ def test_a_pipe_or_device_as_output_is_refused_even_with_overwrite(source, tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is not a regular file" in err[0]
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+@pytest.mark.cli
+def test_a_non_finite_model_ema_is_refused_not_carried_into_the_pruned_file(tmp_path, capsys):
+    import models
+    from cli.prune import main as prune_main
+    torch.manual_seed(0)
+    model = models.build_model({"family": "convnext", "depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "num_classes": 10})
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    ema["stages.1.0.norm.weight"][3] = float("nan")
+    path = tmp_path / "src.pth"
+    save_checkpoint_file({"model": model.state_dict(), "model_ema": ema, "arch": model.arch,
+                          "args": {"input_size": 32, "data_set": "DIGITS"}}, path)
+    out = tmp_path / "out.pth"
+    assert prune_main(["--checkpoint", str(path), "--output", str(out), "--ratio", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model_ema weights hold NaN" in err[0] and "stages.1.0.norm.weight" in err[0]
+    assert not out.exists()
