@@ -168,7 +168,7 @@ def load_sources(args):
                         "(give --resume a checkpoint that has them, or leave out --model_ema_eval)")
     src = Sources(resume, finetune, point=point)
     if resume is not None:
-        src.held = read_held(resume, args.model)
+        src.held = read_held(resume, args.model, args.model_key, args.model_prefix)
     elif finetune is not None:
         src.held = read_held(finetune, args.model, args.model_key, args.model_prefix)
     if src.held is not None:

@@ -37,16 +37,22 @@ def saved_args(ckpt):
 
 
 def model_state(checkpoint, model_key="model|module", model_prefix=""):
-    """The model weights in a checkpoint: the first of `model_key` ('a|b') present, else the
-    checkpoint itself; with `model_prefix`, only keys under it, with the prefix removed.
+    """The model weights in a checkpoint: the first of `model_key` ('a|b') present, else
+    `state_dict` (timm's train.py, PyTorch Lightning), else the checkpoint itself; with
+    `model_prefix`, only keys under it, with the prefix removed; without one, a first name
+    every key shares (Lightning's `model.`, DDP's `module.`) is removed.
     Refuses weights that hold NaN or infinite values (a diverged run)."""
     if not isinstance(checkpoint, dict):
         raise UserError("the checkpoint is not a dict of weights")
-    state = next((checkpoint[k] for k in model_key.split("|") if k in checkpoint), checkpoint)
+    keys = [k for k in model_key.split("|") if k in checkpoint] or \
+        (["state_dict"] if isinstance(checkpoint.get("state_dict"), dict) else [])
+    state = checkpoint[keys[0]] if keys else checkpoint
     if not isinstance(state, dict):
         raise UserError(f"the checkpoint's {model_key!r} entry is not a dict of weights")
     if model_prefix:
         state = {k[len(model_prefix):]: v for k, v in state.items() if k.startswith(model_prefix)}
+    else:
+        state = _without_shared_prefix(state)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise UserError(f"the checkpoint holds no weights under {model_key!r}"
@@ -56,6 +62,15 @@ def model_state(checkpoint, model_key="model|module", model_prefix=""):
         raise UserError(f"the checkpoint's weights hold NaN or infinite values ({len(bad)} tensors, "
                         f"e.g. {bad[0]}): it comes from a diverged run and gives no meaningful result")
     return tensors
+
+
+def _without_shared_prefix(state):
+    """A state dict whose keys all start with one name and a dot (a wrapper's), without it."""
+    heads = {k.split(".", 1)[0] for k in state if isinstance(k, str) and "." in k}
+    if len(state) > 1 and len(heads) == 1 and all(isinstance(k, str) and "." in k for k in state):
+        cut = len(heads.pop()) + 1
+        return {k[cut:]: v for k, v in state.items()}
+    return state
 
 
 def held_model(ckpt, state, model_name=None):

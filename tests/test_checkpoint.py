@@ -260,3 +260,21 @@ def test_resume_training_from_best_is_refused():
     with pytest.raises(UserError, match="--finetune"):
         restore_training(ckpt, "best.pth", None, opt, scaler)
     restore_training(ckpt, "best.pth")   # evaluation is fine
+
+
+@pytest.mark.cli
+def test_timm_train_and_lightning_checkpoints_are_read(tmp_path, capsys):
+    """timm's train.py saves {'state_dict': ..., 'arch': NAME}; Lightning {'state_dict':
+    {'model.<key>': ...}}: both prune as the weights they hold."""
+    from cli.prune import main as prune_main
+    torch.manual_seed(0)
+    model = models.build_model({"family": "convnext", "depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32],
+                                "num_classes": 10})
+    sd = model.state_dict()
+    for name, ckpt in (("timm", {"state_dict": sd, "arch": "convnext_tiny", "epoch": 3}),
+                       ("lightning", {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3})):
+        path = tmp_path / f"{name}.pth"
+        torch.save(ckpt, path)
+        assert prune_main(["--checkpoint", str(path), "--dry_run", "--ratio", "0.5", "--input_size", "32"]) == 0, \
+            capsys.readouterr().err
+        assert "ConvNeXt depths [1, 1, 1, 1] dims [8, 16, 24, 32]" in capsys.readouterr().out
