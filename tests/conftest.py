@@ -1,5 +1,4 @@
 """Fixtures several test files share."""
-import os
 import shutil
 import subprocess
 import sys

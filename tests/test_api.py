@@ -2,8 +2,6 @@
 options each criterion reads: the same results as prune.py, refusals instead of dropped flags."""
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from common.errors import UserError
 from cli import prune as cli
 from pruning import Aggregation, Calibration, Criterion, KeepRules, PruneSpec
 from pruning.criteria import CRITERIA, l2, register_criterion
-from helpers import ROOT
 
 ARCH = {"family": "convnext", "depths": [1, 1, 2, 1], "dims": [8, 16, 24, 32], "num_classes": 10}
 

@@ -1,5 +1,4 @@
 """scripts/benchmark.py: its counts and its output formats, on tiny models (no speed asserted)."""
-import importlib.util
 import json
 import os
 import re

@@ -5,7 +5,6 @@ import http.server
 import io
 import os
 import pathlib
-import sys
 import tarfile
 import threading
 from pathlib import Path

@@ -3,8 +3,6 @@ pruning/diagnose.py), on tiny models with weights away from their init."""
 import json
 import logging
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ from pruning.diagnosis import diagnose
 from pruning.probe import capture
 
 from conftest import randomised
-from helpers import ROOT
 
 ARCH = {"family": "convnext", "depths": [1, 2], "dims": [8, 12], "num_classes": 3}
 

@@ -1,7 +1,5 @@
 """engine.py on tiny models: accumulation, clipping, schedules, EMA, NaN stop, exact evaluation."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch

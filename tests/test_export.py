@@ -2,8 +2,6 @@
 batch and size, inference from the .onnx file, clear errors."""
 import os
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,7 +15,6 @@ from cli import inference
 import models
 from checkpoints.io import save_checkpoint_file
 from cli.prune import main as prune_main
-from helpers import ROOT
 
 ARCHS = {
     "convnext": {"family": "convnext", "depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "num_classes": 10},

@@ -1,8 +1,6 @@
 """The family contract (models/family.py), checked over every registered family on its
 example_arch: a new family registered in models/ is tested here with no other change."""
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from models.family import Family
 from models.groups import part_stop
 from pruning.surgery import prune_state_dict
 from conftest import randomised
-from helpers import ROOT
 
 FAMILIES = sorted(models.FAMILIES)
 

@@ -1,6 +1,4 @@
 """Whole-group and data-driven importance: hand computations on a tiny VGG, the CLI."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ from pruning.calibration import measure
 from cli.prune import main as prune_main
 from pruning.scoring import score_group, score_groups
 from pruning.criteria import Aggregation, get_criterion
-from helpers import ROOT
 
 ARCH = {"family": "vgg_cifar", "cfg": [4, "M", 6], "num_classes": 3, "in_chans": 3}
 

@@ -1,5 +1,4 @@
 """scripts/inference.py end to end on tiny checkpoints and a PNG the tests write."""
-import importlib.util
 import os
 import re
 import subprocess

@@ -1,8 +1,6 @@
 """optim_factory.py: weight-decay groups, layer-wise LR decay ids, optimizer creation."""
 import argparse
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import timm

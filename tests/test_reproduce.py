@@ -1,11 +1,9 @@
 """scripts/reproduce.py: the seeds' pipelines in one command (dry runs of every full recipe,
 --quick runs end to end, a kill and a resume, bad input)."""
 import json
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -1,8 +1,6 @@
 """run_folder.py: a training run never touches another run's files, rotates only its own
 checkpoints, and keeps log.txt whole across kills."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch

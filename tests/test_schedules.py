@@ -1,12 +1,10 @@
 """LR schedules: step and multistep against a hand computation, their flag checks, and a
 killed run that resumes on the same learning rate."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

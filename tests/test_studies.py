@@ -1,11 +1,9 @@
 """Pruning studies end to end: compare_criteria, sensitivity and iterative rounds, with kills."""
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

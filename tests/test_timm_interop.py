@@ -4,11 +4,9 @@ the timm export folder (loaded in a Python that imports only timm), weights-only
 import hashlib
 import http.server
 import json
-import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import timm
