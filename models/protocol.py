@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+# timm's IMAGENET_DEFAULT_MEAN / STD, written out: models/ builds without importing timm
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 POOLS = {"avg": lambda x: x.mean((-2, -1)), "max": lambda x: x.amax((-2, -1)),
          "avgmax": lambda x: 0.5 * (x.mean((-2, -1)) + x.amax((-2, -1))), "": None}
@@ -39,6 +40,12 @@ def _out_of_range(i, n):
     raise ValueError(f"feature level {i} does not exist: this model has {n} (0 to {n - 1})")
 
 
+def _checked_pool(global_pool):
+    if global_pool not in POOLS:
+        raise ValueError(f"global_pool must be one of {', '.join(map(repr, POOLS))}, not {global_pool!r}")
+    return global_pool
+
+
 def _pointwise(fn, x):
     """fn over the channels of every position of an N x C x H x W map."""
     n, _, h, w = x.shape
@@ -55,16 +62,15 @@ class TimmProtocol:
     group_patterns = {}
 
     def _init_protocol(self, global_pool="avg", drop_rate=0.):
-        if global_pool not in POOLS:
-            raise ValueError(f"global_pool must be one of {', '.join(map(repr, POOLS))}, not {global_pool!r}")
         if not 0 <= drop_rate < 1:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-        self.global_pool, self.drop_rate = global_pool, float(drop_rate)
+        self.global_pool, self.drop_rate = _checked_pool(global_pool), float(drop_rate)
         self.grad_checkpointing = False
-        self._depth = len(self._levels())
+        levels = self._levels()
+        self._depth = len(levels)
         self._final_on = True
         self.feature_info = [dict(num_chs=c, reduction=r, module=name)
-                             for (name, _, _), (c, r) in zip(self._levels(), self._level_info())]
+                             for (name, _, _), (c, r) in zip(levels, self._level_info())]
         self.num_features = self.feature_info[-1]["num_chs"]
         classifier = self.get_classifier()
         if isinstance(classifier, nn.Linear) and classifier.out_features == 0:  # timm's num_classes=0
@@ -98,16 +104,15 @@ class TimmProtocol:
     def num_classes(self):
         return self.arch["num_classes"]
 
-    def _run(self, i, x):
-        run = self._levels()[i][2]
+    def _run(self, run, x):
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             return checkpoint(run, x, use_reentrant=False)
         return run(x)
 
     def forward_features(self, x):
         """The last level's map, unpooled (N x num_features x H x W)."""
-        for i in range(self._depth):
-            x = self._run(i, x)
+        for _, _, run in self._levels()[:self._depth]:  # built once per forward, not per level
+            x = self._run(run, x)
         return self._final(x) if self._final_on else x
 
     def forward_head(self, x, pre_logits=False):
@@ -132,9 +137,7 @@ class TimmProtocol:
     def reset_classifier(self, num_classes, global_pool=None):
         """A fresh classifier of num_classes outputs (0: none, the model returns its features)."""
         if global_pool is not None:
-            if global_pool not in POOLS:
-                raise ValueError(f"global_pool must be one of {', '.join(map(repr, POOLS))}, not {global_pool!r}")
-            self.global_pool = global_pool
+            self.global_pool = _checked_pool(global_pool)
         old = self.get_classifier()
         kw = {"device": old.weight.device, "dtype": old.weight.dtype} if isinstance(old, nn.Linear) else {}
         new = nn.Linear(self.head_hidden_size, num_classes, **kw) if num_classes > 0 else nn.Identity()
@@ -151,8 +154,8 @@ class TimmProtocol:
         take, last = take_indices(self._depth, indices)
         feats = []
         stop = last + 1 if stop_early or intermediates_only else self._depth
-        for i in range(stop):
-            x = self._run(i, x)
+        for i, (_, _, run) in enumerate(self._levels()[:stop]):
+            x = self._run(run, x)
             if i in take:
                 feats.append(self._final(x) if norm and i == self._depth - 1 and self._final_on else x)
         if intermediates_only:
