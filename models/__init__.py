@@ -8,6 +8,7 @@ import torch
 from common.errors import UserError
 
 from . import convnext, convnext_isotropic, preresnet_cifar, resnet_cifar, vgg_cifar, wrn_cifar  # noqa: F401  (registers the families)
+from . import traced  # noqa: F401,E402  (any other model: groups from a recorded forward)
 from .complexity import activation_bytes, check_input_size, check_memory, count_macs, count_params
 from .family import Family
 from .groups import Group, Part, Producer

@@ -13,8 +13,11 @@ class Family(ABC):
 
     Class attributes:
         head_key: prefix of the classifier's tensors in this layout ("head", "fc", ...).
+        declared: its groups are declared by this file and its models are instances of the
+            class (False only for the traced family, which builds other libraries' models).
     """
     head_key = "head"
+    declared = True
 
     @classmethod
     @abstractmethod
@@ -49,6 +52,15 @@ class Family(ABC):
     @abstractmethod
     def fold(self):
         """The inference form in place (normalisation folded into a neighbour); returns self."""
+
+    @classmethod
+    def arch_after(cls, arch, state_dict):
+        """The arch of a pruned state dict of this shape: its fields read off the tensors, the
+        rest carried over."""
+        found = cls.infer_arch(state_dict)
+        if found is None:
+            raise ValueError(f"the pruned weights are not a {cls.__name__} layout")
+        return {**arch, **found}
 
     @staticmethod
     def named_dims(arch):

@@ -7,11 +7,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Part:
-    """A slice of tensor `key` along `axis` that holds group channels [start, stop)."""
+    """A slice of tensor `key` along `axis` that holds group channels [start, stop).
+
+    The channels sit from position `offset` of that axis (a concatenation's later inputs), each
+    owning `block` consecutive positions (a Linear after a flatten: a channel's H x W columns).
+    """
     key: str
     axis: int
     start: int = 0
     stop: int | None = None  # None: up to the group width
+    offset: int = 0
+    block: int = 1
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,18 @@ class Group:
 def part_stop(part, width):
     """End of a part's channel range (None means the group width)."""
     return width if part.stop is None else part.stop
+
+
+def part_span(part, width):
+    """Positions of the part's axis its channels occupy: offset + (stop - start) x block."""
+    return part.offset + (part_stop(part, width) - part.start) * part.block
+
+
+def part_rows(tensor, part, width):
+    """The part's slice of `tensor`, channels first ([channels, block, ...] for a block > 1)."""
+    n = part_stop(part, width) - part.start
+    t = tensor.narrow(part.axis, part.offset, n * part.block).movedim(part.axis, 0)
+    return t.reshape(n, part.block, *t.shape[1:]) if part.block > 1 else t
 
 
 def linear_parts(prefix, axis_in):

@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 
 import models
-from checkpoints.identity import read_held
+from checkpoints.identity import DEFAULT_INPUT_SIZE, read_held
 from checkpoints.io import load_checkpoint_file, save_checkpoint_file, save_weights_file
 from checkpoints.sources import local_copy
 from common.errors import UserError
 from common.files import atomic_open, sha256_file
+from models import traced
 
 from .calibration import calibration_batches, measure
 from .compensate import compensate
@@ -85,12 +86,15 @@ class Source:
         return self._batches[key]
 
 
-def open_source(source, *, model=None, use_ema=False):
-    """A Source from a path / URL, a checkpoint dict, a live model of ours, or a Source.
+def open_source(source, *, model=None, use_ema=False, input_size=None, trace=False):
+    """A Source from a path / URL, a checkpoint dict, a live model, or a Source.
 
     Args:
-        model: a registered model the weights must have the shape of.
+        model: a registered model the weights must have the shape of: ours, a stock timm name
+            or `torchvision:NAME` (those two are traced).
         use_ema: score the checkpoint's model_ema weights.
+        input_size: the side of the example input a traced model runs on (default 224).
+        trace: trace a model even where its family declares its groups.
     """
     if isinstance(source, Source):
         if use_ema and source.scored != "model_ema":
@@ -102,16 +106,17 @@ def open_source(source, *, model=None, use_ema=False):
     elif isinstance(source, dict):
         ckpt, label, sha = source, "in-memory checkpoint", None
     elif isinstance(source, nn.Module):
-        if not isinstance(getattr(source, "arch", None), dict):
-            raise UserError(f"a live {type(source).__name__} cannot be pruned: pruning needs one of this "
-                            "toolkit's model families (models.FAMILIES), whose channel groups it knows")
         state = {k: v.detach().to("cpu", copy=True) for k, v in source.state_dict().items()}
-        ckpt, label, sha = {"model": state, "arch": dict(source.arch)}, f"in-memory {type(source).__name__}", None
+        declared = isinstance(getattr(source, "arch", None), dict) and not trace
+        arch = dict(source.arch) if declared else traced.arch_of_model(source, input_size or DEFAULT_INPUT_SIZE)
+        ckpt, label, sha = {"model": state, "arch": arch}, f"in-memory {type(source).__name__}", None
     else:
         raise UserError(f"cannot prune a {type(source).__name__}: give a checkpoint path or URL, "
                         "a checkpoint dict, or a model of this toolkit")
     held = read_held(ckpt, model)
-    sds, scored, arch = read_source(held, model, use_ema)
+    sds, scored, arch = read_source(held, model, use_ema, input_size or held.input_size())
+    if trace and arch["family"] != "traced":
+        arch = traced.arch_of_model(models.with_weights(arch, held.state), input_size or held.input_size())
     return Source(label, held, sds, scored, arch, models.channel_groups(arch), sha)
 
 
@@ -239,7 +244,7 @@ def prune(source, spec, *, evidence=None):
     if not isinstance(spec, PruneSpec):
         raise TypeError(f"spec must be a PruneSpec, not {type(spec).__name__}")
     spec = spec.resolved()
-    src = open_source(source, model=spec.model, use_ema=spec.use_ema)
+    src = open_source(source, model=spec.model, use_ema=spec.use_ema, input_size=spec.input_size, trace=spec.trace)
     spec = replace(spec, input_size=src.held.input_size(spec.input_size))
     src.check_input_size(spec.input_size)
     if evidence is None:

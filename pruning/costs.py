@@ -25,12 +25,12 @@ class KeptShapes:
 
     def __init__(self, shapes, groups):
         self.shapes = dict(shapes)
-        self.cuts = {k: [] for k in self.shapes}  # key -> [(axis, group, start, stop)]
+        self.cuts = {k: [] for k in self.shapes}  # key -> [(axis, group, start, stop, block)]
         for g in groups:
             for part in g.slices:
                 if part.key in self.cuts:
                     stop = g.width if part.stop is None else part.stop
-                    self.cuts[part.key].append((part.axis, g.name, part.start, stop))
+                    self.cuts[part.key].append((part.axis, g.name, part.start, stop, part.block))
 
     def __call__(self, keep):
         """dict key -> list shape (absent groups keep every channel).
@@ -41,13 +41,13 @@ class KeptShapes:
         counts, out = {}, {}  # counts: (group, start, stop) -> kept channels in that range
         for key, shape in self.shapes.items():
             size = list(shape)
-            for axis, group, start, stop in self.cuts[key]:
+            for axis, group, start, stop, block in self.cuts[key]:
                 if group in keep:
                     rng = (group, start, stop)
                     if rng not in counts:
                         idx = torch.as_tensor(keep[group])
                         counts[rng] = int(((idx >= start) & (idx < stop)).sum())
-                    size[axis] = counts[rng]
+                    size[axis] -= (stop - start - counts[rng]) * block
             out[key] = size
         return out
 

@@ -3,10 +3,15 @@ forward order, the channels each one keeps, and the input each one sees on real 
 
 What compensate.py (the remedy) and diagnosis.py (the evidence for it) both read.
 """
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 
+from models.groups import part_span
 from models.layers import LayerNorm2d
+
+from .surgery import cut_positions
 
 NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -107,11 +112,13 @@ def consumers(model, images, names):
 
 
 def kept_channels(groups, keep, key, axis=0):
-    """The kept indices of the group that cuts tensor `key` on `axis` (None: no group cuts it)."""
-    for g in groups:
-        if any(p.key == key and p.axis == axis for p in g.slices):
-            return torch.as_tensor(keep[g.name])
-    return None
+    """The kept positions of tensor `key` on `axis` (None: no group cuts it)."""
+    holders = [(g, p) for g in groups for p in g.slices if p.key == key and p.axis == axis]
+    if not holders:
+        return None
+    size = max(part_span(p, g.width) for g, p in holders)
+    own = [replace(g, slices=(p,)) for g, p in holders]
+    return cut_positions({key: (1,) * axis + (size,)}, own, keep).get((key, axis), torch.arange(size))
 
 
 def stage_of(groups, key):

@@ -17,12 +17,12 @@ reduced to one score per channel (Aggregation.reduce; a slice that covers only s
 a multi-scale branch, counts only there); pruning/plan.py turns the scores into kept channels.
 """
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from common.errors import UserError
-from models.groups import part_stop
+from models.groups import part_rows, part_span, part_stop
 
 from .criteria import NORMALIZATIONS as NORMALIZATION_NAMES
 from .criteria import REDUCTIONS as REDUCTION_NAMES
@@ -95,11 +95,10 @@ def _rows(tensors, part, width):
     if part.key not in tensors:
         raise UserError(f"the checkpoint lacks {part.key}, which its channel groups name")
     t = tensors[part.key]
-    n = part_stop(part, width) - part.start
-    if t.shape[part.axis] != n:
+    if t.shape[part.axis] < part_span(part, width):
         raise UserError(f"{part.key} has {t.shape[part.axis]} channels on axis {part.axis}, "
-                        f"its channel group expects {n}")
-    return t.movedim(part.axis, 0).detach().to("cpu", torch.float64)
+                        f"its channel group expects {part_span(part, width)}")
+    return part_rows(t.detach(), part, width).to("cpu", torch.float64)
 
 
 def _placed(values, part, width):
@@ -171,7 +170,8 @@ def _activation_rows(activity, group):
     for part in group.slices:
         vector = activity.get((part.key, part.axis))
         if vector is not None:
-            values = _rows({part.key: vector}, type(part)(part.key, 0, part.start, part.stop), group.width)
+            values = _rows({part.key: vector}, replace(part, axis=0), group.width)
+            values = values.reshape(len(values), -1).mean(dim=1)  # a block: its positions' mean
             rows[f"input of {part.key.rsplit('.', 1)[0]}"] = _placed(values, part, group.width)
     return rows
 

@@ -207,6 +207,8 @@ class PruneSpec:
     input_size: image side for MACs (default: the source's training size, else 224).
     compensate: what is done after the cut (COMPENSATIONS): "none", "stats" or "refit" (fit
         to the dense model on the calibration images, which then apply).
+    trace: read the channel groups off a recorded forward (models/graph.py) even where the
+        family declares them; any other model is always traced.
     """
     criterion: str | Criterion = "opnorm"
     rules: KeepRules = field(default_factory=KeepRules)
@@ -218,6 +220,7 @@ class PruneSpec:
     model: str | None = None
     input_size: int | None = None
     compensate: str = "none"
+    trace: bool = False
 
     def __post_init__(self):
         for name, types in (("rules", KeepRules), ("aggregation", Aggregation), ("calibration", (Calibration, type(None)))):
@@ -225,6 +228,8 @@ class PruneSpec:
                 raise TypeError(f"PruneSpec.{name} must be a {getattr(types, '__name__', 'Calibration or None')}, "
                                 f"not {type(getattr(self, name)).__name__}")
         check_value("PruneSpec", "compensate", self.compensate, Choice(tuple(COMPENSATIONS)))
+        if not isinstance(self.trace, bool):
+            raise TypeError(f"PruneSpec.trace must be a bool, not {type(self.trace).__name__}")
         check_value("PruneSpec", "input_size", self.input_size, Range(1, integer=True))
         check_value("PruneSpec", "seed", self.seed, Range(0, 2 ** 31 - 1, integer=True))
 
@@ -261,7 +266,7 @@ class PruneSpec:
         out = {"criterion": self.criterion.name, "model": self.model, **rules, **asdict(self.aggregation),
                "raw_weights": self.raw_weights if "raw_weights" in self.criterion.options() else None,
                "use_ema": self.use_ema, "seed": self.seed, "input_size": self.input_size,
-               "compensate": self.compensate}
+               "compensate": self.compensate, "trace": self.trace}
         calib = self.calibration
         out.update(calib_batches=None, calib_batch_size=None, data_set=None)
         if calib is not None:

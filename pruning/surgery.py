@@ -10,10 +10,11 @@ import math
 import torch
 
 import models
+from models import traced
 from checkpoints.identity import Held, args_to_dict, read_held
 from common.errors import UserError
 
-from models.groups import part_stop
+from models.groups import part_span, part_stop
 
 
 def _check_keep(group, idx):
@@ -24,6 +25,43 @@ def _check_keep(group, idx):
         raise ValueError(f"group {group.name}: kept indices must be sorted, unique and in "
                          f"[0, {group.width})")
     return idx
+
+
+def cut_positions(shapes, groups, keep):
+    """The kept positions of every tensor axis some group cuts.
+
+    A tensor axis may hold several groups' channels (a concatenation's consumer) at offsets,
+    each channel owning a block of positions (a Linear after a flatten); positions no group
+    holds stay.
+
+    Args:
+        shapes: dict key -> tensor shape.
+        groups: channel groups of the shape.
+        keep: dict group name -> sorted kept indices; absent groups keep every channel.
+    Returns:
+        dict (key, axis) -> 1-D int64 tensor of kept positions (only axes that lose some).
+    """
+    masks = {}
+    for g in groups:
+        if g.name not in keep:
+            continue
+        idx = _check_keep(g, keep[g.name])
+        if idx.numel() == g.width:
+            continue
+        dropped = torch.ones(g.width, dtype=torch.bool)
+        dropped[idx] = False
+        for part in g.slices:
+            if part.key not in shapes:
+                raise UserError(f"the checkpoint lacks {part.key}, which group {g.name} cuts")
+            size = shapes[part.key][part.axis]
+            if size < part_span(part, g.width):
+                raise UserError(f"{part.key} has {size} channels on axis {part.axis}; "
+                                f"group {g.name} expects {part_span(part, g.width)}")
+            gone = dropped[part.start:part_stop(part, g.width)].nonzero().flatten()
+            mask = masks.setdefault((part.key, part.axis), torch.ones(size, dtype=torch.bool))
+            gone = part.offset + gone[:, None] * part.block + torch.arange(part.block)
+            mask[gone.flatten()] = False
+    return {ka: m.nonzero().flatten() for ka, m in masks.items()}
 
 
 def prune_state_dict(state_dict, groups, keep):
@@ -40,33 +78,22 @@ def prune_state_dict(state_dict, groups, keep):
         dict key -> tensor.
     """
     out = dict(state_dict)
-    for g in groups:
-        if g.name not in keep:
-            continue
-        idx = _check_keep(g, keep[g.name])
-        if idx.numel() == g.width:
-            continue
-        for part in g.slices:
-            if part.key not in out:
-                raise UserError(f"the checkpoint lacks {part.key}, which group {g.name} cuts")
-            t = out[part.key]
-            stop = part_stop(part, g.width)
-            if t.shape[part.axis] != stop - part.start:
-                raise UserError(f"{part.key} has {t.shape[part.axis]} channels on axis {part.axis}; "
-                                f"group {g.name} expects {stop - part.start}")
-            local = idx[(idx >= part.start) & (idx < stop)] - part.start
-            out[part.key] = t.index_select(part.axis, local.to(t.device))
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    for (key, axis), kept in cut_positions(shapes, groups, keep).items():
+        out[key] = out[key].index_select(axis, kept.to(out[key].device))
     return out
 
 
-def read_source(ckpt, model_name=None, use_ema=False):
+def read_source(ckpt, model_name=None, use_ema=False, input_size=None):
     """The state dicts and shape of a checkpoint.
 
     Args:
         ckpt: a loaded checkpoint, or its checkpoint.Held (read with `model_name`).
-        model_name: a registered model of ours whose shape the weights must have, or None to
-            use the checkpoint's `arch`, else the shape inferred from the tensors.
+        model_name: a registered model whose shape the weights must have (ours; a stock timm
+            name or `torchvision:NAME` is traced), or None to use the checkpoint's `arch`, else
+            the shape inferred from the tensors.
         use_ema: score the `model_ema` weights instead of `model`.
+        input_size: the example input side a traced model is read at (default 224).
     Returns:
         (state dicts by checkpoint key, the key whose weights are scored, arch).
     """
@@ -78,11 +105,11 @@ def read_source(ckpt, model_name=None, use_ema=False):
         sds["model_ema"] = ema
     if use_ema and "model_ema" not in sds:
         raise UserError("--use_ema: the checkpoint has no model_ema weights")
-    arch = _resolve_arch(held)
+    arch = _resolve_arch(held, input_size)
     what = f"--model {model_name}" if model_name else "the checkpoint's own `arch` entry"
     meta = models.meta_model(arch)
     models.check_arch_matches(meta, sds["model"], model_name=what)
-    arch = {**arch, **meta.arch}  # complete a partial stored arch (channel groups need all fields)
+    arch = {**arch, **getattr(meta, "arch", {})}  # complete a partial stored arch (groups need all fields)
     if "model_ema" in sds:
         shapes = {k: tuple(v.shape) for k, v in sds["model"].items()}
         if {k: tuple(v.shape) for k, v in sds["model_ema"].items()} != shapes:
@@ -94,10 +121,13 @@ def read_source(ckpt, model_name=None, use_ema=False):
     return sds, ("model_ema" if use_ema else "model"), arch
 
 
-def _resolve_arch(held):
+def _resolve_arch(held, input_size=None):
     if held.arch is not None:
         return dict(held.arch)
     name, sd = models.base_name(held.name), held.state
+    builder = traced.builder_of_name(held.name)
+    if builder is not None:
+        return traced.arch_of_weights(builder, sd, input_size or held.input_size())
     if name not in models.OUR_MODELS:
         raise UserError(f"--model {name}: pruning needs one of this toolkit's models (see the "
                         "docs/models.md's model zoo), whose channel groups it knows")
@@ -110,8 +140,8 @@ def _resolve_arch(held):
 
 
 def new_arch(source_arch, state_dict):
-    """The pruned shape: inferred from the new tensors, other source fields carried over."""
-    return {**source_arch, **models.infer_arch(state_dict)}
+    """The pruned shape: read off the new tensors by the family, other source fields carried over."""
+    return models.FAMILIES[source_arch["family"]].arch_after(source_arch, state_dict)
 
 
 def _one_number(value):
