@@ -171,7 +171,9 @@ def read_held(ckpt, model_name=None, model_key="model|module", model_prefix=""):
     state = model_state(ckpt, model_key, model_prefix)
     trained = saved_args(ckpt)
     name = model_name or trained.get("model")
-    if not (isinstance(name, str) and models.is_stock_timm(name)):
+    arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
+    traced = isinstance(arch, dict) and arch.get("family") == "traced"
+    if not (traced or (isinstance(name, str) and (name.startswith("torchvision:") or models.is_stock_timm(name)))):
         state = models.our_layout(state)
     arch, name = held_model(ckpt, state, model_name)
     return Held(ckpt, state, arch, name, trained)

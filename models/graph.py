@@ -411,21 +411,24 @@ class Recorder(TorchFunctionMode):
         self.c.unify(self.c.derived(segs), od[dim])
 
     def split(self, name, args, kwargs, out):
+        """Pieces along a channel dim stay whole: their bounds are constants in the code
+        (split sizes, chunk counts), which a pruned model would still apply."""
         x = args[0]
         dim = _arg(args, kwargs, 2 if name != "unbind" else 1, "dim", 0) % x.dim()
         pieces = [t for t in out if isinstance(t, torch.Tensor)]
-        xd, pos = self.of(x), 0
+        xd = self.of(x)
+        why = f"{name} along a channel dim (its sizes are constants in the code) in {self.where[-1]}"
         for t in pieces:
             td = self.new_dims(t)
             for k in range(x.dim()):
                 if k != dim and t.dim() == x.dim():
                     self.c.unify(xd[k], td[k])
-            if name == "unbind":
-                self.c.keep_whole(xd[dim], f"unbind in {self.where[-1]}")
-                continue
-            n = t.shape[dim]
-            self.c.unify(self.c.derived((Segment(xd[dim], pos, pos + n),)), td[dim])
-            pos += n
+            if len(pieces) == 1 and t.shape == x.shape:
+                self.c.unify(xd[dim], td[dim])
+            else:
+                self.c.keep_whole(td[dim] if t.dim() == x.dim() else xd[dim], why)
+        if len(pieces) != 1:
+            self.c.keep_whole(xd[dim], why)
 
     def getitem(self, x, index, out):
         index = index if isinstance(index, tuple) else (index,)
@@ -447,14 +450,12 @@ class Recorder(TorchFunctionMode):
                     self.c.keep_whole(xd[k], f"one channel indexed in {self.where[-1]}")
                 k += 1
                 continue
-            lo, hi, step = i.indices(x.shape[k])
-            if step != 1:
-                self.c.keep_whole(xd[k], f"a strided slice in {self.where[-1]}")
-                self.c.keep_whole(od[j], f"a strided slice in {self.where[-1]}")
-            elif (lo, hi) == (0, x.shape[k]):
+            if i.indices(x.shape[k]) == (0, x.shape[k], 1):
                 self.c.unify(xd[k], od[j])
-            elif hi > lo:
-                self.c.unify(self.c.derived((Segment(xd[k], lo, hi),)), od[j])
+            else:  # its bounds are constants in the code: a pruned model would still apply them
+                why = f"a slice [{i.start}:{i.stop}] of a channel dim in {self.where[-1]}"
+                self.c.keep_whole(xd[k], why)
+                self.c.keep_whole(od[j], why)
             k, j = k + 1, j + 1
 
     def reduce(self, name, args, kwargs, out):
@@ -661,8 +662,8 @@ def _groups(rec):
             continue
         seen.add(base)
         name = wkey[:-len(".weight")] if wkey.endswith(".weight") else wkey
-        if base in c.whole or base in broken or c.size[base] < 2:
-            whole[name] = c.whole.get(base, "a single channel")
+        if base in c.whole or base in broken:
+            whole[name] = c.whole.get(base, "a layout not followed")
             continue
         group = _group(rec, base, name, members[base])
         if group.producers:

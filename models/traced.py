@@ -219,8 +219,11 @@ def _rebuilds(model, builder, example):
     fresh.load_state_dict(model.state_dict(), assign=True)
     if any(t.device.type == "meta" for t in list(fresh.parameters()) + list(fresh.buffers())):
         return None  # non-persistent buffers the meta build left empty: not checkable this way
-    with torch.no_grad():
-        a, b = model.eval()(example), fresh.eval()(example)
+    try:
+        with torch.no_grad():
+            a, b = model.eval()(example), fresh.eval()(example)
+    except Exception:  # noqa: BLE001  (a sibling shape the weights do not fit, e.g. grouped convs)
+        return None
     same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(
         a, b, rtol=1e-4, atol=1e-5)
     return shapes if same else None
@@ -300,6 +303,29 @@ def _analysis(arch_json):
 def analysis(arch):
     """graph.Analysis of a traced arch (cached per shape)."""
     return _analysis(json.dumps(arch, sort_keys=True))
+
+
+def check_pruned(source_arch, pruned_arch, keep):
+    """Trace the pruned shape and refuse it unless every group came out as planned (its width
+    the kept count, the same tensors): a size fixed in the model's code shows up here."""
+    before = {g.name: g for g in analysis(source_arch).groups}
+    try:
+        after = analysis(pruned_arch)
+    except Exception as e:  # noqa: BLE001  (the model's own code ran on the new shapes)
+        raise UserError(f"the pruned {describe(source_arch['builder'])} does not run: {type(e).__name__}: "
+                        f"{first_line(e)[:200]} (a size fixed in its code; keep that part whole)") from None
+    found = {g.name: g for g in after.groups}
+    for name, g in before.items():
+        want = len(keep[name]) if name in keep else g.width
+        got = found.get(name)
+        if want == 1:  # one channel broadcasts like a size-1 dim: nothing to compare but that it runs
+            continue
+        same = got is not None and got.width == want and {(p.key, p.axis) for p in got.slices} == {
+            (p.key, p.axis) for p in g.slices}
+        if not same:
+            what = f"{got.width} channels" if got is not None else after.whole.get(name, "no group")
+            raise UserError(f"the pruned {describe(source_arch['builder'])} does not keep group {name} as planned "
+                            f"({want} channels, its code makes {what}): a size fixed in its code")
 
 
 class Traced(Family):

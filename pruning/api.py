@@ -261,6 +261,8 @@ def prune(source, spec, *, evidence=None):
                   "source": os.path.basename(src.label), "source_sha256": src.sha256,
                   "scored_weights": src.scored, "torch": str(torch.__version__)}
     pruned = prune_checkpoint(src.ckpt, src.sds, src.groups, keep, src.arch, provenance)
+    if src.arch["family"] == "traced":
+        traced.check_pruned(src.arch, pruned["arch"], keep)
     if latency is not None:
         pruned["pruning"]["latency"] = latency
     if spec.compensate != "none":

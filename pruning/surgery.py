@@ -84,6 +84,28 @@ def prune_state_dict(state_dict, groups, keep):
     return out
 
 
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def silence(state_dict, groups, keep):
+    """The source with the channels a plan cuts made dead: their rows zeroed in every slice
+    that writes them (producer rows, biases, norm affines; statistics stay). Through
+    BatchNorm networks this model's logits equal the pruned model's: the exactness check."""
+    out = dict(state_dict)
+    for g in groups:
+        idx = _check_keep(g, keep.get(g.name, range(g.width)))
+        dead = torch.ones(g.width, dtype=torch.bool)
+        dead[idx] = False
+        for part in g.slices:
+            if part.axis != 0 or part.key.rpartition(".")[2] in _STATISTICS:
+                continue
+            gone = dead[part.start:part_stop(part, g.width)].nonzero().flatten()
+            rows = (part.offset + gone[:, None] * part.block + torch.arange(part.block)).flatten()
+            out[part.key] = out[part.key].clone()
+            out[part.key][rows] = 0
+    return out
+
+
 def read_source(ckpt, model_name=None, use_ema=False, input_size=None):
     """The state dicts and shape of a checkpoint.
 
