@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import models
+from models import traced
 from checkpoints.io import load_checkpoint_file
 from common.errors import UserError
 
@@ -78,6 +79,8 @@ def held_model(ckpt, state, model_name=None):
     of ours, or (None, name) for a registered model name. In order: `model_name` when given
     (the weights must then fit it), the checkpoint's `arch`, the shape read off its weights,
     the --model saved in its args (e.g. a stock timm model)."""
+    if model_name and model_name.startswith(traced.TORCHVISION):  # built only through the traced family
+        return traced.arch_of_weights(traced.builder_of_name(model_name), state, DEFAULT_INPUT_SIZE), None
     if model_name:
         return None, model_name
     if isinstance(ckpt, dict) and isinstance(ckpt.get("arch"), dict):
@@ -172,8 +175,8 @@ def read_held(ckpt, model_name=None, model_key="model|module", model_prefix=""):
     trained = saved_args(ckpt)
     name = model_name or trained.get("model")
     arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
-    traced = isinstance(arch, dict) and arch.get("family") == "traced"
-    if not (traced or (isinstance(name, str) and (name.startswith("torchvision:") or models.is_stock_timm(name)))):
+    foreign = isinstance(arch, dict) and arch.get("family") == "traced"
+    if not (foreign or (isinstance(name, str) and (name.startswith(traced.TORCHVISION) or models.is_stock_timm(name)))):
         state = models.our_layout(state)
     arch, name = held_model(ckpt, state, model_name)
     return Held(ckpt, state, arch, name, trained)

@@ -44,6 +44,10 @@ class Layout:
 def layout(arch, state):
     """timm's own layout where its class builds the shape, else ours under ARCH_FACTORY."""
     found = models.timm_export(arch, state)
+    if found is None and arch.get("family") == "traced":
+        raise UserError(f"{models.describe_arch(arch)}: timm's own class cannot build this shape (timm names "
+                        "take no per-layer widths); export ONNX, or share the .pth / .safetensors, which "
+                        "pruning.load rebuilds")
     if found is not None:
         return Layout(*found, timm_only=True)
     return Layout(models.ARCH_FACTORY, {"arch": arch}, dict(state), timm_only=False)
@@ -75,7 +79,10 @@ def write_folder(model, held, folder, data_args, *, source_sha256=None, accuracy
     check_target(folder, overwrite)
     arch = model.arch
     out = layout(arch, {k: v.detach() for k, v in model.state_dict().items()})
-    classifier = "head.fc" if out.timm_only else type(model).head_key
+    if arch.get("family") == "traced":
+        classifier = (arch.get("head") or "").rpartition(".")[0] or None
+    else:
+        classifier = "head.fc" if out.timm_only else type(model).head_key
     config = {"architecture": out.architecture, "num_classes": arch["num_classes"],
               "model_args": out.model_args,
               "pretrained_cfg": pretrained_cfg(data_args, arch["num_classes"], arch.get("in_chans", 3), classifier)}

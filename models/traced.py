@@ -358,6 +358,7 @@ class Traced(Family):
                     t = model.get_parameter(key)
                     if t.device.type != "meta":
                         t.mul_(head_init_scale)
+        model.arch = dict(arch)  # a plain attribute: what it was built from, for pruning it again
         return model.eval()
 
     @staticmethod
@@ -375,6 +376,15 @@ class Traced(Family):
     @staticmethod
     def channel_groups(arch):
         return list(analysis(arch).groups)
+
+    @staticmethod
+    def timm_export(arch, state_dict):
+        """timm's own name when nothing but the classifier's class count changed."""
+        head = arch.get("head")
+        heads = {head, head.rpartition(".")[0] + ".bias"} if head else set()
+        if arch["builder"].get("kind") != "timm" or not set(arch.get("shapes", {})) <= heads:
+            return None
+        return arch["builder"]["name"], {"num_classes": arch["num_classes"]}, dict(state_dict)
 
     @staticmethod
     def describe(arch):

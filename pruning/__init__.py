@@ -20,7 +20,7 @@ iterative.py) run their modules in cli/; studies/ holds the studies built on api
 from .criteria import CRITERIA, Aggregation, Criterion, get_criterion, register_criterion
 from .spec import Calibration, KeepRules, PruneSpec
 
-_API = ("prune", "open_source", "calibrate", "Result", "Source", "Evidence")
+_API = ("prune", "load", "open_source", "calibrate", "Result", "Source", "Evidence")
 
 
 def __getattr__(name):
@@ -32,5 +32,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'pruning' has no attribute {name!r}")
 
 
-__all__ = ["prune", "open_source", "calibrate", "Result", "Source", "Evidence", "PruneSpec", "KeepRules", "Calibration",
+__all__ = ["prune", "load", "open_source", "calibrate", "Result", "Source", "Evidence", "PruneSpec", "KeepRules", "Calibration",
            "Aggregation", "Criterion", "CRITERIA", "register_criterion", "get_criterion"]

@@ -11,6 +11,7 @@ of this toolkit's families, or a `Source` from `open_source` (reused across many
 Domain errors are `errors.UserError` with a plain message.
 """
 import contextlib
+import copy
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import models
-from checkpoints.identity import DEFAULT_INPUT_SIZE, read_held
+from checkpoints.identity import DEFAULT_INPUT_SIZE, load_model_state, read_held
 from checkpoints.io import load_checkpoint_file, save_checkpoint_file, save_weights_file
 from checkpoints.sources import local_copy
 from common.errors import UserError
@@ -214,6 +215,46 @@ class Result:
                                                  for k, v in s.sources.items()}}
         with atomic_open(path) as f:
             json.dump(data, f)
+
+
+def load(path, *, model=None):
+    """The model a checkpoint file holds, rebuilt without running code from the file.
+
+    A pruned timm / torchvision model is built by its library on the meta device, each tensor
+    resized to the shape the file records, the weights loaded and every key checked; our
+    families build from their `arch`. A model of your own class needs `model=`: a fresh
+    instance, resized in place and returned.
+
+    Args:
+        path: a checkpoint path or URL (.pth or .safetensors).
+        model: an instance of the class the file was pruned from (required for your own class).
+    Returns:
+        the model with its weights, in eval mode.
+    """
+    held = read_held(load_checkpoint_file(local_copy(path)))
+    arch = held.arch
+    if arch is not None and arch.get("family") == "traced" and arch["builder"].get("kind") == "module" and model is None:
+        raise UserError(f"{path} holds a {arch['builder'].get('class')} of your own: pass model=a_fresh_instance")
+    if model is None:
+        built = held.build()
+        load_model_state(built, held.state, os.fspath(path))
+        return built.eval()
+    if arch is None or arch.get("family") != "traced":
+        raise UserError(f"model=: {path} holds {held.label}, which builds itself; leave model= out")
+    builder = arch["builder"]
+    if builder.get("kind") == "module":  # the fresh instance, before resizing, is what builds it again
+        arch = {**arch, "builder": traced.adopt_template(builder, copy.deepcopy(model))}
+    else:
+        with torch.device("meta"):
+            want = traced.build(builder)
+        if type(want) is not type(model):
+            raise UserError(f"model=: {path} holds a {type(want).__name__}, the model given is a "
+                            f"{type(model).__qualname__}")
+    target = traced.resize(model, arch.get("shapes", {}))
+    models.check_arch_matches(target, held.state, os.fspath(path), "the model given")
+    target.load_state_dict(held.state)
+    target.arch = dict(arch)
+    return target.eval()
 
 
 def _summary(arch, input_size):

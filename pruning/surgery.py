@@ -144,6 +144,8 @@ def read_source(ckpt, model_name=None, use_ema=False, input_size=None):
 
 
 def _resolve_arch(held, input_size=None):
+    if held.arch is not None and held.arch.get("family") == "traced" and input_size:
+        return {**held.arch, "input_size": int(input_size)}  # traced at the size pruning counts at
     if held.arch is not None:
         return dict(held.arch)
     name, sd = models.base_name(held.name), held.state
