@@ -46,7 +46,7 @@ import os
 import sys
 
 from checkpoints.sources import check_source, is_remote, set_download_timeout
-from cli.flags import DATA_SETS, add_download_flag
+from cli.flags import DATA_SETS, add_download_flag, str2bool
 from common.errors import ArgumentParser, UserError, run_cli
 from common.files import check_output_file
 from deploy.runtime import runtime_names
@@ -64,8 +64,12 @@ def get_args_parser():
     p.add_argument("--output", help="pruned checkpoint to write (optional with --dry_run); a name "
                                     "ending in .safetensors writes the weights only, without pickle")
     p.add_argument("--criterion", default="opnorm", help="one of: " + ", ".join(CRITERIA))
-    p.add_argument("--model", default=None, help="registered model the weights must have the shape of "
-                   "(default: the checkpoint's arch, else inferred from the tensor shapes)")
+    p.add_argument("--model", default=None, help="the model the weights are for: one of ours, any timm name "
+                   "or torchvision:NAME (those two are traced); default: the checkpoint's arch, else "
+                   "inferred from the tensor shapes")
+    p.add_argument("--trace", type=str2bool, default=False, metavar="BOOL",
+                   help="read the channel groups off a recorded forward even for this toolkit's families "
+                        "(any other model is always traced)")
     rules = p.add_argument_group("keep rules")
     rules.add_argument("--dims", type=int, nargs="+",
                        help="residual width per stage (one number for isotropic)")
@@ -165,7 +169,7 @@ def spec_from_args(args):
     return PruneSpec(criterion=args.criterion, rules=rules,
                      aggregation=Aggregation(scope=args.scope, normalize=args.normalize, reduce=args.reduce),
                      raw_weights=args.raw_weights, seed=args.seed, calibration=calib, use_ema=args.use_ema,
-                     model=args.model, input_size=args.input_size, compensate=args.compensate)
+                     model=args.model, input_size=args.input_size, compensate=args.compensate, trace=args.trace)
 
 
 def check_args(args):
@@ -191,12 +195,23 @@ def check_args(args):
     return spec
 
 
-def list_groups(arch, groups):
-    """One line per channel group: the names --group_ratio matches."""
+def list_groups(source):
+    """One line per channel group (the names --group_ratio matches), then what stays whole."""
     import models
-    print(f"channel groups of {models.describe_arch(arch)}:")
-    for g in groups:
+    print(f"channel groups of {models.describe_arch(source.arch)}:")
+    for g in source.groups:
         print(f"  {g.name:<24} {g.kind:<9} stage {g.stage}  width {g.width:>5}  cuts {len(g.slices)} tensor slices")
+    for name, why in source.kept_whole.items():
+        print(f"  {name:<24} kept whole: {why}")
+
+
+def print_kept_whole(source, most=5):
+    """The traced channels that stay whole, with the reason (never cut silently)."""
+    whole = {k: v for k, v in source.kept_whole.items() if v != "the model's output"}
+    if whole:
+        lines = [f"{k}: {v}" for k, v in list(whole.items())[:most]]
+        more = f"; +{len(whole) - most} more (--list_groups true shows all)" if len(whole) > most else ""
+        print(f"kept whole ({len(whole)} of {len(whole) + len(source.groups)} channel sets): " + "; ".join(lines) + more)
 
 
 def print_latency(r):
@@ -221,8 +236,9 @@ def run(args):
     from pruning import api
     spec = check_args(args)
     if args.list_groups:
-        source = api.open_source(args.checkpoint, model=args.model, use_ema=args.use_ema)
-        return list_groups(source.arch, source.groups)
+        source = api.open_source(args.checkpoint, model=args.model, use_ema=args.use_ema,
+                                 input_size=args.input_size, trace=args.trace)
+        return list_groups(source)
     result = api.prune(args.checkpoint, spec)
     if result.evidence is not None:
         ev = result.evidence
@@ -234,6 +250,7 @@ def run(args):
     print(f"{result.spec.criterion.name} pruning of {args.checkpoint} ({models.describe_arch(result.source.arch)})")
     print(result.table())
     print(f"result: {models.describe_arch(result.arch)}")
+    print_kept_whole(result.source)
     if result.latency is not None:
         print_latency(result.latency)
     if args.export_scores:

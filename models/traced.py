@@ -69,8 +69,7 @@ def build(builder, **kwargs):
                                      else contextlib.nullcontext()):
         warnings.simplefilter("ignore")  # torchvision's notes on initialisation defaults
         if kind == "timm":
-            from .registry import _timm
-            return _timm().create_model(name, pretrained=False, **builder.get("kwargs", {}), **kwargs)
+            return timm_factory(name)(pretrained=False, **builder.get("kwargs", {}), **kwargs)
         if kind == "torchvision":
             if name not in _torchvision_names():
                 raise UserError(f"torchvision has no classification model {name!r}")
@@ -87,6 +86,20 @@ def build(builder, **kwargs):
         model = copy.deepcopy(template)
         return model.to("meta") if torch.get_default_device().type == "meta" else model
     raise UserError(f"unknown model builder {kind!r}; known: {', '.join(BUILDER_KINDS)}")
+
+
+def timm_factory(name):
+    """timm's own factory of `name` (ours replace timm's convnext_tiny..xlarge in its registry)."""
+    from .registry import OUR_MODELS, _timm
+    timm = _timm()
+    if name in OUR_MODELS:
+        own = getattr(timm.models.convnext, name, None)
+        if own is None:
+            raise UserError(f"timm has no own model {name!r}")
+        return own
+    if not timm.is_model(name):
+        raise UserError(f"timm has no model {name!r}")
+    return lambda **kwargs: timm.create_model(name, **kwargs)
 
 
 def _fit_attributes(module, depthwise):

@@ -61,6 +61,11 @@ class Source:
     def ckpt(self):
         return self.held.ckpt
 
+    @property
+    def kept_whole(self):
+        """Traced models: channel set (named by its first writer) -> why it is never cut."""
+        return dict(traced.analysis(self.arch).whole) if self.arch.get("family") == "traced" else {}
+
     def check_input_size(self, size):
         """Refuse an input size the model cannot take (measured once per size, not per cell)."""
         if size not in self._sizes_checked:

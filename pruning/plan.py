@@ -119,8 +119,13 @@ def fixed_widths(groups, rules, follow_dims=True):
     Returns:
         dict group name -> width, for the groups these rules fix.
     """
-    residual = {g.stage: g for g in groups if g.kind == "residual"}
+    streams = [g for g in groups if g.kind == "residual"]
+    residual = {g.stage: g for g in streams}
     hidden = [g for g in groups if g.kind == "hidden"]
+    if (rules.dims is not None or rules.mlp_ratio is not None) and len(residual) != len(streams):
+        raise UserError("--dims / --mlp_ratio need one residual stream per stage, as this toolkit's families "
+                        "declare them; this model's groups are traced and have no stages: use --ratio, "
+                        "--group_ratio or a global target")
     n_stages = 1 + max(g.stage for g in groups)
     widths = {}
     if (rules.dims is not None or rules.mlp_ratio is not None) and not residual:
