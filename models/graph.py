@@ -530,7 +530,7 @@ class Recorder(TorchFunctionMode):
                 self.origin[out] = self.origin[tensors_in[0]]
             return
         if name in _BROADCAST and isinstance(out, torch.Tensor):
-            self._scale(name, tensors_in)
+            self._scale(name, tensors_in, out)
             return self.broadcast(tensors_in, out, join=name in _JOINS)
         if name in _VIEWS and isinstance(out, torch.Tensor):
             self.reshape(args[0], out)
@@ -547,6 +547,9 @@ class Recorder(TorchFunctionMode):
         if name in ("chunk", "split", "split_with_sizes", "tensor_split", "unbind"):
             return self.split(name, args, kwargs, out)
         if name == "__getitem__":
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if args[0] in self.origin and all(i is None or i is Ellipsis or i == slice(None) for i in index):
+                self.origin[out] = self.origin[args[0]]  # a view that adds dims: still that tensor
             return self.getitem(args[0], args[1], out)
         if name in _REDUCTIONS:
             return self.reduce(name, args, kwargs, out)
@@ -564,16 +567,22 @@ class Recorder(TorchFunctionMode):
             return
         return self.unknown(name, args, kwargs, out)
 
-    def _scale(self, name, tensors):
-        """A mul of a conv / Linear output by a 1-D parameter (via views): its layer scale."""
+    def _scale(self, name, tensors, out):
+        """A 1-D parameter (via views) multiplying a conv / Linear output, or its weight before
+        the call (the weight then still counts as that parameter): its layer scale."""
         if name not in _SCALES or len(tensors) != 2:
             return
         origins = [self.origin.get(t) for t in tensors]
-        if all(origins) and {o[0] for o in origins} == {"w", "p"}:
-            w = next(o[1] for o in origins if o[0] == "w")
-            p = next(o[1] for o in origins if o[0] == "p")
-            if w and self.tensors[p].dim() == 1:
-                self.scale_of.setdefault(w, p)
+        if not all(origins) or not all(o[1] for o in origins):
+            return
+        vectors = [o[1] for o in origins if o[0] == "p" and self.tensors[o[1]].dim() == 1]
+        if {o[0] for o in origins} == {"w", "p"} and vectors:
+            self.scale_of.setdefault(next(o[1] for o in origins if o[0] == "w"), vectors[0])
+        elif {o[0] for o in origins} == {"p"} and len(vectors) == 1:
+            weight = next(o[1] for o in origins if o[1] != vectors[0])
+            if self.tensors[weight].dim() > 1:
+                self.scale_of.setdefault(weight, vectors[0])
+                self.origin[out] = ("p", weight)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -582,7 +591,7 @@ class Recorder(TorchFunctionMode):
         return out
 
 
-def _module_names(model, where):
+def module_names(model, where):
     """Hooks keeping `where[-1]` the innermost module running (for the reasons' names)."""
     handles = []
     for name, module in model.named_modules():
@@ -608,7 +617,7 @@ def analyse(model, example):
         Analysis.
     """
     rec = Recorder(model)
-    handles = _module_names(model, rec.where)
+    handles = module_names(model, rec.where)
     was_training = model.training
     model.eval()
     try:

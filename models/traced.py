@@ -26,7 +26,7 @@ import torch.nn as nn
 from common.errors import UserError, first_line
 
 from .family import Family
-from .graph import analyse
+from .graph import analyse, module_names
 from .registry import register_family
 
 _TEMPLATES = {}  # builder token -> a copy of a model of the user's own class (this process only)
@@ -260,12 +260,17 @@ def arch_of_model(model, input_size, builder=None):
     in_chans = in_chans_of(model)
     device = next(iter(model.parameters()), torch.empty(0)).device
     example = _example(in_chans, input_size, device)
+    where = ["the model"]
+    handles = module_names(model, where)
     try:
         with torch.no_grad():
             out = model.eval()(example)
     except Exception as e:  # noqa: BLE001  (the user's model: any failure is theirs to read)
         raise UserError(f"{type(model).__name__} does not run on a {in_chans} x {input_size} x {input_size} "
-                        f"input: {type(e).__name__}: {first_line(e)}") from None
+                        f"input (in {where[-1]}): {type(e).__name__}: {first_line(e)}") from None
+    finally:
+        for h in handles:
+            h.remove()
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise UserError(f"{type(model).__name__} returns {type(out).__name__} "
                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}: pruning needs a "

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import models
 from common.errors import UserError, first_line
+from models import traced
 from pruning import api
 from pruning.spec import KeepRules, PruneSpec
 from pruning.surgery import silence
@@ -80,8 +81,7 @@ def make(source, name):
             import torchvision
             return torchvision.models.get_model(name, weights=None).eval()
         if source == "timm":  # timm's own class, also for the names ours replace in its registry
-            from models.traced import timm_factory
-            return timm_factory(name)().eval()
+            return traced.timm_factory(name)().eval()
         return Cnn14Like().eval()
 
 
@@ -191,7 +191,6 @@ def torchvision_names(skip_largest=6):
     names = torchvision.models.list_models(module=torchvision.models)
     sizes = {}
     for n in names:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sizes[n] = sum(p.numel() for p in torchvision.models.get_model(n, weights=None).parameters())
+        with torch.device("meta"):
+            sizes[n] = sum(p.numel() for p in traced.build({"kind": "torchvision", "name": n}).parameters())
     return sorted(names, key=sizes.get)[:len(names) - skip_largest]
