@@ -122,7 +122,7 @@ def test_targets_and_dry_run(ckpt, tmp_path, capsys):
     (["--criterion", "hrank"], "unknown criterion"),
     (["--target_params", "10"], "cannot be met"),
     (["--hidden_ratio", "1.5"], "(0, 1]"),
-    (["--use_ema", "--model", "resnet18", "--ratio", "0.5"], "pruning needs"),
+    (["--use_ema", "--model", "resnet18", "--ratio", "0.5"], "the weights do not fit timm resnet18"),
     ([], "no keep rule"),
     (["--ratio", "0.5", "--export_scores", "{out}"], "--output and --export_scores name the same file"),
     (["--dims", "4", "x"], "invalid int value"),
