@@ -213,4 +213,4 @@ def load_model_state(model, state_dict, what, drop_head_on_mismatch=False):
         state = models.with_own_head(model, state, lambda k, old, new: logger.info(
             "Removing key %s from pretrained checkpoint (%s -> %s)", k, old, new))
     models.check_arch_matches(model, state, what)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(models.weights.with_own_metadata(model, state), strict=True)

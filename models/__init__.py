@@ -39,7 +39,7 @@ def build_model(arch, **kwargs):
 def with_weights(arch, state_dict):
     """The model an arch describes with these weights loaded, in eval mode."""
     model = build_model(arch)
-    model.load_state_dict(state_dict)
+    model.load_state_dict(weights.with_own_metadata(model, state_dict))
     return model.eval()
 
 

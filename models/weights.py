@@ -1,5 +1,6 @@
 """State dicts across key layouts: renaming by name templates (a family's names <-> timm's)
 and the finite-values check every reader applies."""
+import collections
 import re
 
 import torch
@@ -32,3 +33,13 @@ def nonfinite_keys(state):
     return [k for k, v in state.items()
             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta"
             and not bool(torch.isfinite(v).all())]
+
+
+def with_own_metadata(model, state):
+    """`state` carrying the model's own per-module versions where it has none (a state dict
+    read from a file or copied loses them; torchvision's MNASNet refuses to load without)."""
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    out = collections.OrderedDict(state)  # a plain dict takes no attributes
+    out._metadata = getattr(model.state_dict(), "_metadata", None)
+    return out

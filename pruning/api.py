@@ -257,7 +257,7 @@ def load(path, *, model=None):
                             f"{type(model).__qualname__}")
     target = traced.resize(model, arch.get("shapes", {}))
     models.check_arch_matches(target, held.state, os.fspath(path), "the model given")
-    target.load_state_dict(held.state)
+    target.load_state_dict(models.weights.with_own_metadata(target, held.state))
     target.arch = dict(arch)
     return target.eval()
 
