@@ -26,6 +26,9 @@ def get_args_parser():
     p.add_argument("--ratio", type=float, default=0.5, help="share of the prunable channels kept")
     p.add_argument("--skip_largest", type=int, default=6, help="torchvision's largest models left out")
     p.add_argument("--tracers", action="store_true", help="also try torch.fx and torch.export on each model")
+    p.add_argument("--vs_declared", metavar="NAME", help="instead: time pruning one of our models (e.g. "
+                   "convnext_tiny) declared against traced, alternately, --rounds times")
+    p.add_argument("--rounds", type=int, default=5, help="timed pairs for --vs_declared")
     p.add_argument("--report", help="write the table as a markdown report (machine, versions, commit, date)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
     return p
@@ -88,12 +91,27 @@ def summary(rows):
     return " ".join(text)
 
 
+def vs_declared(args):
+    import statistics
+    import models
+    if args.vs_declared not in models.OUR_MODELS or args.rounds < 1:
+        raise UserError("--vs_declared takes one of our registered models and --rounds >= 1")
+    size = args.input_sizes[-1]
+    declared, traced = prunability.trace_cost(args.vs_declared, size, args.rounds)
+    d, t = statistics.median(declared), statistics.median(traced)
+    print(f"{args.vs_declared} @ {size} px, opnorm ratio 0.5, {args.rounds} alternating pairs: declared "
+          f"{d:.2f} s, traced {t:.2f} s (median; traced / declared = {t / d:.2f}x, per pair "
+          + ", ".join(f"{b / a:.2f}" for a, b in zip(declared, traced)) + ")")
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if not 0 < args.ratio < 1:
         raise UserError("--ratio must be in (0, 1)")
     if min(args.input_sizes) < 8 or args.skip_largest < 0:
         raise UserError("--input_sizes must be >= 8 and --skip_largest >= 0")
+    if args.vs_declared:
+        return vs_declared(args)
     if args.report:
         check_output_file(args.report, "--report", args.overwrite)
     rows = []

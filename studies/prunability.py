@@ -185,6 +185,21 @@ def _failed(row, step, e):
     return row
 
 
+def trace_cost(name, input_size=224, rounds=5):
+    """Seconds of a whole opnorm prune (ratio 0.5) of one of our models, declared and traced,
+    timed alternately in one process: ([declared], [traced]), one warm-up pair left out."""
+    import time
+    model = models.create_model(name).eval()
+    times = ([], [])
+    for r in range(rounds + 1):
+        for trace in (False, True):
+            start = time.perf_counter()
+            api.prune(model, PruneSpec(rules=KeepRules(ratio=0.5), input_size=input_size, trace=trace))
+            if r:
+                times[trace].append(time.perf_counter() - start)
+    return times
+
+
 def torchvision_names(skip_largest=6):
     """torchvision's classification models, the `skip_largest` by parameter count left out."""
     import torchvision
