@@ -507,6 +507,19 @@ class Recorder(TorchFunctionMode):
             else:
                 self.c.unify(xd[k], od[k])
 
+    def roll(self, name, args, kwargs, out):
+        x = args[0]
+        moved = _arg(args, kwargs, 2 if name == "roll" else 1, "dims")
+        moved = [moved] if isinstance(moved, int) else list(moved if moved is not None else range(x.dim()))
+        moved = {d % x.dim() for d in moved}
+        xd, od = self.of(x), self.new_dims(out)
+        for k in range(x.dim()):
+            if k in moved:
+                self.c.keep_whole(xd[k], f"{name} in {self.where[-1]}")
+                self.c.keep_whole(od[k], f"{name} in {self.where[-1]}")
+            else:
+                self.c.unify(xd[k], od[k])
+
     def record(self, func, args, kwargs, out):
         name = getattr(func, "__name__", "")
         if name in _NON_TENSOR or not _tensors(out):
@@ -559,6 +572,8 @@ class Recorder(TorchFunctionMode):
             return self.matmul(*(args[:2] if name != "__rmatmul__" else args[1::-1]), out)
         if name == "pad":
             return self.pad(args, kwargs, out)
+        if name in ("roll", "flip"):  # positions move along some dims: the others carry through
+            return self.roll(name, args, kwargs, out)
         if name == "prelu":
             xd, wd = self.of(args[0]), self.of(args[1])
             self.dims[out] = xd

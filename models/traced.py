@@ -28,6 +28,7 @@ from common.errors import UserError, first_line
 from .family import Family
 from .graph import analyse, module_names
 from .registry import register_family
+from .weights import with_own_metadata
 
 _TEMPLATES = {}  # builder token -> a copy of a model of the user's own class (this process only)
 BUILDER_KINDS = ("timm", "torchvision", "arch", "module")
@@ -229,9 +230,10 @@ def _rebuilds(model, builder, example):
         return None
     shapes = {k: list(s) for k, s in own.items() if base[k] != s}
     resize(fresh, shapes)
-    fresh.load_state_dict(model.state_dict(), assign=True)
-    if any(t.device.type == "meta" for t in list(fresh.parameters()) + list(fresh.buffers())):
-        return None  # non-persistent buffers the meta build left empty: not checkable this way
+    fresh.load_state_dict(model.state_dict(), assign=True)  # the live tensors, not copies
+    if any(t.device.type == "meta" for t in fresh.buffers()):  # non-persistent buffers: build for real
+        fresh = resize(build(builder), shapes).to(example.device)
+        fresh.load_state_dict(with_own_metadata(fresh, model.state_dict()))
     try:
         with torch.no_grad():
             a, b = model.eval()(example), fresh.eval()(example)
@@ -313,7 +315,9 @@ def _analysis(arch_json):
         with torch.device("meta"):
             model = Traced.from_arch(arch)
         return analyse(model, example)
-    except (RuntimeError, NotImplementedError, TypeError):  # an op the meta device lacks: run for real
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001  (an op the meta device lacks: run it for real)
         model = Traced.from_arch(arch)
         return analyse(model, torch.zeros(example.shape))
 
