@@ -165,6 +165,9 @@ def _resolve_cfg(name, pretrained, pretrained_cfg, overlay, head_key):
 def head_prefix(model):
     """Key prefix of the classifier: timm's get_classifier() where it exists, else the
     family's head_key, else `head.`."""
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, dict) and arch.get("family") == "traced" and arch.get("head"):
+        return arch["head"].rpartition(".")[0] + "."  # the trace found it (torchvision has no get_classifier)
     get = getattr(model, "get_classifier", None)
     head = get() if callable(get) else None
     name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None

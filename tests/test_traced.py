@@ -244,8 +244,8 @@ def test_forcing_the_trace_on_a_declared_family_gives_the_same_pruning():
 
 
 @pytest.mark.e2e
-def test_prune_evaluate_and_export_a_torchvision_checkpoint_from_the_command_line(tmp_path):
-    torch.save(torchvision_model("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
+def test_prune_finetune_evaluate_and_export_a_torchvision_checkpoint_from_the_command_line(tmp_path):
+    torch.save(torchvision_model("resnet18", num_classes=7).state_dict(), tmp_path / "r18.pth")
 
     def run(*argv):
         out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -254,9 +254,13 @@ def test_prune_evaluate_and_export_a_torchvision_checkpoint_from_the_command_lin
     text = run("pruning/prune.py", "--checkpoint", str(tmp_path / "r18.pth"), "--model", "torchvision:resnet18",
                "--ratio", "0.5", "--input_size", "32", "--output", str(tmp_path / "p.safetensors"))
     assert "torchvision resnet18 (traced" in text and "traced groups" in text
-    text = run("main.py", "--eval", "true", "--resume", str(tmp_path / "p.safetensors"), "--data_set", "DIGITS",
-               "--input_size", "32", "--batch_size", "128")
+    text = run("main.py", "--finetune", str(tmp_path / "p.safetensors"), "--data_set", "DIGITS", "--input_size",
+               "32", "--batch_size", "128", "--epochs", "1", "--num_workers", "0", "--output_dir", str(tmp_path / "ft"))
+    assert "traced, 102 tensors resized), 10 classes" in text  # a fresh 10-class head on the 7-class file
+    best = str(tmp_path / "ft" / "checkpoint-best.pth")
+    text = run("main.py", "--eval", "true", "--resume", best, "--data_set", "DIGITS", "--batch_size", "128")
     assert "Accuracy of the network on the 360 test images" in text
-    text = run("scripts/export.py", "--checkpoint", str(tmp_path / "p.safetensors"), "--output",
-               str(tmp_path / "p.onnx"), "--input_size", "32", "--parity_images", "4")
+    text = run("scripts/export.py", "--checkpoint", best, "--output", str(tmp_path / "p.onnx"), "--parity_images", "4")
     assert "top-1 agreement 100.00%" in text
+    back = pruning.load(best)
+    assert back.fc.out_features == 10 and back.layer1[0].conv1.out_channels < 64
