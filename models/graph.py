@@ -9,148 +9,17 @@ a slice or a flatten makes a derived class: segments (base class, channel range,
 consumer's columns are cut at offsets. Whatever a call does that this module does not follow
 (an unknown function, a reshape into heads, a grouped conv) keeps its channels whole, with the
 reason, named by module. A group is a class that holds a producer (conv / Linear rows) and
-is not kept whole; every parameter axis in it is one of its slices.
+is not kept whole; every parameter axis in it is one of its slices. (Long: one method per kind
+of call, each a few lines; the union-find lives in channel_classes.py.)
 """
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .channel_classes import Classes, Segment
 from .groups import Group, Part, Producer
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Channels [start, stop) of base class `base`, each owning `block` consecutive positions."""
-    base: int
-    start: int
-    stop: int
-    block: int = 1
-
-
-class Classes:
-    """Union-find over tensor dimensions, with derived classes and kept-whole reasons."""
-
-    def __init__(self):
-        self.parent, self.size = [], []
-        self.layout = {}  # root -> tuple of Segments (a derived class)
-        self.whole = {}  # root -> first reason its channels stay whole
-        self.joined = set()  # roots an add joined (a residual stream)
-
-    def new(self, size):
-        self.parent.append(len(self.parent))
-        self.size.append(int(size))
-        return len(self.parent) - 1
-
-    def find(self, c):
-        while self.parent[c] != c:
-            self.parent[c] = self.parent[self.parent[c]]
-            c = self.parent[c]
-        return c
-
-    def segments(self, c, depth=0):
-        """The class as base segments (a plain class is one segment), composed through
-        derived bases; None when it cannot be expressed."""
-        r = self.find(c)
-        if r not in self.layout:
-            return (Segment(r, 0, self.size[r]),)
-        if depth > 32:
-            return None
-        out = []
-        for s in self.layout[r]:
-            inner = self.segments(s.base, depth + 1)
-            if inner is None:
-                return None
-            if len(inner) == 1 and inner[0].block == 1 and inner[0].start == 0:
-                out.append(Segment(inner[0].base, s.start, s.stop, s.block))
-                continue
-            piece = _cut(inner, s.start, s.stop)
-            if piece is None:
-                return None
-            out += [Segment(p.base, p.start, p.stop, p.block * s.block) for p in piece]
-        return _merged(out)
-
-    def derived(self, segments):
-        """A class made of segments (a plain class when they are one whole base)."""
-        segs = []
-        for s in segments:
-            inner = self.segments(s.base)
-            if inner is None:
-                return self.fresh_whole(sum((s.stop - s.start) * s.block for s in segments), "a layout not followed")
-            piece = inner if (s.start, s.stop) == (0, self.size[self.find(s.base)]) else _cut(inner, s.start, s.stop)
-            if piece is None:
-                return self.fresh_whole(sum((s.stop - s.start) * s.block for s in segments), "a layout not followed")
-            segs += [Segment(p.base, p.start, p.stop, p.block * s.block) for p in piece]
-        segs = _merged(segs)
-        only = segs[0]
-        if len(segs) == 1 and only.block == 1 and only.start == 0 and only.stop == self.size[only.base]:
-            return only.base
-        c = self.new(sum((s.stop - s.start) * s.block for s in segs))
-        self.layout[c] = segs
-        return c
-
-    def fresh_whole(self, size, reason):
-        c = self.new(size)
-        self.whole[c] = reason
-        return c
-
-    def keep_whole(self, c, reason):
-        r = self.find(c)
-        if r in self.layout:
-            for s in self.segments(r) or ():
-                self.keep_whole(s.base, reason)
-        self.whole.setdefault(r, reason)
-
-    def unify(self, a, b, join=False):
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            if join:
-                self.joined.add(ra)
-            return
-        if self.size[ra] != self.size[rb]:
-            self.keep_whole(ra, "sizes disagree")
-            self.keep_whole(rb, "sizes disagree")
-            return
-        la, lb = ra in self.layout, rb in self.layout
-        if la and lb and self.segments(ra) != self.segments(rb):
-            self.keep_whole(ra, "two different channel layouts meet")
-            self.keep_whole(rb, "two different channel layouts meet")
-            return
-        if lb and not la:
-            ra, rb = rb, ra  # the derived class stays the root: its layout describes both
-        if rb in self.whole:
-            self.keep_whole(ra, self.whole.pop(rb))
-        if rb in self.joined or join:
-            self.joined.add(ra)
-        self.parent[rb] = ra
-
-
-def _cut(segments, lo, hi):
-    """Positions [lo, hi) of a segment list, or None when a cut splits a block."""
-    out, pos = [], 0
-    for s in segments:
-        n = (s.stop - s.start) * s.block
-        a, b = max(lo, pos) - pos, min(hi, pos + n) - pos
-        if a < b:
-            if a % s.block or b % s.block:
-                return None
-            out.append(Segment(s.base, s.start + a // s.block, s.start + b // s.block, s.block))
-        pos += n
-    return tuple(out)
-
-
-def _merged(segments):
-    out = []
-    for s in segments:
-        if s.stop <= s.start:
-            continue
-        if out and out[-1].base == s.base and out[-1].block == s.block and out[-1].stop == s.start:
-            out[-1] = Segment(s.base, out[-1].start, s.stop, s.block)
-        else:
-            out.append(s)
-    return tuple(out)
 
 
 @dataclass
@@ -359,7 +228,7 @@ class Recorder(TorchFunctionMode):
                 self.c.unify(xd[gi[0][0]], od[gj[0][0]])
             elif len(gj) == 1:  # merged: the first dim's channels each own a block of positions
                 inner = pi // gi[0][1]
-                merged = self.c.derived((Segment(xd[gi[0][0]], 0, gi[0][1], inner),))
+                merged = self.c.derived((Segment(xd[gi[0][0]], inner),))
                 self.c.unify(merged, od[gj[0][0]])
                 for k, _ in gi[1:]:
                     self.c.keep_whole(xd[k], f"merged behind another dim by a reshape in {self.where[-1]}")
@@ -407,7 +276,7 @@ class Recorder(TorchFunctionMode):
             for k, c in enumerate(self.of(t)):
                 if k != dim:
                     self.c.unify(c, od[k])
-        segs = [Segment(self.of(t)[dim], 0, t.shape[dim]) for t in parts if t.shape[dim] > 0]
+        segs = [Segment(self.of(t)[dim]) for t in parts if t.shape[dim] > 0]
         self.c.unify(self.c.derived(segs), od[dim])
 
     def split(self, name, args, kwargs, out):
@@ -656,9 +525,8 @@ def _parts(rec, key, axis):
         return None
     out, offset = [], 0
     for s in segs:
-        stop = None if (s.start, s.stop) == (0, rec.c.size[s.base]) else s.stop
-        out.append((s.base, Part(key, axis, s.start, stop, offset, s.block)))
-        offset += (s.stop - s.start) * s.block
+        out.append((s.base, Part(key, axis, offset=offset, block=s.block)))
+        offset += rec.c.size[s.base] * s.block
     return out
 
 
@@ -675,7 +543,7 @@ def _groups(rec):
                 continue
             for alias in rec.keys[id(rec.tensors[key])]:
                 for base, part in parts:
-                    members.setdefault(base, []).append(Part(alias, axis, part.start, part.stop, part.offset, part.block))
+                    members.setdefault(base, []).append(Part(alias, axis, offset=part.offset, block=part.block))
     groups, whole, seen = [], {}, set()
     for wkey in dict.fromkeys(rec.producers):
         parts = _parts(rec, wkey, 0) if wkey in rec.params else None
@@ -699,24 +567,9 @@ def _groups(rec):
 
 def _group(rec, base, name, slices):
     width = rec.c.size[base]
-    producers, run, expect = [], [], 0
-    in_group = {p.key: p for p in slices if p.axis == 0}
-    for wkey in dict.fromkeys(rec.producers):
-        part = in_group.get(wkey)
-        if part is None or part.offset != 0 or part.block != 1:
-            continue
-        start, stop = part.start, width if part.stop is None else part.stop
-        if start == 0 and stop == width:
-            producers.append(Producer((part,), rec.scale_of.get(wkey)))
-            run, expect = [], 0
-            continue
-        run, expect = (run, expect) if start == expect else ([], 0)
-        if start == expect:
-            run.append(part)
-            expect = stop
-            if expect == width:
-                producers.append(Producer(tuple(run)))
-                run, expect = [], 0
+    rows = {p.key: p for p in slices if p.axis == 0 and p.offset == 0 and p.block == 1}
+    producers = [Producer((rows[k],), rec.scale_of.get(k)) for k in dict.fromkeys(rec.producers) if k in rows
+                 and rec.tensors[k].shape[0] == width]
     keys = {p.key for p in slices}
     scales = tuple(dict.fromkeys([k for k in rec.norms if k in keys and rec.tensors[k].dim() == 1]
                                  + [p.scale for p in producers if p.scale]))
