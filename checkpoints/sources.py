@@ -2,10 +2,12 @@
 hub cache) or hf-hub:ORG/NAME[@REVISION] (huggingface_hub's cache). Importable without torch,
 so the command lines check a source before PyTorch loads."""
 import hashlib
+import http.client
 import logging
 import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +21,7 @@ logger = logging.getLogger(__name__)
 HF_HUB = "hf-hub:"  # hf-hub:ORG/NAME[@REVISION], as timm names Hub weights
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a Hub model repo holds, preferred first
 DOWNLOAD_TIMEOUT = 60.0  # seconds a connect or a read may wait (--download_timeout)
+MIN_RATE = 1024  # bytes per second a download must keep up over each --download_timeout window
 
 
 def is_url(path):
@@ -56,12 +59,29 @@ def check_source(path, what):
     if path.startswith(HF_HUB):
         hub_parts(path)
         return
-    if is_remote(path):
+    if is_url(path):
+        url_name(path)
         return
     if os.path.isdir(path):
         raise UserError(f"{what}: is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"{what}: no such file (checkpoint not found)")
+
+
+def url_name(url):
+    """The cache file name of an http(s) URL, after checking the URL is well formed (a host, a
+    numeric port, a bracketed IPv6 host closed) and its name is a plain file name."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError as e:
+        raise UserError(f"{url}: malformed URL ({first_line(e)})") from None
+    if not parts.hostname:
+        raise UserError(f"{url}: malformed URL (no host)")
+    name = urllib.parse.unquote(os.path.basename(parts.path)) or "checkpoint.pth"
+    if name in (".", "..") or "/" in name or "\0" in name:
+        raise UserError(f"{url}: the file name {name!r} is not a plain file name")
+    return name
 
 
 def set_download_timeout(seconds):
@@ -92,7 +112,7 @@ def download(url):
     checked against Content-Length, a `-<hex>.` hash prefix in the name, and the file's own
     structure (a zip's CRCs, a safetensors header) before it is renamed into the cache."""
     import torch  # here: the cache folder and its hash rule are torch.hub's
-    name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint.pth"
+    name = url_name(url)
     folder = os.path.join(torch.hub.get_dir(), "checkpoints", hashlib.sha256(url.encode()).hexdigest()[:16])
     dst = os.path.join(folder, name)
     if os.path.isfile(dst):
@@ -109,12 +129,26 @@ def download(url):
             check_structure(tmp, url)
     except urllib.error.HTTPError as e:
         raise UserError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise UserError(f"cannot download {url}: {first_line(reason)}"
-                        + (f" (no answer within --download_timeout {DOWNLOAD_TIMEOUT:g} s)"
-                           if isinstance(reason, TimeoutError) else "")) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+        raise network_error(url, e) from None
     return dst
+
+
+def network_error(source, e):
+    """The one line for a failure of the network stack (the one place they are worded):
+    refused or unreachable hosts, timeouts, broken HTTP (a cut chunked body, a bad status line,
+    a header too long), malformed URLs (a port that is not a number, a broken IPv6 host)."""
+    reason = getattr(e, "reason", None) or e
+    if isinstance(reason, TimeoutError):
+        return UserError(f"cannot download {source}: no answer within --download_timeout {DOWNLOAD_TIMEOUT:g} s")
+    if isinstance(e, http.client.IncompleteRead):
+        return UserError(f"cannot download {source}: the server cut the transfer short; nothing was cached")
+    if isinstance(e, http.client.HTTPException) and not isinstance(e, http.client.InvalidURL):
+        return UserError(f"cannot download {source}: the server's answer is not valid HTTP "
+                         f"({type(e).__name__}: {first_line(e)[:120]})")
+    if isinstance(e, (ValueError, http.client.InvalidURL)):
+        return UserError(f"cannot download {source}: malformed URL ({first_line(e)[:120]})")
+    return UserError(f"cannot download {source}: {first_line(reason)[:200]}")
 
 
 def _fetch(url, path, name):
@@ -123,12 +157,19 @@ def _fetch(url, path, name):
     with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response, open(path, "wb") as f:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-        got = 0
+        got, window, window_got = 0, time.monotonic(), 0
         with tqdm(total=total, unit="B", unit_scale=True, desc=name, file=sys.stderr) as bar:
-            while chunk := response.read(1 << 20):
+            while chunk := response.read1(1 << 20):  # whatever arrived: the loop keeps the clock
                 f.write(chunk)
-                got += len(chunk)
+                got, window_got = got + len(chunk), window_got + len(chunk)
                 bar.update(len(chunk))
+                elapsed = time.monotonic() - window
+                if elapsed >= DOWNLOAD_TIMEOUT:  # a server that drips bytes never trips a read timeout
+                    if window_got < MIN_RATE * elapsed:
+                        raise UserError(f"download of {url} stalled: {window_got:,} bytes in the last "
+                                        f"{elapsed:.0f} s (under {MIN_RATE // 1024} KiB/s over --download_timeout "
+                                        f"{DOWNLOAD_TIMEOUT:g} s); nothing was cached")
+                    window, window_got = time.monotonic(), 0
     if total is not None and got != total:
         raise UserError(f"download of {url} was cut short ({got:,} of {total:,} bytes); nothing was cached")
 
@@ -141,10 +182,12 @@ def hub_copy(ref):
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RemoteEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
+    from huggingface_hub import constants
     repo, revision = hub_parts(ref)
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = DOWNLOAD_TIMEOUT  # --download_timeout bounds the Hub's reads too
     for filename in HUB_WEIGHTS:
         try:
-            return hf_hub_download(repo, filename, revision=revision)
+            return hf_hub_download(repo, filename, revision=revision, etag_timeout=DOWNLOAD_TIMEOUT)
         except RemoteEntryNotFoundError:
             continue
         except LocalEntryNotFoundError:
@@ -157,6 +200,6 @@ def hub_copy(ref):
                             "log in with hf auth login)") from None
         except RevisionNotFoundError:
             raise UserError(f"{ref}: the repository has no revision {revision!r}") from None
-        except (HfHubHTTPError, OSError) as e:
-            raise UserError(f"cannot download {ref}: {first_line(e)}") from None
+        except (HfHubHTTPError, OSError, http.client.HTTPException, ValueError) as e:
+            raise network_error(ref, e) from None
     raise UserError(f"{ref} holds no weights ({' or '.join(HUB_WEIGHTS)})")

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 
 from cli.flags import DATA_SETS
+from cli.options import main_flags
 from common.errors import UserError, parse_first, run_cli
 
 from pruning.rules import budgets
@@ -134,7 +135,7 @@ def check_args(args):
     if args.controls and not args.finetune_epochs:
         raise UserError("--controls train the pruned shapes from scratch for as long as the fine-tuning: "
                         "give --finetune_epochs")
-    study.check_train_args(args.train_args)
+    study.check_train_args(args.train_args, main_flags())
     for flag in ("criteria", "budgets", "controls"):
         values = getattr(args, flag)
         if len(set(values)) != len(values):

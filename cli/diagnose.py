@@ -17,7 +17,7 @@ import sys
 from checkpoints.sources import check_source, set_download_timeout
 from cli.flags import DATA_SETS, add_download_flag
 from common.errors import ArgumentParser, UserError, parse_first, run_cli
-from common.files import atomic_open, check_output_file
+from common.files import atomic_open, atomic_path, check_output_file
 
 from pruning.spec import Calibration
 
@@ -139,7 +139,8 @@ def plot(results, path):
     for ax in axes[-1]:
         ax.set_xlabel("norm of the stage, forward order")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:  # replaces a link, never writes through it
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 
 from cli.flags import DATA_SETS
+from cli.options import main_flags
 from common.errors import UserError, parse_first, run_cli
 from studies import dispatch
 
@@ -60,7 +61,7 @@ def check_args(args):
         raise UserError("--kd_alpha must be in [0, 1] and --kd_temperature > 0")
     if not args.distill_epochs and (args.kd_alpha != 1.0 or args.kd_temperature != 5.0):
         raise UserError("--kd_alpha / --kd_temperature apply to the distillation round: give --distill_epochs")
-    study.check_train_args(args.train_args, allowed=("--seed",))
+    study.check_train_args(args.train_args, main_flags(), allowed=("--seed",))
     prune_argv = study.split_flags(args.prune, "--prune")
     for flag in ("--checkpoint", "--output", "--dry_run"):
         if flag in prune_argv:

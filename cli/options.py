@@ -304,3 +304,8 @@ def check_args(args):
     check_augmentation(args)
     check_combinations(args)
     check_paths(args)
+
+
+def main_flags():
+    """main.py's option strings (what a study's --train_args may hold)."""
+    return tuple(get_args_parser()._option_string_actions)

@@ -48,7 +48,7 @@ import sys
 from checkpoints.sources import check_source, is_remote, set_download_timeout
 from cli.flags import DATA_SETS, add_download_flag, str2bool
 from common.errors import ArgumentParser, UserError, run_cli
-from common.files import check_output_file
+from common.files import check_output_file, hold_lock
 from deploy.runtime import runtime_names
 
 from pruning.criteria import BASE_AGGREGATION, CRITERIA, NORMALIZATIONS, REDUCTIONS, SCOPES, Aggregation
@@ -235,6 +235,9 @@ def run(args):
     import models  # here, not above: --help and flag errors come before torch loads
     from pruning import api
     spec = check_args(args)
+    if args.output and not args.dry_run:  # two prunes to one file at once: the second is refused
+        folder, name = os.path.split(os.path.abspath(args.output))
+        hold_lock(folder, "--output", f".{name}.lock", thing=args.output)
     if args.list_groups:
         source = api.open_source(args.checkpoint, model=args.model, use_ema=args.use_ema,
                                  input_size=args.input_size, trace=args.trace)

@@ -7,6 +7,7 @@ run lock of a folder (training runs, studies): one process at a time writes in i
 """
 import atexit
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -88,32 +89,36 @@ def check_output_file(path, flag, overwrite=False):
 
 
 LOCK_NAME = ".run.lock"  # a folder's run lock (hold_lock); the file may stay, the lock does not
-_HELD = {}  # folder -> (its open lock file, whether this process created it): the kernel drops
-# the lock when the process ends
+_HELD = {}  # lock path (its folder resolved) -> (the open lock file, whether this process created
+# it): the kernel drops the lock when the process ends
 
 
-def hold_lock(folder, what):
-    """Hold `folder`'s run lock (flock on LOCK_NAME) for the life of this process, creating the
+def _lock_key(folder, name):
+    return os.path.join(os.path.realpath(folder), name)
+
+
+def hold_lock(folder, what, name=LOCK_NAME, thing=None):
+    """Hold `folder`'s run lock (flock on `name`) for the life of this process, creating the
     folder. A second process is refused with a UserError naming the holder; a holder that
     dies, however it dies, leaves no lock behind (the file of a killed one may stay; a holder
-    that exits removes the file it created)."""
-    key = os.path.realpath(folder)
+    that exits removes the file it created). `thing`: what messages name (default the folder)."""
+    key = _lock_key(folder, name)
     if key in _HELD:
         return
-    path = os.path.join(folder, LOCK_NAME)
+    path = os.path.join(folder, name)
     try:
         os.makedirs(folder, exist_ok=True)
         while True:
-            created = not os.path.exists(path)
-            f = open(path, "a+", encoding="utf-8")
+            created = not os.path.lexists(path)
+            f = _open_lock(path, what, folder)
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "another process"
                 f.close()
-                raise UserError(f"{what} {folder} is in use by another run ({holder}); wait for it "
-                                "to end, or give another folder") from None
+                raise UserError(f"{what} {thing or folder} is in use by another run ({holder}); wait for it "
+                                f"to end, or give another {'file' if thing else 'folder'}") from None
             if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 break
             f.close()  # its holder removed the file as we opened it: lock the new one
@@ -128,10 +133,33 @@ def hold_lock(folder, what):
     _HELD[key] = (f, created)
 
 
-def drop_lock(folder):
+def _open_lock(path, what, folder):
+    """The lock file, opened without following a link (a link's target is never written) and
+    refused unless it is a regular file; one hard-linked into another folder (a `cp -al` copy)
+    is first replaced by a fresh file of this folder's own."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{what} {folder}: its {LOCK_NAME} is a symbolic link; remove it (a run never "
+                            "writes through a link)") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise UserError(f"{what} {folder}: its {LOCK_NAME} is not a regular file; remove it")
+    if info.st_nlink > 1:  # shared with a copy's lock: this folder gets its own
+        os.close(fd)
+        with atomic_path(path) as tmp:
+            open(tmp, "w").close()
+        return _open_lock(path, what, folder)
+    return open(path, "r+", encoding="utf-8", opener=lambda *_: fd)  # named by its path
+
+
+def drop_lock(folder, name=LOCK_NAME):
     """Give the lock up (a refused run, or at exit), removing the file if this process created
     it, so the folder is left as it was found."""
-    f, created = _HELD.pop(os.path.realpath(folder), (None, False))
+    f, created = _HELD.pop(_lock_key(folder, name), (None, False))
     if f is None:
         return
     if created:
@@ -141,5 +169,5 @@ def drop_lock(folder):
 
 
 def _drop_all():
-    for folder in list(_HELD):
-        drop_lock(folder)
+    for key in list(_HELD):
+        drop_lock(*os.path.split(key))

@@ -72,14 +72,33 @@ class Source:
             self.held.check_size(size)
             self._sizes_checked.add(size)
 
+    def _own_batches(self, data):
+        """Calibration batches given in Python, checked against the model before any use."""
+        try:
+            batches = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in data]
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"calibration data must be (images, labels) pairs of tensors ({e})") from None
+        if not batches:
+            raise UserError("calibration data holds no batches")
+        chans, classes = self.arch.get("in_chans", 3), self.held.num_classes or self.arch.get("num_classes")
+        for i, (x, y) in enumerate(batches):
+            where = f"calibration batch {i}"
+            if x.dim() != 4 or not x.is_floating_point() or x.shape[1] != chans:
+                raise UserError(f"{where}: images must be float [N, {chans}, H, W], got {x.dtype} {tuple(x.shape)}")
+            if y.dim() != 1 or y.dtype.is_floating_point or len(y) != len(x):
+                raise UserError(f"{where}: labels must be {len(x)} integers, got {y.dtype} {tuple(y.shape)}")
+            if classes and (int(y.min()) < 0 or int(y.max()) >= classes):
+                raise UserError(f"{where}: labels must be in [0, {classes}), got {int(y.min())}..{int(y.max())}")
+            if not bool(torch.isfinite(x).all()):
+                raise UserError(f"{where}: images hold NaN or infinite values")
+            self.check_input_size(x.shape[-1])
+        return batches
+
     def calibration(self, calib, input_size, seed):
         """(batches, data set name) of a Calibration: its own data, or training images drawn
         with `seed` (the last draw is kept: a study's cells of one seed read it once)."""
         if calib.data is not None:
-            batches = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in calib.data]
-            if not batches:
-                raise UserError("calibration data holds no batches")
-            return batches, "(batches given in Python)"
+            return self._own_batches(calib.data), "(batches given in Python)"
         key = (calib, input_size, seed)
         if calib.data_set is None and not self.held.trained.get("data_set"):
             raise UserError(f"{self.label} does not record the data it was trained on: give the "
@@ -325,6 +344,7 @@ def _plan(src, spec, scores):
     if not rules.latency_targeted:
         with one_thread():
             return plan_keep(src.groups, scores, rules, cost_model=cost_model), None
+    models.check_memory(models.meta_model(src.arch), spec.input_size, rules.latency_batch, False)  # --latency_batch
     settings = LatencySettings(rules.latency_backend, rules.latency_batch, rules.latency_dtype)
     model = LatencyModel(src.arch, src.groups, spec.input_size, settings).load_or_fit()
 

@@ -21,6 +21,7 @@ top-1 9.7%; with the square root of the cost 71.4%, score order 87.8%; docs/desi
 """
 import hashlib
 import json
+import math
 import logging
 import os
 import statistics
@@ -69,6 +70,26 @@ def cache_dir():
     root = os.environ.get("EFFICIENT_CONVNEXT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "efficient_convnext")
     return os.path.join(root, "latency")
+
+
+def read_cache(path):
+    """(rates, fit errors) of a cache file, checked as data: one finite, non-negative rate per
+    feature and finite fit errors; a file of any other shape is refused with its path."""
+    def refuse(why):
+        raise UserError(f"latency cache {path} {why}; move it away to time this machine again")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        refuse(f"is unreadable ({e})")
+    rates = data.get("rates") if isinstance(data, dict) else None
+    errors = data.get("fit_errors") if isinstance(data, dict) else None
+    if not isinstance(rates, list) or len(rates) != len(FEATURES) or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r >= 0 for r in rates):
+        refuse(f"does not hold {len(FEATURES)} finite, non-negative rates (one per feature: {', '.join(FEATURES)})")
+    if not isinstance(errors, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in errors.values()):
+        refuse("does not hold finite fit errors")
+    return np.array(rates, dtype=np.float64), errors
 
 
 def _layers(arch, input_size):
@@ -156,14 +177,8 @@ class LatencyModel:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
         self.cache_path = os.path.join(cache_dir(), f"{digest}.json")
         if os.path.exists(self.cache_path):
-            try:
-                with open(self.cache_path) as f:
-                    data = json.load(f)
-                self.rates, self.fit_errors = np.array(data["rates"]), data["fit_errors"]
-                return self
-            except (OSError, ValueError, KeyError) as e:
-                raise UserError(f"latency cache {self.cache_path} is unreadable ({e}); move it away "
-                                "to time this machine again") from None
+            self.rates, self.fit_errors = read_cache(self.cache_path)
+            return self
         samples = self._time_variants()
         self._fit(samples)
         self._check_separates(samples)

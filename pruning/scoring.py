@@ -76,7 +76,8 @@ def _seed_for(seed, key):
 
 
 def _call(crit, tensor, seed, key, seed_key):
-    """Run one criterion's score function on one tensor (`key` names it in errors).
+    """Run one criterion's score function on one tensor (`key` names it in errors); its
+    result must be one finite, non-negative score per row (higher = kept).
 
     Seeded criteria get a seed derived from `seed_key`: the group name and the channel offset,
     so every full-width source of a group draws the same numbers and the reduction keeps them
@@ -84,10 +85,23 @@ def _call(crit, tensor, seed, key, seed_key):
     """
     kwargs = {"seed": _seed_for(seed, seed_key)} if crit.seeded else {}
     try:
-        scores = torch.as_tensor(crit.score(tensor, **kwargs))
+        result = crit.score(tensor, **kwargs)
     except ValueError as e:
         raise UserError(f"cannot score {key}: {e}") from None
-    return scores.to(torch.float64)
+    except Exception as e:  # noqa: BLE001  (a registered criterion is user code: any failure is one line)
+        raise UserError(f"criterion {crit.name} failed on {key}: {type(e).__name__}: {e}") from None
+    try:
+        scores = torch.as_tensor(result).to(torch.float64)
+    except (TypeError, RuntimeError, ValueError):
+        scores = None
+    if scores is None or scores.shape != (tensor.shape[0],):
+        got = type(result).__name__ if scores is None else f"shape {tuple(scores.shape)}"
+        raise UserError(f"criterion {crit.name} gave {got} for {key}; it must give one score per channel "
+                        f"({tensor.shape[0]})")
+    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+        raise UserError(f"criterion {crit.name} gave {'negative' if bool((scores < 0).any()) else 'NaN or infinite'} "
+                        f"scores for {key}; scores must be finite and >= 0 (higher = kept: give -s as max - s)")
+    return scores
 
 
 def _rows(tensors, part, width):

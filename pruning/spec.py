@@ -39,7 +39,7 @@ SETTINGS = {"dims": None, "hidden_ratio": None, "mlp_ratio": None, "group_ratio"
 
 # KeepRules' settings and their allowed values (the budgets check their own)
 _RANGES = {"round_to": Range(1, integer=True), "hidden_ratio": Range(0, 1, lo_open=True), "mlp_ratio": Range(0, lo_open=True),
-           "dims": Range(1, integer=True), "target_latency": Range(0, lo_open=True), "target_speedup": Range(1, lo_open=True),
+           "dims": Range(1, integer=True), "target_latency": Range(0, 1e7, lo_open=True), "target_speedup": Range(1, 1000, lo_open=True),
            "latency_batch": Range(1, integer=True), "latency_dtype": Choice(("fp32", "bf16"))}
 
 

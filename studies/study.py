@@ -28,7 +28,7 @@ from engine import evaluate
 from checkpoints.sources import check_source, set_download_timeout
 from common.config import Range
 from common.errors import UserError, first_line
-from common.files import LOCK_NAME, atomic_open, drop_lock, hold_lock
+from common.files import LOCK_NAME, atomic_open, atomic_path, drop_lock, hold_lock
 
 from cli import prune as cli
 from pruning import api
@@ -166,11 +166,24 @@ def split_flags(text, flag):
         raise UserError(f"{flag} {text!r}: {e} (quote it as in a shell)") from None
 
 
-def check_train_args(text, allowed=()):
-    """Refuse main.py flags in --train_args that the study sets itself (or needs unset)."""
-    clash = [f for f in MAIN_FLAGS_SET if f not in allowed and f in split_flags(text, "--train_args")]
-    if clash:
-        raise UserError(f"--train_args: {clash[0]} is set by this tool; leave it out")
+def check_train_args(text, known, allowed=()):
+    """Refuse main.py flags in --train_args that the study sets itself (or needs unset), in
+    any spelling (`--seed=7`), and abbreviations (argparse would read `--epoch` as --epochs).
+
+    Args:
+        known: main.py's option strings.
+        allowed: flags of MAIN_FLAGS_SET this study lets through.
+    """
+    for token in split_flags(text, "--train_args"):
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        if name not in known:
+            whole = [o for o in known if o.startswith(name)]
+            raise UserError(f"--train_args: {name} is not a main.py flag"
+                            + (f" (it abbreviates {', '.join(whole)}: write flags in full)" if whole else ""))
+        if name in MAIN_FLAGS_SET and name not in allowed:
+            raise UserError(f"--train_args: {name} is set by this tool; leave it out")
 
 
 def last_top1(folder):
@@ -399,5 +412,6 @@ def finish_plot(plt, fig, ax, source_acc, xlabel, path, **legend):
     ax.legend(**legend)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, suffix=os.path.splitext(path)[1]) as tmp:  # replaces a link, never writes through it
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
