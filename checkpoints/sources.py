@@ -78,8 +78,8 @@ def url_name(url):
         raise UserError(f"{url}: malformed URL ({first_line(e)})") from None
     if not parts.hostname:
         raise UserError(f"{url}: malformed URL (no host)")
-    name = urllib.parse.unquote(os.path.basename(parts.path)) or "checkpoint.pth"
-    if name in (".", "..") or "/" in name or "\0" in name:
+    name = os.path.basename(parts.path) or "checkpoint.pth"  # as it is: %2F stays three characters
+    if name in (".", "..") or "\0" in name:
         raise UserError(f"{url}: the file name {name!r} is not a plain file name")
     return name
 
