@@ -35,12 +35,13 @@ def check_format(path, shown):
 
 
 def check_structure(path, shown):
-    """Refuse a file whose own structure says it is incomplete or damaged."""
+    """Refuse a file whose own structure says it is incomplete or damaged; returns its format."""
     kind = check_format(path, shown)
     if kind == "safetensors":
         load_safetensors(path, shown, "cpu")
     elif kind == "zip":
         check_zip(path, shown)
+    return kind
 
 
 def check_zip(path, shown):

@@ -27,6 +27,8 @@ def args_to_dict(args):
             return v
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
+        if isinstance(v, dict):  # timm's train.py: model_kwargs
+            return {str(k): plain(x) for k, x in v.items()}
         return str(v)  # e.g. a pathlib.Path set by run_with_submitit.py
     items = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
     return {k: plain(v) for k, v in items.items()}
@@ -167,6 +169,17 @@ class Held:
                                    **kwargs)
 
 
+def _check_unseen_settings(trained, name):
+    """Refuse reading timm's weights as ours where the saved args say timm built them with a
+    setting weights do not show and ours does not share (a LayerNorm eps other than 1e-6)."""
+    kwargs = trained.get("model_kwargs")
+    eps = kwargs.get("norm_eps") if isinstance(kwargs, dict) else None
+    if eps is not None and eps != 1e-6:
+        raise UserError(f"the checkpoint's args say timm built {name or 'it'} with norm_eps={eps}; this "
+                        "toolkit's ConvNeXt uses 1e-6, which changes the logits: build it with timm and give "
+                        "pruning.prune the live model (it is then traced, timm's own class kept)")
+
+
 def read_held(ckpt, model_name=None, model_key="model|module", model_prefix=""):
     """Held for a loaded checkpoint (see model_state for the key / prefix, held_model for
     which model it names); weights in timm's layout are renamed into ours unless a stock timm
@@ -177,7 +190,10 @@ def read_held(ckpt, model_name=None, model_key="model|module", model_prefix=""):
     arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     foreign = isinstance(arch, dict) and arch.get("family") == "traced"
     if not (foreign or (isinstance(name, str) and (name.startswith(traced.TORCHVISION) or models.is_stock_timm(name)))):
-        state = models.our_layout(state)
+        renamed = models.our_layout(state)
+        if renamed is not state:
+            _check_unseen_settings(trained, name)
+        state = renamed
     arch, name = held_model(ckpt, state, model_name)
     return Held(ckpt, state, arch, name, trained)
 

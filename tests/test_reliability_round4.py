@@ -76,6 +76,19 @@ def test_broken_servers_end_in_one_line_and_cache_nothing(case, tmp_path, monkey
     assert cached == []
 
 
+def test_a_legacy_pickle_cut_short_without_content_length_is_not_cached(tmp_path, monkeypatch):
+    torch.save({"model": {"w": torch.randn(256, 256)}}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    body = (tmp_path / "legacy.pth").read_bytes()[:-4096]
+    srv, base = raw_server(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    try:
+        with pytest.raises(UserError, match="legacy.pth"):
+            sources.download(f"{base}/legacy.pth")
+    finally:
+        srv.close()
+    assert [f for _, _, files in os.walk(tmp_path / "hub") for f in files] == []
+
+
 @pytest.mark.parametrize("url,words", [("http://127.0.0.1:abc/w.pth", "malformed URL"),
                                        ("http://[::1/w.pth", "malformed URL"), ("http:///w.pth", "no host"),
                                        ("http://127.0.0.1/a/..", "not a plain file name")])
@@ -184,3 +197,14 @@ def test_pass_through_flags_the_study_sets_are_refused_in_any_spelling():
         with pytest.raises(UserError, match=words):
             study.check_train_args(text, main_flags())
     study.check_train_args("--lr 1e-3 --warmup_epochs 0", main_flags())
+
+
+def test_timm_weights_built_with_another_norm_eps_are_not_read_as_ours():
+    import timm
+    from checkpoints.identity import read_held
+    timm_own = timm.models.convnext.convnext_atto(num_classes=3)  # timm's class, timm's key layout
+    args = {"model": "convnext_tiny", "model_kwargs": {"norm_eps": 1e-5}}
+    with pytest.raises(UserError, match="norm_eps=1e-05"):
+        read_held({"model": timm_own.state_dict(), "args": args})
+    held = read_held({"model": timm_own.state_dict(), "args": {"model": "convnext_tiny"}})  # the default eps
+    assert "downsample_layers.0.0.weight" in held.state
