@@ -176,20 +176,53 @@ def _fetch(url, path, name):
         raise UserError(f"download of {url} was cut short ({got:,} of {total:,} bytes); nothing was cached")
 
 
+def _bytes_under(folder):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files
+               if os.path.isfile(os.path.join(root, f)))
+
+
+def _while_progressing(ref, folder, call):
+    """call() in a thread, given up when `folder` (the Hub cache of the repo) has not grown for
+    3 x --download_timeout + 30 s: the Hub client retries a server that never answers for
+    minutes, whatever its timeouts."""
+    import threading
+    result = {}
+
+    def run():
+        try:
+            result["value"] = call()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            result["error"] = e
+    worker = threading.Thread(target=run, daemon=True)  # daemon: a stalled one does not hold the exit
+    worker.start()
+    limit, seen, since = 3 * DOWNLOAD_TIMEOUT + 30, -1, time.monotonic()
+    while worker.is_alive():
+        worker.join(1.0)
+        size = _bytes_under(folder)
+        if size != seen:
+            seen, since = size, time.monotonic()
+        elif time.monotonic() - since > limit and worker.is_alive():
+            raise UserError(f"cannot download {ref}: no progress for {limit:.0f} s (3 x --download_timeout "
+                            f"{DOWNLOAD_TIMEOUT:g} s + 30 s); the Hub endpoint does not answer")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def hub_copy(ref):
     """The local copy of the weights of `hf-hub:ORG/NAME[@REVISION]` (HUB_WEIGHTS, the first
     the repo has), fetched by huggingface_hub into its cache with a progress bar; its
     settings hold (HF_HUB_OFFLINE=1 reads the cached copy, HF_ENDPOINT, HF_HOME, tokens)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RemoteEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-    from huggingface_hub import constants
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
     repo, revision = hub_parts(ref)
     constants.HF_HUB_DOWNLOAD_TIMEOUT = DOWNLOAD_TIMEOUT  # --download_timeout bounds the Hub's reads too
+    cache = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"))
     for filename in HUB_WEIGHTS:
         try:
-            return hf_hub_download(repo, filename, revision=revision, etag_timeout=DOWNLOAD_TIMEOUT)
+            return _while_progressing(ref, cache, lambda: hf_hub_download(
+                repo, filename, revision=revision, etag_timeout=DOWNLOAD_TIMEOUT))
         except RemoteEntryNotFoundError:
             continue
         except LocalEntryNotFoundError:
@@ -202,6 +235,8 @@ def hub_copy(ref):
                             "log in with hf auth login)") from None
         except RevisionNotFoundError:
             raise UserError(f"{ref}: the repository has no revision {revision!r}") from None
-        except (HfHubHTTPError, OSError, http.client.HTTPException, ValueError) as e:
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001  (the Hub client's transport raises its own types)
             raise network_error(ref, e) from None
     raise UserError(f"{ref} holds no weights ({' or '.join(HUB_WEIGHTS)})")

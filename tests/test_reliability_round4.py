@@ -208,3 +208,20 @@ def test_timm_weights_built_with_another_norm_eps_are_not_read_as_ours():
         read_held({"model": timm_own.state_dict(), "args": args})
     held = read_held({"model": timm_own.state_dict(), "args": {"model": "convnext_tiny"}})  # the default eps
     assert "downsample_layers.0.0.weight" in held.state
+
+
+@pytest.mark.e2e
+def test_a_hub_endpoint_that_never_answers_ends_the_run(tmp_path):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held = []
+    threading.Thread(target=lambda: [held.append(srv.accept()) for _ in iter(int, 1)], daemon=True).start()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{srv.getsockname()[1]}", "HF_HOME": str(tmp_path / "hf")}
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "pruning/prune.py", "--checkpoint", "hf-hub:org/name", "--ratio", "0.5",
+                          "--dry_run", "--download_timeout", "1"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=240)
+    srv.close()
+    assert out.returncode == 2 and "the Hub endpoint does not answer" in out.stderr
+    assert time.monotonic() - start < 120
