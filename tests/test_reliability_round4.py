@@ -225,3 +225,10 @@ def test_a_hub_endpoint_that_never_answers_ends_the_run(tmp_path):
     srv.close()
     assert out.returncode == 2 and "the Hub endpoint does not answer" in out.stderr
     assert time.monotonic() - start < 120
+
+
+def test_a_latency_batch_beyond_memory_is_refused_before_any_timing():
+    import models
+    model = randomised(models.FAMILIES["convnext_isotropic"].example_arch())
+    with pytest.raises(UserError, match="batch of 10000000 needs at least"):
+        pruning.prune(model, PruneSpec(rules=KeepRules(target_speedup=2, latency_batch=10 ** 7), input_size=32))
