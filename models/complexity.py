@@ -88,7 +88,8 @@ def check_memory(model, input_size, batch_size, training, device="cpu"):
     float32; all of them when training, the largest when not) exceed the device's memory,
     before any data is read (an out-of-memory kill says nothing)."""
     total, largest = activation_bytes(model, input_size)
-    need = (total if training else largest) * batch_size
+    images = in_chans_of(model) * input_size * input_size * 4  # the batch itself, float32
+    need = ((total if training else largest) + images) * batch_size
     have, where = available_memory(device)
     if have and need > have:
         raise UserError(f"--input_size {input_size} with a batch of {batch_size} needs at least "
