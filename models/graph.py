@@ -180,6 +180,8 @@ class Recorder(TorchFunctionMode):
         x = args[0]
         xd = self.of(x)
         self.dims[out] = xd
+        if self.origin.get(x, ("a",))[0] == "p":  # a weight standardised per row: still that weight
+            self.origin[out] = self.origin[x]
         if name in ("batch_norm", "instance_norm"):
             vectors = [_arg(args, kwargs, i, n) for i, n in ((1, "running_mean"), (2, "running_var"),
                                                              (3, "weight"), (4, "bias"))]

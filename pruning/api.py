@@ -142,7 +142,13 @@ def open_source(source, *, model=None, use_ema=False, input_size=None, trace=Fal
     sds, scored, arch = read_source(held, model, use_ema, input_size or held.input_size())
     if trace and arch["family"] != "traced":
         arch = traced.arch_of_model(models.with_weights(arch, held.state), input_size or held.input_size())
-    return Source(label, held, sds, scored, arch, models.channel_groups(arch), sha)
+    source = Source(label, held, sds, scored, arch, models.channel_groups(arch), sha)
+    if not source.groups:
+        whole = [f"{k}: {v}" for k, v in source.kept_whole.items() if v != "the model's output"][:3]
+        why = (f"; kept whole: {'; '.join(whole)}" if whole else "; no conv or Linear reads a weight as stored "
+               "(weights computed in the forward are not followed)")
+        raise UserError(f"{label}: no channel group can be cut{why}")
+    return source
 
 
 @dataclass
