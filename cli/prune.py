@@ -205,13 +205,13 @@ def list_groups(source):
         print(f"  {name:<24} kept whole: {why}")
 
 
-def print_kept_whole(source, most=5):
+def print_kept_whole(result, most=5):
     """The traced channels that stay whole, with the reason (never cut silently)."""
-    whole = {k: v for k, v in source.kept_whole.items() if v != "the model's output"}
+    whole = {k: v for k, v in result.kept_whole.items() if v != "the model's output"}
     if whole:
         lines = [f"{k}: {v}" for k, v in list(whole.items())[:most]]
-        more = f"; +{len(whole) - most} more (--list_groups true shows all)" if len(whole) > most else ""
-        print(f"kept whole ({len(whole)} of {len(whole) + len(source.groups)} channel sets): " + "; ".join(lines) + more)
+        more = f"; +{len(whole) - most} more (--list_groups shows the trace's)" if len(whole) > most else ""
+        print(f"kept whole ({len(whole)} channel sets): " + "; ".join(lines) + more)
 
 
 def print_latency(r):
@@ -253,7 +253,7 @@ def run(args):
     print(f"{result.spec.criterion.name} pruning of {args.checkpoint} ({models.describe_arch(result.source.arch)})")
     print(result.table())
     print(f"result: {models.describe_arch(result.arch)}")
-    print_kept_whole(result.source)
+    print_kept_whole(result)
     if result.latency is not None:
         print_latency(result.latency)
     if args.export_scores:

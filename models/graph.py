@@ -477,18 +477,31 @@ class Recorder(TorchFunctionMode):
         return out
 
 
-def module_names(model, where):
-    """Hooks keeping `where[-1]` the innermost module running (for the reasons' names)."""
+class ForwardFailed(Exception):
+    """The model's forward raised: `module` is the innermost module running ('' for the top)."""
+
+    def __init__(self, module, label, error):
+        super().__init__(f"in {label}: {type(error).__name__}: {error}")
+        self.module, self.error = module, error
+
+
+def module_names(model, where, paths=None):
+    """Hooks keeping `where[-1]` the innermost module running (for the reasons' names), and
+    `paths[-1]` its plain path."""
     handles = []
     for name, module in model.named_modules():
         label = f"{name} ({type(module).__name__})" if name else type(module).__name__
 
-        def pre(mod, inputs, label=label):
+        def pre(mod, inputs, label=label, name=name):
             where.append(label)
+            if paths is not None:
+                paths.append(name)
 
         def post(mod, inputs, output):
             if len(where) > 1:
                 where.pop()
+            if paths is not None and len(paths) > 1:
+                paths.pop()
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     return handles
 
@@ -501,15 +514,19 @@ def analyse(model, example):
         example: an input tensor (batch of one is enough; the meta device works).
     Returns:
         Analysis.
+    Raises:
+        ForwardFailed: naming the module whose forward raised.
     """
-    rec = Recorder(model)
-    handles = module_names(model, rec.where)
+    rec, paths = Recorder(model), [""]
+    handles = module_names(model, rec.where, paths)
     was_training = model.training
     model.eval()
     try:
         rec.dims[example] = tuple(rec.c.fresh_whole(s, "the model's input") for s in example.shape)
         with torch.no_grad(), rec:
             out = model(example)
+    except Exception as e:  # noqa: BLE001  (the model's own code: which module failed is what matters)
+        raise ForwardFailed(paths[-1], rec.where[-1], e) from None
     finally:
         model.train(was_training)
         for h in handles:

@@ -26,7 +26,7 @@ import torch.nn as nn
 from common.errors import UserError, first_line
 
 from .family import Family
-from .graph import analyse, module_names
+from .graph import ForwardFailed, analyse, module_names
 from .registry import register_family
 from .weights import with_own_metadata
 
@@ -327,15 +327,25 @@ def analysis(arch):
     return _analysis(json.dumps(arch, sort_keys=True))
 
 
+class NotAsPlanned(UserError):
+    """The pruned shape does not run or does not keep its groups as planned; `module` is where
+    (the module whose forward failed, or the group's first writer)."""
+
+    def __init__(self, message, module):
+        super().__init__(message)
+        self.module = module
+
+
 def check_pruned(source_arch, pruned_arch, keep):
     """Trace the pruned shape and refuse it unless every group came out as planned (its width
     the kept count, the same tensors): a size fixed in the model's code shows up here."""
     before = {g.name: g for g in analysis(source_arch).groups}
+    what = describe(source_arch["builder"])
     try:
         after = analysis(pruned_arch)
-    except Exception as e:  # noqa: BLE001  (the model's own code ran on the new shapes)
-        raise UserError(f"the pruned {describe(source_arch['builder'])} does not run: {type(e).__name__}: "
-                        f"{first_line(e)[:200]} (a size fixed in its code; keep that part whole)") from None
+    except ForwardFailed as e:  # the model's own code ran on the new shapes
+        raise NotAsPlanned(f"the pruned {what} does not run ({first_line(e)[:200]}): a size fixed in its code",
+                           e.module) from None
     found = {g.name: g for g in after.groups}
     for name, g in before.items():
         want = len(keep[name]) if name in keep else g.width
@@ -345,9 +355,9 @@ def check_pruned(source_arch, pruned_arch, keep):
         same = got is not None and got.width == want and {(p.key, p.axis) for p in got.slices} == {
             (p.key, p.axis) for p in g.slices}
         if not same:
-            what = f"{got.width} channels" if got is not None else after.whole.get(name, "no group")
-            raise UserError(f"the pruned {describe(source_arch['builder'])} does not keep group {name} as planned "
-                            f"({want} channels, its code makes {what}): a size fixed in its code")
+            made = f"{got.width} channels" if got is not None else after.whole.get(name, "no group")
+            raise NotAsPlanned(f"the pruned {what} does not keep group {name} as planned ({want} channels, its "
+                               f"code makes {made}): a size fixed in its code", name)
 
 
 class Traced(Family):
@@ -397,7 +407,11 @@ class Traced(Family):
 
     @staticmethod
     def channel_groups(arch):
-        return list(analysis(arch).groups)
+        try:
+            return list(analysis(arch).groups)
+        except ForwardFailed as e:
+            raise UserError(f"{describe(arch['builder'])} does not run on a {arch['input_size']} px input "
+                            f"({first_line(e)[:200]})") from None
 
     @staticmethod
     def timm_export(arch, state_dict):

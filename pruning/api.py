@@ -204,6 +204,12 @@ class Result:
     def arch(self):
         return self.checkpoint["arch"]
 
+    @property
+    def kept_whole(self):
+        """Channel sets never cut, with the reason: what the trace could not follow, and groups
+        kept whole after a cut the model's code did not take (traced models; {} otherwise)."""
+        return {**self.source.kept_whole, **self.checkpoint["pruning"].get("kept_whole", {})}
+
     @cached_property
     def model(self):
         """The pruned model with its weights, in eval mode."""
@@ -324,16 +330,13 @@ def prune(source, spec, *, evidence=None):
         scores = score_groups(src.sds[src.scored], src.groups, spec.criterion, aggregation=spec.aggregation,
                               raw_weights=spec.raw_weights, seed=spec.seed or 0,
                               evidence=evidence.tensors if evidence else None)
-    keep, latency = _plan(src, spec, scores)
     options = spec.record()
     if evidence is not None:
         options["data_set"] = evidence.data_set  # the data the evidence came from, also a default one
     provenance = {"criterion": spec.criterion.name, "options": options,
                   "source": os.path.basename(src.label), "source_sha256": src.sha256,
                   "scored_weights": src.scored, "torch": str(torch.__version__)}
-    pruned = prune_checkpoint(src.ckpt, src.sds, src.groups, keep, src.arch, provenance)
-    if src.arch["family"] == "traced":
-        traced.check_pruned(src.arch, pruned["arch"], keep)
+    keep, latency, pruned = _cut_as_planned(src, spec, scores, provenance)
     if latency is not None:
         pruned["pruning"]["latency"] = latency
     if spec.compensate != "none":
@@ -341,20 +344,50 @@ def prune(source, spec, *, evidence=None):
     return Result(pruned, keep, scores, spec, src, evidence, latency)
 
 
-def _plan(src, spec, scores):
-    """(keep, latency report or None): the keep plan; with a latency target, planned against
-    this machine's latency model and checked by timing (outside one_thread: the runtime's
-    own thread count)."""
+REPLANS = 8  # traced models: groups a failed cut names are kept whole, at most this many times
+
+
+def _cut_as_planned(src, spec, scores, provenance):
+    """(keep, latency report, pruned checkpoint). A traced model's pruned shape is traced
+    again; where its code fixes a size (the cut does not run, or a group comes out otherwise),
+    the groups writing into that module are kept whole and the plan is made again."""
+    held_whole = {}
+    for _ in range(REPLANS):
+        keep, latency = _plan(src, spec, scores, exclude=held_whole)
+        pruned = prune_checkpoint(src.ckpt, src.sds, src.groups, keep, src.arch, provenance)
+        if src.arch["family"] != "traced":
+            return keep, latency, pruned
+        try:
+            traced.check_pruned(src.arch, pruned["arch"], keep)
+        except traced.NotAsPlanned as e:
+            at = e.module
+            stuck = {g.name for g in src.groups if g.name == at or (at and any(
+                p.key.startswith(at + ".") for p in g.slices))} - set(held_whole)
+            if not stuck or len(held_whole) + len(stuck) == len(src.groups):
+                raise  # nothing left to cut
+            held_whole.update({n: f"kept whole after a cut failed ({e})" for n in stuck})
+            continue
+        if held_whole:
+            pruned["pruning"]["kept_whole"] = held_whole
+        return keep, latency, pruned
+    raise UserError(f"{src.label}: no plan runs after keeping {len(held_whole)} groups whole")
+
+
+def _plan(src, spec, scores, exclude=()):
+    """(keep, latency report or None): the keep plan (groups in `exclude` keep every channel);
+    with a latency target, planned against this machine's latency model and checked by timing
+    (outside one_thread: the runtime's own thread count)."""
+    groups = [g for g in src.groups if g.name not in exclude]
     rules = spec.rules
     cost_model = CostModel(src.arch, src.groups, spec.input_size) if rules.reads_cost else None
     if not rules.latency_targeted:
         with one_thread():
-            return plan_keep(src.groups, scores, rules, cost_model=cost_model), None
+            return plan_keep(groups, scores, rules, cost_model=cost_model), None
     models.check_memory(models.meta_model(src.arch), spec.input_size, rules.latency_batch, False)  # --latency_batch
     settings = LatencySettings(rules.latency_backend, rules.latency_batch, rules.latency_dtype)
     model = LatencyModel(src.arch, src.groups, spec.input_size, settings).load_or_fit()
 
     def plan(goal):
         with one_thread():
-            return plan_keep(src.groups, scores, rules, cost_model=cost_model, latency=(model, goal))
+            return plan_keep(groups, scores, rules, cost_model=cost_model, latency=(model, goal))
     return meet_target(plan, model, rules.target_latency, rules.target_speedup)

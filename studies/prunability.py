@@ -140,7 +140,7 @@ def check(source, name, input_sizes=(64, 224), criterion="opnorm", ratio=0.5, tr
     except Exception as e:  # noqa: BLE001
         return _failed(row, "prune", e)
     src, arch = result.source, result.arch
-    row.groups, row.whole = len(src.groups), len({k: v for k, v in src.kept_whole.items() if v != "the model's output"})
+    row.groups, row.whole = len(src.groups), len([v for v in result.kept_whole.values() if v != "the model's output"])
     row.params = models.count_arch(src.arch, size)[0], models.count_arch(arch, size)[0]
     row.macs = models.count_arch(src.arch, size)[1], models.count_arch(arch, size)[1]
     try:

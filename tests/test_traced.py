@@ -216,7 +216,22 @@ class FixedView(nn.Module):
         return self.fc(self.conv(x).view(x.shape[0], 16, -1).mean(-1))
 
 
+class FixedInside(nn.Module):
+    """The size is fixed inside a submodule: the groups writing into it stay whole, the rest is cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 1), FixedView()
+        self.head.conv = nn.Identity()
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
 def test_what_the_trace_cannot_prove_safe_stays_whole_or_is_refused():
+    result = prune(FixedInside().eval(), PruneSpec(rules=KeepRules(ratio=0.5), input_size=16))
+    assert "kept whole after a cut failed" in result.kept_whole["b"] and result.model.a.out_channels < 8
+    assert result.model.b.out_channels == 16 and result.checkpoint["pruning"]["kept_whole"].keys() == {"b"}
     found = prune(Grouped().eval(), PruneSpec(rules=KeepRules(ratio=0.5), input_size=16)).source
     assert "grouped conv (groups=2)" in found.kept_whole["a"] and [g.name for g in found.groups] == ["c"]
     with pytest.raises(UserError, match="size fixed in its code"):
