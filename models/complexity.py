@@ -25,6 +25,9 @@ def forward_cost(model, input_size, in_chans=None):
     x = torch.zeros(1, in_chans or in_chans_of(model), input_size, input_size, device=device)
     was_training = model.training
     model.eval()
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grads:  # FlopCounterMode's module tracker hooks tensors that need grad: none here
+        p.requires_grad_(False)
     counter = FlopCounterMode(display=False)
     try:
         with counter, torch.no_grad():
@@ -34,6 +37,8 @@ def forward_cost(model, input_size, in_chans=None):
                         f"{str(e).splitlines()[0][:160]}") from None
     finally:
         model.train(was_training)
+        for p, needed in grads:
+            p.requires_grad_(needed)
     return counter.get_total_flops() // 2, out.shape[-1]
 
 

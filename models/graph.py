@@ -154,6 +154,8 @@ class Recorder(TorchFunctionMode):
                 self.c.keep_whole(c, why)
         if b is not None:
             self.c.unify(self.of(b)[0], co)
+        for k in range(2 if batched else 1, x.dim()):  # positions a kernel slides over mix: never cut
+            self.c.keep_whole(xd[k], f"a conv slides over it in {self.where[-1]}")
         if not transposed and self._key(w):
             self.producers.append(self._key(w))
         self.origin[out] = ("w", self._key(w))
