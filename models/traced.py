@@ -2,7 +2,7 @@
 
 Its `arch` records how the model is built and what pruning changed, never code:
 
-    {"family": "traced", "builder": {"kind": "timm" | "torchvision" | "module", "name": ...},
+    {"family": "traced", "builder": {"kind": "timm" | "torchvision" | "arch" | "module", ...},
      "shapes": {key: shape of every tensor whose shape differs from what the builder makes},
      "head": the classifier weight's key, "num_classes", "in_chans", "input_size"}
 
@@ -234,11 +234,14 @@ def _rebuilds(model, builder, example):
     if any(t.device.type == "meta" for t in fresh.buffers()):  # non-persistent buffers: build for real
         fresh = resize(build(builder), shapes).to(example.device)
         fresh.load_state_dict(with_own_metadata(fresh, model.state_dict()))
+    was_training = model.training
     try:
         with torch.no_grad():
             a, b = model.eval()(example), fresh.eval()(example)
     except Exception:  # noqa: BLE001  (a sibling shape the weights do not fit, e.g. grouped convs)
         return None
+    finally:
+        model.train(was_training)
     same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(
         a, b, rtol=1e-4, atol=1e-5)
     return shapes if same else None
@@ -250,19 +253,18 @@ def _head(arch, shapes):
     return heads[-1] if heads else None
 
 
-def arch_of_model(model, input_size, builder=None):
+def arch_of_model(model, input_size):
     """The traced arch of a live model (its builder found, or `module` with a kept copy).
 
     Args:
         model: any nn.Module taking [N, C, H, W] images.
         input_size: the example input's side.
-        builder: a known builder (e.g. from `--model torchvision:resnet18`), else found.
     """
     from .complexity import in_chans_of
     in_chans = in_chans_of(model)
     device = next(iter(model.parameters()), torch.empty(0)).device
     example = _example(in_chans, input_size, device)
-    where = ["the model"]
+    where, was_training = ["the model"], model.training
     handles = module_names(model, where)
     try:
         with torch.no_grad():
@@ -271,6 +273,7 @@ def arch_of_model(model, input_size, builder=None):
         raise UserError(f"{type(model).__name__} does not run on a {in_chans} x {input_size} x {input_size} "
                         f"input (in {where[-1]}): {type(e).__name__}: {first_line(e)}") from None
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -278,15 +281,13 @@ def arch_of_model(model, input_size, builder=None):
                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}: pruning needs a "
                         "classifier returning [batch, classes] logits")
     found = None
-    for candidate in ([builder] if builder else _candidates(model)):
+    for candidate in _candidates(model):
         shapes = _rebuilds(model, candidate, example)
         if shapes is not None and (found is None or len(shapes) < len(found[1])):
             found = (candidate, shapes)
             if not shapes:
                 break
     if found is None:
-        if builder:
-            raise UserError(f"{builder['kind']} {builder['name']} does not rebuild these weights exactly")
         token = uuid.uuid4().hex
         _TEMPLATES[token] = copy.deepcopy(model).cpu()
         found = ({"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}",
