@@ -27,6 +27,12 @@ def _check_keep(group, idx):
     return idx
 
 
+def _positions(part, chosen):
+    """Positions along the part's axis of its channels where the bool row `chosen` is set."""
+    channels = chosen.nonzero().flatten()
+    return (part.offset + channels[:, None] * part.block + torch.arange(part.block)).flatten()
+
+
 def cut_positions(shapes, groups, keep):
     """The kept positions of every tensor axis some group cuts.
 
@@ -57,10 +63,8 @@ def cut_positions(shapes, groups, keep):
             if size < part_span(part, g.width):
                 raise UserError(f"{part.key} has {size} channels on axis {part.axis}; "
                                 f"group {g.name} expects {part_span(part, g.width)}")
-            gone = dropped[part.start:part_stop(part, g.width)].nonzero().flatten()
             mask = masks.setdefault((part.key, part.axis), torch.ones(size, dtype=torch.bool))
-            gone = part.offset + gone[:, None] * part.block + torch.arange(part.block)
-            mask[gone.flatten()] = False
+            mask[_positions(part, dropped[part.start:part_stop(part, g.width)])] = False
     return {ka: m.nonzero().flatten() for ka, m in masks.items()}
 
 
@@ -99,10 +103,8 @@ def silence(state_dict, groups, keep):
         for part in g.slices:
             if part.axis != 0 or part.key.rpartition(".")[2] in _STATISTICS:
                 continue
-            gone = dead[part.start:part_stop(part, g.width)].nonzero().flatten()
-            rows = (part.offset + gone[:, None] * part.block + torch.arange(part.block)).flatten()
             out[part.key] = out[part.key].clone()
-            out[part.key][rows] = 0
+            out[part.key][_positions(part, dead[part.start:part_stop(part, g.width)])] = 0
     return out
 
 

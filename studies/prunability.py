@@ -141,8 +141,8 @@ def check(source, name, input_sizes=(64, 224), criterion="opnorm", ratio=0.5, tr
         return _failed(row, "prune", e)
     src, arch = result.source, result.arch
     row.groups, row.whole = len(src.groups), len([v for v in result.kept_whole.values() if v != "the model's output"])
-    row.params = models.count_arch(src.arch, size)[0], models.count_arch(arch, size)[0]
-    row.macs = models.count_arch(src.arch, size)[1], models.count_arch(arch, size)[1]
+    (p0, m0), (p1, m1) = models.count_arch(src.arch, size), models.count_arch(arch, size)
+    row.params, row.macs = (p0, p1), (m0, m1)
     try:
         with torch.no_grad():
             logits = result.model(example)
