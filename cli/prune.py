@@ -93,6 +93,14 @@ def get_args_parser():
     rules.add_argument("--latency_batch", type=int, default=1, help="images per timed batch")
     rules.add_argument("--latency_dtype", default="fp32", choices=("fp32", "bf16"),
                        help="bf16: autocast (eager, compile)")
+    rules.add_argument("--depths", type=int, nargs="+", metavar="D",
+                       help="depth pruning: blocks kept per stage (one number for isotropic); the criterion's "
+                       "block scores choose which go")
+    rules.add_argument("--remove_blocks", type=int, metavar="N",
+                       help="depth pruning: remove the N blocks with the lowest block scores (every stage keeps one)")
+    rules.add_argument("--prune_depth", type=str2bool, default=False, metavar="BOOL",
+                       help="with --target_latency / --target_speedup: plan depth and width together (a block "
+                       "goes where its score per millisecond saved is below narrowing's)")
     rules.add_argument("--round_to", type=int, default=1,
                        help="widths chosen by --hidden_ratio, --mlp_ratio or a target round up "
                        "to a multiple of this")
@@ -196,13 +204,18 @@ def check_args(args):
 
 
 def list_groups(source):
-    """One line per channel group (the names --group_ratio matches), then what stays whole."""
+    """One line per channel group (the names --group_ratio matches), then what stays whole,
+    then the removable blocks (depth pruning)."""
     import models
     print(f"channel groups of {models.describe_arch(source.arch)}:")
     for g in source.groups:
         print(f"  {g.name:<24} {g.kind:<9} stage {g.stage}  width {g.width:>5}  cuts {len(g.slices)} tensor slices")
     for name, why in source.kept_whole.items():
         print(f"  {name:<24} kept whole: {why}")
+    if source.blocks:
+        per_stage = ", ".join(f"{sum(b.stage == s for b in source.blocks)} of {n}" for s, n in enumerate(source.depths))
+        print(f"removable blocks (--depths, --remove_blocks) per stage: {per_stage}:")
+        print("  " + " ".join(b.name for b in source.blocks))
 
 
 def print_kept_whole(result, most=5):
@@ -252,6 +265,9 @@ def run(args):
               f"BatchNorms re-measured on {comp['images']} {comp['data_set']} training images")
     print(f"{result.spec.criterion.name} pruning of {args.checkpoint} ({models.describe_arch(result.source.arch)})")
     print(result.table())
+    if result.removed_blocks:
+        print(f"removed {len(result.removed_blocks)} blocks (block score): "
+              + ", ".join(f"{b['name']} ({b['score']:.4g})" for b in result.removed_blocks))
     print(f"result: {models.describe_arch(result.arch)}")
     print_kept_whole(result)
     if result.latency is not None:

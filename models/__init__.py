@@ -11,7 +11,7 @@ from . import convnext, convnext_isotropic, preresnet_cifar, resnet_cifar, vgg_c
 from . import traced  # noqa: F401,E402  (any other model: groups from a recorded forward)
 from .complexity import activation_bytes, check_input_size, check_memory, count_macs, count_params
 from .family import Family
-from .groups import Group, Part, Producer
+from .groups import Block, Group, Part, Producer
 from . import weights
 from .registry import (ARCH_FACTORY, FAMILIES, OUR_MODELS, TIMM_HEAD_KEYS, base_name, check_model_name,
                        create_model, default_arch, is_stock_timm, is_tagged, our_layout,
@@ -84,6 +84,11 @@ def timm_export(arch, state_dict):
 def channel_groups(arch):
     """The family's channel groups (models/groups.py) for pruning."""
     return FAMILIES[arch["family"]].channel_groups(arch)
+
+
+def removable_blocks(arch):
+    """The residual blocks depth pruning may remove (models/groups.py `Block`), in order."""
+    return FAMILIES[arch["family"]].removable_blocks(arch)
 
 
 def fold(model):

@@ -11,7 +11,8 @@ from common.errors import UserError
 
 from .family import Family, match_layer_ids
 from .fold import norm_into_conv, norm_into_linear
-from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
+from .groups import (Group, Part, Producer, block_residual_parts, convnext_block, hidden_group, linear_parts,
+                     norm_parts)
 from .layers import (MS_BRANCHES, Block, LayerNorm2d, block_hidden_widths, default_branch_widths,
                      PooledHead, drop_path_rates, layer_scale_value, spans)
 from .registry import register_factory, register_family
@@ -128,7 +129,8 @@ class ConvNeXt(PooledHead, Family):
     @staticmethod
     def widths(arch):
         """(label, text) rows of the widths that pruning changes."""
-        return [("dims per stage", ",".join(map(str, arch["dims"]))),
+        return [("blocks per stage", ",".join(map(str, arch["depths"]))),
+                ("dims per stage", ",".join(map(str, arch["dims"]))),
                 ("MLP width per stage", spans(arch["hidden"]))]
 
     @staticmethod
@@ -180,6 +182,12 @@ class ConvNeXt(PooledHead, Family):
             groups.append(Group(f"stages.{s}.residual", "residual", dim, tuple(producers),
                                 tuple(slices), tuple(scales), stage=s))
         return groups
+
+    @staticmethod
+    def removable_blocks(arch):
+        """Every block: the downsampling layers sit between stages, outside the blocks."""
+        return [convnext_block(f"stages.{s}", j, s, arch.get("layer_scale", True))
+                for s, depth in enumerate(arch["depths"]) for j in range(depth)]
 
     @staticmethod
     def example_arch():

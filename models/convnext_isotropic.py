@@ -3,7 +3,7 @@ import torch.nn as nn
 
 from .family import Family, match_layer_ids
 from .fold import norm_into_linear
-from .groups import Group, Part, Producer, block_residual_parts, hidden_group, linear_parts, norm_parts
+from .groups import Group, Part, Producer, block_residual_parts, convnext_block, hidden_group, linear_parts, norm_parts
 from .layers import Block, PooledHead, drop_path_rates, layer_scale_value, spans
 from .registry import register_factory, register_family
 
@@ -73,7 +73,7 @@ class ConvNeXtIsotropic(PooledHead, Family):
 
     @staticmethod
     def widths(arch):
-        return [("dim", str(arch["dim"])), ("MLP width", spans([arch["hidden"]]))]
+        return [("blocks", str(arch["depth"])), ("dim", str(arch["dim"])), ("MLP width", spans([arch["hidden"]]))]
 
     @staticmethod
     def infer_arch(sd):
@@ -102,6 +102,10 @@ class ConvNeXtIsotropic(PooledHead, Family):
         groups.append(Group("blocks.residual", "residual", arch["dim"], tuple(producers),
                             tuple(slices), tuple(scales), stage=0))
         return groups
+
+    @staticmethod
+    def removable_blocks(arch):
+        return [convnext_block("blocks", j, 0, arch.get("layer_scale", False)) for j in range(arch["depth"])]
 
     @staticmethod
     def example_arch():

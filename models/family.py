@@ -63,6 +63,17 @@ class Family(ABC):
         return {**arch, **found}
 
     @staticmethod
+    def removable_blocks(arch):
+        """The residual blocks depth pruning may remove (models.groups.Block); a stage's block
+        with a downsampling shortcut stays. [] when the family has none."""
+        return []
+
+    @staticmethod
+    def stage_depths(arch):
+        """Blocks per stage, removable or not."""
+        return list(arch["depths"]) if "depths" in arch else [arch["depth"]]
+
+    @staticmethod
     def named_dims(arch):
         """Budget names of known pruned shapes -> residual widths (e.g. {"3M": [...]})."""
         return {}

@@ -92,3 +92,50 @@ def block_residual_parts(block, layer_scale, dw_parts):
               + linear_parts(f"{block}.pwconv2", False) + ((Part(gamma, 0),) if gamma else ()))
     scales = (f"{block}.norm.weight",) + ((gamma,) if gamma else ())
     return producers, slices, scales
+
+
+@dataclass(frozen=True)
+class Block:
+    """A residual block whose branch can go, leaving the identity (depth pruning).
+
+    Its tensors are `{name}.*`, with name = `{container}.{index}`: removing it drops them and
+    renumbers the later blocks of its container.
+    branch: the branch's layers after its last normalisation, in order, each a tuple of keys
+        applied in parallel: what the operator-norm bound multiplies.
+    gain: tensors that scale the branch output linearly (layer scale; the last BatchNorm's
+        affine; a last Linear's weight and bias): zeroing them leaves the identity exactly.
+    output: the weight whose rows write the branch output; scale: the per-row multiplier of
+        those rows (layer scale or BatchNorm weight), None when there is none.
+    """
+    container: str
+    index: int
+    stage: int
+    branch: tuple[tuple[str, ...], ...]
+    gain: tuple[str, ...]
+    output: str
+    scale: str | None = None
+
+    @property
+    def name(self):
+        return f"{self.container}.{self.index}"
+
+    def owns(self, key):
+        return key.startswith(self.name + ".")
+
+
+def convnext_block(container, index, stage, layer_scale):
+    """A ConvNeXt block (dwconv, norm, pwconv1, GELU, pwconv2, optional layer scale gamma)."""
+    b = f"{container}.{index}"
+    gamma = f"{b}.gamma" if layer_scale else None
+    branch = ((f"{b}.norm.weight",), (f"{b}.pwconv1.weight",), (f"{b}.pwconv2.weight",)) + (((gamma,),) if gamma else ())
+    gain = (gamma,) if gamma else (f"{b}.pwconv2.weight", f"{b}.pwconv2.bias")
+    return Block(container, index, stage, branch, gain, f"{b}.pwconv2.weight", gamma)
+
+
+def bn_block(container, index, stage, pre_activation):
+    """A CIFAR ResNet block: conv1-bn1-relu-conv2-bn2 (bn2 scales the branch), or pre-activation
+    bn1-relu-conv1-bn2-relu-conv2 (bn2 then ReLU: scaling bn2's affine scales the branch)."""
+    b = f"{container}.{index}"
+    branch = ((f"{b}.bn2.weight",), (f"{b}.conv2.weight",)) if pre_activation else ((f"{b}.bn2.weight",),)
+    return Block(container, index, stage, branch, (f"{b}.bn2.weight", f"{b}.bn2.bias"), f"{b}.conv2.weight",
+                 None if pre_activation else f"{b}.bn2.weight")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .family import Family
 from .fold import bn_into_conv
-from .groups import Group, Part, Producer
+from .groups import Group, Part, Producer, bn_block
 from .layers import spans
 from .protocol import TimmProtocol
 from .resnet_cifar import stage_level_info
@@ -139,7 +139,7 @@ class PreResNetCifar(TimmProtocol, nn.Module, Family):
 
     @staticmethod
     def widths(arch):
-        return [("inner width per stage", spans(arch["inner"]))]
+        return [("blocks per stage", ",".join(map(str, arch["depths"]))), ("inner width per stage", spans(arch["inner"]))]
 
     @staticmethod
     def infer_arch(sd):
@@ -159,6 +159,12 @@ class PreResNetCifar(TimmProtocol, nn.Module, Family):
         columns); bn2's weights are the scale factors. The streams and bn1 stay whole."""
         return [inner_group(f"layer{s + 1}.{j}", width, s)
                 for s, stage in enumerate(arch["inner"]) for j, width in enumerate(stage)]
+
+    @staticmethod
+    def removable_blocks(arch):
+        """Blocks with an identity shortcut: all but the first of stages 2 and 3 (projected)."""
+        return [bn_block(f"layer{s + 1}", j, s, True)
+                for s, n in enumerate(arch["depths"]) for j in range(n) if s == 0 or j > 0]
 
     @staticmethod
     def example_arch():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .family import Family
 from .fold import bn_into_conv
-from .groups import Group, Part, Producer
+from .groups import Group, Part, Producer, bn_block
 from .layers import spans
 from .protocol import TimmProtocol
 from .registry import register_factory, register_family
@@ -125,7 +125,7 @@ class ResNetCifar(TimmProtocol, nn.Module, Family):
 
     @staticmethod
     def widths(arch):
-        return [("inner width per stage", spans(arch["inner"]))]
+        return [("blocks per stage", ",".join(map(str, arch["depths"]))), ("inner width per stage", spans(arch["inner"]))]
 
     @staticmethod
     def infer_arch(sd):
@@ -155,6 +155,12 @@ class ResNetCifar(TimmProtocol, nn.Module, Family):
                 groups.append(Group(b, "hidden", width, (Producer((Part(f"{b}.conv1.weight", 0),)),),
                                     slices, (f"{b}.bn1.weight",), stage=s))
         return groups
+
+    @staticmethod
+    def removable_blocks(arch):
+        """Blocks with an identity shortcut: all but the first of stages 2 and 3 (stride 2, padded)."""
+        return [bn_block(f"layer{s + 1}", j, s, False)
+                for s, n in enumerate(arch["depths"]) for j in range(n) if s == 0 or j > 0]
 
     @staticmethod
     def example_arch():

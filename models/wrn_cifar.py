@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .family import Family
 from .fold import bn_into_conv
+from .groups import bn_block
 from .layers import spans
 from .preresnet_cifar import inner_group, stage_depths
 from .protocol import TimmProtocol
@@ -134,7 +135,7 @@ class WideResNetCifar(TimmProtocol, nn.Module, Family):
 
     @staticmethod
     def widths(arch):
-        return [("inner width per group", spans(arch["inner"]))]
+        return [("blocks per group", ",".join(map(str, arch["depths"]))), ("inner width per group", spans(arch["inner"]))]
 
     @staticmethod
     def infer_arch(sd):
@@ -159,6 +160,13 @@ class WideResNetCifar(TimmProtocol, nn.Module, Family):
         conv2 columns); bn2's weights are the scale factors. The streams and bn1 stay whole."""
         return [inner_group(f"block{s + 1}.layer.{j}", width, s)
                 for s, stage in enumerate(arch["inner"]) for j, width in enumerate(stage)]
+
+    @staticmethod
+    def removable_blocks(arch):
+        """Blocks with an identity shortcut: a stage's first block projects (stride 2, or 16 ->
+        16 x widen channels) unless the widths agree."""
+        return [bn_block(f"block{s + 1}.layer", j, s, True) for s, n in enumerate(arch["depths"])
+                for j in range(n) if j > 0 or (s == 0 and arch["widen"] == 1)]
 
     @staticmethod
     def example_arch():

@@ -33,10 +33,11 @@ from .calibration import calibration_batches, measure
 from .compensate import compensate
 from .costs import CostModel
 from .latency import LatencyModel, LatencySettings, meet_target
-from .plan import plan_keep
+from .blocks import check_depth_rules, score_blocks
+from .plan import plan_cut
 from .scoring import score_groups
 from .spec import PruneSpec
-from .surgery import prune_checkpoint, read_source
+from .surgery import prune_checkpoint, read_source, renamed_key
 
 
 @dataclass
@@ -65,6 +66,16 @@ class Source:
     def kept_whole(self):
         """Traced models: channel set (named by its first writer) -> why it is never cut."""
         return dict(traced.analysis(self.arch).whole) if self.arch.get("family") == "traced" else {}
+
+    @cached_property
+    def blocks(self):
+        """The blocks depth pruning may remove (models.removable_blocks)."""
+        return models.removable_blocks(self.arch)
+
+    @property
+    def depths(self):
+        """Blocks per stage, removable or not."""
+        return models.FAMILIES[self.arch["family"]].stage_depths(self.arch) if self.blocks else []
 
     def check_input_size(self, size):
         """Refuse an input size the model cannot take (measured once per size, not per cell)."""
@@ -190,7 +201,8 @@ class Result:
     keep: group name -> kept channel indices; scores: group name -> scoring.GroupScores;
     spec: the resolved PruneSpec actually used; source: the Source;
     evidence: the calibration Evidence of a data-driven criterion (None otherwise);
-    latency: with a latency target, its measurement (latency.meet_target's report).
+    latency: with a latency target, its measurement (latency.meet_target's report);
+    block_scores: with a depth rule, block name -> the criterion's score of every removable block.
     """
     checkpoint: dict
     keep: dict
@@ -199,6 +211,12 @@ class Result:
     source: Source
     evidence: Evidence | None = None
     latency: dict | None = None
+    block_scores: dict | None = None
+
+    @property
+    def removed_blocks(self):
+        """The source's blocks the cut removed, lowest score first: [{"name", "score"}]."""
+        return list(self.checkpoint["pruning"].get("removed_blocks", []))
 
     @property
     def arch(self):
@@ -298,12 +316,17 @@ def _summary(arch, input_size):
     return params, macs, models.FAMILIES[arch["family"]].widths(arch)
 
 
-def _compensate(src, spec, keep, pruned):
+def _compensate(src, spec, keep, pruned, removed):
     """Apply spec.compensate to every state dict of the pruned checkpoint, in place."""
     batches, name = src.calibration(spec.calibration, spec.input_size, spec.seed)
+    blocks = src.blocks if removed else []
+
+    def renamed(module):  # a source module's name in the pruned model (None: removed)
+        key = renamed_key(module + ".", blocks, removed)
+        return None if key is None else key[:-1]
     for key in list(src.sds):
         pruned[key], report = compensate(src.arch, src.sds[key], pruned["arch"], pruned[key], src.groups, keep,
-                                         batches, spec.compensate)
+                                         batches, spec.compensate, renamed)
     pruned["pruning"]["compensation"] = {"method": spec.compensate, "data_set": name,
                                          "images": sum(len(y) for _, y in batches), **report}
 
@@ -324,41 +347,45 @@ def prune(source, spec, *, evidence=None):
     src = open_source(source, model=spec.model, use_ema=spec.use_ema, input_size=spec.input_size, trace=spec.trace)
     spec = replace(spec, input_size=src.held.input_size(spec.input_size))
     src.check_input_size(spec.input_size)
+    check_depth_rules(spec.rules, src.blocks, len(src.depths))
     if evidence is None:
         evidence = calibrate(spec, src)
+    tensors = evidence.tensors if evidence else None
     with one_thread():
         scores = score_groups(src.sds[src.scored], src.groups, spec.criterion, aggregation=spec.aggregation,
                               raw_weights=spec.raw_weights, seed=spec.seed or 0,
-                              evidence=evidence.tensors if evidence else None)
+                              evidence=tensors) if spec.rules.prunes_width else {g.name: None for g in src.groups}
+        block_scores = score_blocks(src.sds[src.scored], src.blocks, spec.criterion, seed=spec.seed or 0,
+                                    evidence=tensors) if spec.rules.prunes_depth else None
     options = spec.record()
     if evidence is not None:
         options["data_set"] = evidence.data_set  # the data the evidence came from, also a default one
     provenance = {"criterion": spec.criterion.name, "options": options,
                   "source": os.path.basename(src.label), "source_sha256": src.sha256,
                   "scored_weights": src.scored, "torch": str(torch.__version__)}
-    keep, latency, pruned = _cut_as_planned(src, spec, scores, provenance)
+    cut, latency, pruned = _cut_as_planned(src, spec, scores, block_scores, provenance)
     if latency is not None:
         pruned["pruning"]["latency"] = latency
     if spec.compensate != "none":
-        _compensate(src, spec, keep, pruned)
-    return Result(pruned, keep, scores, spec, src, evidence, latency)
+        _compensate(src, spec, cut.keep, pruned, cut.removed)
+    return Result(pruned, cut.keep, scores, spec, src, evidence, latency, block_scores)
 
 
 REPLANS = 8  # traced models: groups a failed cut names are kept whole, at most this many times
 
 
-def _cut_as_planned(src, spec, scores, provenance):
-    """(keep, latency report, pruned checkpoint). A traced model's pruned shape is traced
+def _cut_as_planned(src, spec, scores, block_scores, provenance):
+    """(plan.Cut, latency report, pruned checkpoint). A traced model's pruned shape is traced
     again; where its code fixes a size (the cut does not run, or a group comes out otherwise),
     the groups writing into that module are kept whole and the plan is made again."""
     held_whole = {}
     for _ in range(REPLANS):
-        keep, latency = _plan(src, spec, scores, exclude=held_whole)
-        pruned = prune_checkpoint(src.ckpt, src.sds, src.groups, keep, src.arch, provenance)
+        cut, latency = _plan(src, spec, scores, block_scores, exclude=held_whole)
+        pruned = prune_checkpoint(src.ckpt, src.sds, src.groups, cut.keep, src.arch, provenance, cut.removed)
         if src.arch["family"] != "traced":
-            return keep, latency, pruned
+            return cut, latency, pruned
         try:
-            traced.check_pruned(src.arch, pruned["arch"], keep)
+            traced.check_pruned(src.arch, pruned["arch"], cut.keep)
         except traced.NotAsPlanned as e:
             at = e.module
             stuck = {g.name for g in src.groups if g.name == at or (at and any(
@@ -369,25 +396,26 @@ def _cut_as_planned(src, spec, scores, provenance):
             continue
         if held_whole:
             pruned["pruning"]["kept_whole"] = held_whole
-        return keep, latency, pruned
+        return cut, latency, pruned
     raise UserError(f"{src.label}: no plan runs after keeping {len(held_whole)} groups whole")
 
 
-def _plan(src, spec, scores, exclude=()):
-    """(keep, latency report or None): the keep plan (groups in `exclude` keep every channel);
+def _plan(src, spec, scores, block_scores, exclude=()):
+    """(plan.Cut, latency report or None): the plan (groups in `exclude` keep every channel);
     with a latency target, planned against this machine's latency model and checked by timing
     (outside one_thread: the runtime's own thread count)."""
     groups = [g for g in src.groups if g.name not in exclude]
     rules = spec.rules
     cost_model = CostModel(src.arch, src.groups, spec.input_size) if rules.reads_cost else None
+    depth = {"blocks": src.blocks, "block_scores": block_scores, "depths": src.depths}
     if not rules.latency_targeted:
         with one_thread():
-            return plan_keep(groups, scores, rules, cost_model=cost_model), None
+            return plan_cut(groups, scores, rules, cost_model=cost_model, **depth), None
     models.check_memory(models.meta_model(src.arch), spec.input_size, rules.latency_batch, False)  # --latency_batch
     settings = LatencySettings(rules.latency_backend, rules.latency_batch, rules.latency_dtype)
     model = LatencyModel(src.arch, src.groups, spec.input_size, settings).load_or_fit()
 
     def plan(goal):
         with one_thread():
-            return plan_keep(groups, scores, rules, cost_model=cost_model, latency=(model, goal))
+            return plan_cut(groups, scores, rules, cost_model=cost_model, latency=(model, goal), **depth)
     return meet_target(plan, model, rules.target_latency, rules.target_speedup)

@@ -71,6 +71,40 @@ def _activity_hooks(model, sums, counts):
     return handles
 
 
+def skip_changes(model, arch, batches):
+    """Per removable block, on the batches: {"logits": sum ||z_skip - z||^2 / sum ||z||^2 with
+    the block's branch zeroed (its gain tensors), "output": sum ||out - in||^2 / sum ||in||^2
+    of the block in the dense forward}."""
+    blocks = models.removable_blocks(arch)
+    params = dict(model.named_parameters())
+    sq = {b.name: [0.0, 0.0] for b in blocks}
+
+    def hook(mod, inputs, output, name):
+        sq[name][0] += float((output - inputs[0]).double().square().sum())
+        sq[name][1] += float(inputs[0].double().square().sum())
+    handles = [model.get_submodule(b.name).register_forward_hook(
+        lambda m, i, o, name=b.name: hook(m, i, o, name)) for b in blocks]
+    with torch.no_grad():
+        try:
+            dense = [model(x).double() for x, _ in batches]
+        finally:
+            for h in handles:
+                h.remove()
+        energy = sum(float(z.square().sum()) for z in dense)
+        logits = {}
+        for b in blocks:
+            saved = {k: params[k].detach().clone() for k in b.gain}
+            for k in b.gain:
+                params[k].zero_()
+            try:
+                moved = sum(float((model(x).double() - z).square().sum()) for (x, _), z in zip(batches, dense))
+            finally:
+                for k, v in saved.items():
+                    params[k].copy_(v)
+            logits[b.name] = moved / max(energy, 1e-300)
+    return {"logits": logits, "output": {n: a / max(b, 1e-300) for n, (a, b) in sq.items()}}
+
+
 def measure(arch, state_dict, batches, kinds):
     """The calibration evidence pruning/scoring.py reads.
 
@@ -80,8 +114,9 @@ def measure(arch, state_dict, batches, kinds):
         batches: list of (images, labels).
         kinds: subset of criteria.EVIDENCE.
     Returns:
-        {"saliency": key -> |w * grad|, "activation": (key, axis) -> [channels] mean |input|}
-        with the kinds asked for.
+        {"saliency": key -> |w * grad| (and "saliency_sums": key -> [per batch sum of w * grad]),
+         "activation": (key, axis) -> [channels] mean |input|, "skip": skip_changes'} with the
+        kinds asked for.
     """
     unknown = set(kinds) - set(EVIDENCE)
     if unknown:
@@ -91,12 +126,18 @@ def measure(arch, state_dict, batches, kinds):
     handles = _activity_hooks(model, sums, counts) if "activation" in kinds else []
     total = sum(len(y) for _, y in batches)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    params = dict(model.named_parameters())
+    batch_sums = {k: [] for k in params}  # sum of w * dL/dw of each batch's loss, per tensor
     try:
         with torch.set_grad_enabled("saliency" in kinds):
             for images, labels in batches:
                 loss = loss_fn(model(images), labels) / total
-                if "saliency" in kinds:
-                    loss.backward()
+                if "saliency" in kinds:  # accumulated as backward() would, and kept per batch
+                    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                    for (k, p), g in zip(params.items(), grads):
+                        g = torch.zeros_like(p) if g is None else g
+                        batch_sums[k].append(float((p.detach().double() * g.double()).sum()) * total / len(labels))
+                        p.grad = g if p.grad is None else p.grad + g
     finally:
         for h in handles:
             h.remove()
@@ -105,6 +146,9 @@ def measure(arch, state_dict, batches, kinds):
         evidence["saliency"] = {k: (p.detach() * p.grad).abs().double() if p.grad is not None
                               else torch.zeros_like(p, dtype=torch.float64)
                               for k, p in model.named_parameters()}
+        evidence["saliency_sums"] = batch_sums
+    if "skip" in kinds:
+        evidence["skip"] = skip_changes(model, arch, batches)
     if "activation" in kinds:
         evidence["activation"] = {k: sums[k] / counts[k] for k in sums}
     return evidence

@@ -22,7 +22,7 @@ import models
 from .probe import FixedInputs, capture, channels_last, consumers, kept_channels, norm_order
 
 
-def compensate(dense_arch, dense_sd, pruned_arch, pruned_sd, groups, keep, batches, method="refit"):
+def compensate(dense_arch, dense_sd, pruned_arch, pruned_sd, groups, keep, batches, method="refit", renamed=None):
     """The pruned weights, compensated.
 
     Args:
@@ -31,6 +31,8 @@ def compensate(dense_arch, dense_sd, pruned_arch, pruned_sd, groups, keep, batch
         groups: channel groups of the source shape; keep: group name -> kept indices.
         batches: calibration (images, labels) batches.
         method: "stats" (the norms only) or "refit" (the norms and the layers reading them).
+        renamed: a source module's name in the pruned model, None where its block was removed
+            (depth pruning); default: the same name.
     Returns:
         (new pruned state dict, {"layernorms": refit, "batchnorms": re-measured}).
     """
@@ -41,13 +43,15 @@ def compensate(dense_arch, dense_sd, pruned_arch, pruned_sd, groups, keep, batch
     order = norm_order(dense, images[0])
     layer_norms = [n for n in order if isinstance(dense.get_submodule(n), nn.LayerNorm)]
     readers = consumers(dense, images[0], layer_norms)
+    renamed = renamed or (lambda module: module)
+    layer_norms = [n for n in layer_norms if renamed(n) is not None]
     dense_in, refit = FixedInputs(dense, layer_norms, images), 0
     for name in layer_norms:
         kept = kept_channels(groups, keep, f"{name}.weight")
         if kept is None:
             kept = torch.arange(dense.get_submodule(name).normalized_shape[0])
         reader = readers.get(name) if method == "refit" else None
-        refit += _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in)
+        refit += _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in, renamed)
     batch_norms = [n for n in order if not isinstance(dense.get_submodule(n), nn.LayerNorm)]
     if batch_norms:
         _remeasure_batch_norms(pruned, images)
@@ -64,10 +68,10 @@ def _normalised(module, x):
 RIDGE = 1e-2  # a reader's refit is pulled toward its weights by this share of the mean input energy
 
 
-def _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in):
+def _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in, renamed):
     """Fit one LayerNorm of `pruned` (and the layer that reads it, if given) to the dense
     model; 0 when the norm sees the dense input already (nothing upstream was cut), else 1."""
-    d_norm, p_norm = dense.get_submodule(name), pruned.get_submodule(name)
+    d_norm, p_norm = dense.get_submodule(name), pruned.get_submodule(renamed(name))
     width = d_norm.normalized_shape[0]
     cut = torch.ones(width, dtype=torch.bool)
     cut[kept] = False
@@ -82,7 +86,7 @@ def _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in)
     sums = torch.zeros(4, kept.numel(), dtype=torch.float64)  # of p, d, p^2, p d per kept channel
     cut_sum, n, ptp, ptz = torch.zeros(int(cut.sum()), dtype=torch.float64), 0, 0, 0
     for i, x in enumerate(dense_in.images):
-        xd, xp = dense_in.get(name, i), capture(pruned, name, x)
+        xd, xp = dense_in.get(name, i), capture(pruned, renamed(name), x)
         if i == 0 and kept.numel() == width and torch.equal(xp, xd):
             return 0
         d, p = _normalised(d_norm, xd), _normalised(p_norm, xp)
@@ -96,9 +100,9 @@ def _refit_layer_norm(dense, pruned, name, kept, reader, groups, keep, dense_in)
             ptp, ptz = ptp + aug.T @ aug, ptz + aug.T @ z
     _fit_affine(p_norm, sums / n)
     if linear:
-        _refit_reader(pruned.get_submodule(reader), p_norm, ptp, ptz)
+        _refit_reader(pruned.get_submodule(renamed(reader)), p_norm, ptp, ptz)
     elif reader is not None and bool(cut.any()):
-        _absorb_cut_mean(dense, pruned, d_norm, reader, cut, cut_sum / n, rows)
+        _absorb_cut_mean(dense, pruned.get_submodule(renamed(reader)), d_norm, reader, cut, cut_sum / n, rows)
     return 1
 
 
@@ -132,10 +136,9 @@ def _refit_reader(reader, norm, ptp, ptz):
         reader.bias.copy_(theta[k].to(reader.bias.dtype))
 
 
-def _absorb_cut_mean(dense, pruned, d_norm, reader, cut, cut_mean, rows):
+def _absorb_cut_mean(dense, p_reader, d_norm, reader, cut, cut_mean, rows):
     """A conv reader: the dense mean output of the cut channels, through its weights, into
     its bias (rows: its kept output channels, None for all)."""
-    p_reader = pruned.get_submodule(reader)
     if p_reader.bias is None:
         return
     mean_out = d_norm.weight.double()[cut] * cut_mean + d_norm.bias.double()[cut]

@@ -8,11 +8,18 @@ weight's output positions once (forward hooks on the meta model), and a candidat
 sum over tensors of their pruned sizes. It checks itself against FlopCounterMode on the
 unpruned shape and refuses to run if they disagree.
 """
+import copy
+
 import torch
 import torch.nn as nn
 
 from models import meta_model
 from models.complexity import count_macs, count_params
+
+
+def owned_by_any(key, blocks):
+    """Whether a tensor key belongs to one of the named blocks."""
+    return any(key.startswith(name + ".") for name in blocks)
 
 
 class KeptShapes:
@@ -62,6 +69,7 @@ class CostModel:
     """
 
     def __init__(self, arch, groups, input_size):
+        self.removed = ()  # blocks counted as gone (depth pruning; see `without`)
         model = meta_model(arch).eval()
         self.widths = {g.name: g.width for g in groups}
         self.positions = self._weight_positions(model, arch, input_size)
@@ -94,6 +102,12 @@ class CostModel:
             h.remove()
         return positions
 
+    def without(self, removed):
+        """This model with the blocks named in `removed` counted as gone."""
+        view = copy.copy(self)
+        view.removed = tuple(removed)
+        return view
+
     def __call__(self, keep):
         """(params, MACs) when group `name` keeps indices keep[name] (all for absent names).
 
@@ -102,6 +116,8 @@ class CostModel:
         """
         params = macs = 0
         for key, size in self.kept_shapes(keep).items():
+            if owned_by_any(key, self.removed):
+                continue
             n = 1
             for s in size:
                 n *= s

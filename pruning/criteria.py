@@ -42,6 +42,8 @@ from dataclasses import dataclass, field, replace
 from common.errors import UserError
 from common.registry import Registry
 
+from . import blocks
+
 # torch and numpy are imported in the functions that use them: the command lines list the
 # criteria in --help without loading either.
 
@@ -300,8 +302,8 @@ NORMALIZATIONS = ("max", "mean", "none")
 REDUCTIONS = ("mean", "sum", "max", "first")
 # What a criterion reads -> the rows it yields (the recorded scope). The two evidence kinds
 # are measured by pruning/calibration.py.
-READS = {"weights": None, "scales": "scales", "saliency": "group", "activation": "inputs"}
-EVIDENCE = ("saliency", "activation")
+READS = {"weights": None, "scales": "scales", "saliency": "group", "activation": "inputs", "skip": "blocks"}
+EVIDENCE = ("saliency", "activation", "skip")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,16 +353,22 @@ class Criterion:
         so --raw_weights (the layer scale folded in or not) applies.
     aggregation: the default Aggregation (its scope is fixed unless reads == "weights").
     summary: one line for --help and the docs.
+    block_score: callable(pruning.blocks.BlockView) -> float, one score per removable block
+        (depth pruning), or None when the criterion does not score blocks. A criterion with
+        `score=None` scores blocks only ("skip": the change when a block is skipped).
     """
     name: str
-    score: Callable = field(repr=False)
+    score: Callable | None = field(repr=False)
     reads: str = "weights"
     seeded: bool = False
     uses_values: bool = True
     aggregation: Aggregation = BASE_AGGREGATION
     summary: str = ""
+    block_score: Callable | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        if self.score is None and self.block_score is None:
+            raise ValueError(f"criterion {self.name}: give a score, a block_score or both")
         if self.reads not in READS:
             raise ValueError(f"criterion {self.name}: reads must be one of {', '.join(READS)}, not {self.reads!r}")
         fixed = READS[self.reads]
@@ -381,8 +389,8 @@ class Criterion:
 
     def options(self):
         """The options that apply to this criterion (every other one is refused)."""
-        applies = {"normalize", "reduce"}
-        if self.reads == "weights":
+        applies = {"normalize", "reduce"} if self.score is not None else set()
+        if self.reads == "weights" and self.score is not None:
             applies.add("scope")
             if self.uses_values:
                 applies.add("raw_weights")
@@ -418,16 +426,23 @@ def get_criterion(criterion):
 # better with the producers alone.
 _WHOLE_GROUP = Aggregation(scope="group", normalize="mean", reduce="max")
 for _c in (
-    Criterion(name="opnorm", score=opnorm, aggregation=_WHOLE_GROUP,
+    Criterion(name="opnorm", score=opnorm, aggregation=_WHOLE_GROUP, block_score=blocks.branch_opnorm,
               summary="operator norm of each filter's projection (Singh & Plumbley)"),
-    Criterion(name="opnorm_abs", score=opnorm_abs, summary="operator norm without the orientation"),
-    Criterion(name="l1", score=l1, summary="L1 norm of each filter (Li et al.)"),
-    Criterion(name="l2", score=l2, summary="L2 norm of each filter"),
+    Criterion(name="opnorm_abs", score=opnorm_abs, block_score=blocks.branch_opnorm,
+              summary="operator norm without the orientation"),
+    Criterion(name="l1", score=l1, block_score=blocks.output_l1, summary="L1 norm of each filter (Li et al.)"),
+    Criterion(name="l2", score=l2, block_score=blocks.output_l2, summary="L2 norm of each filter"),
     Criterion(name="fpgm", score=fpgm, aggregation=_WHOLE_GROUP, summary="geometric median distance (He et al.)"),
-    Criterion(name="random", score=random, seeded=True, uses_values=False, summary="seeded uniform control"),
-    Criterion(name="slimming", score=slimming, reads="scales", summary="|scale factor| (Liu et al.)"),
+    Criterion(name="random", score=random, seeded=True, uses_values=False, block_score=blocks.random_block,
+              summary="seeded uniform control"),
+    Criterion(name="slimming", score=slimming, reads="scales", block_score=blocks.gain_slimming,
+              summary="|scale factor| (Liu et al.)"),
     Criterion(name="taylor", score=taylor, reads="saliency", aggregation=Aggregation(normalize="mean", reduce="max"),
-              summary="first-order Taylor |w * dL/dw| (Molchanov et al.)"),
+              block_score=blocks.taylor_branch, summary="first-order Taylor |w * dL/dw| (Molchanov et al.)"),
     Criterion(name="activation", score=activation, reads="activation", summary="mean |input| of the consumers"),
+    Criterion(name="skip_logits", score=None, reads="skip", block_score=blocks.skip_logits,
+              summary="blocks only: change of the logits when the block is skipped (calibration images)"),
+    Criterion(name="skip_output", score=None, reads="skip", block_score=blocks.skip_output,
+              summary="blocks only: change of the block's output when it is skipped (calibration images)"),
 ):
     register_criterion(_c)

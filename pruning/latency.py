@@ -19,6 +19,7 @@ measured and dropped: the per-group normalised scores are not comparable across 
 it emptied the high-resolution stage (ConvNeXt-T at 3x on DIGITS: stage 1 kept 1 channel,
 top-1 9.7%; with the square root of the cost 71.4%, score order 87.8%; docs/design.md 6b).
 """
+import copy
 import hashlib
 import json
 import math
@@ -37,17 +38,18 @@ from common.files import atomic_open
 from common.provenance import machine
 from deploy.runtime import Settings, check_settings, get_runtime
 
-from .costs import KeptShapes
+from .costs import KeptShapes, owned_by_any
 from .plan import select
-from .surgery import new_arch, prune_state_dict
+from .surgery import new_arch, prune_state_dict, remove_blocks
 
 logger = logging.getLogger("pruning.latency")
-FEATURES = ("dense_macs", "depthwise_macs", "elements", "constant")
-VARIANTS = 12      # random-width shapes the rates are fitted to (besides the source)
+FEATURES = ("dense_macs", "depthwise_macs", "elements", "layers", "constant")
+VARIANTS = 12      # random-width shapes the rates are fitted to (besides the source); with
+                   # removable blocks, every second one also lacks a random half of them
 TOLERANCE = 0.03   # re-plan while the measurement misses the target by more than this share
 ATTEMPTS = 4
 WARN_MISS = 0.05   # the final measurement further than this from the target is reported
-FORMAT = 1         # of the cache files
+FORMAT = 2         # of the cache files (2: the per-layer feature, shapes without blocks)
 
 
 @dataclass(frozen=True)
@@ -138,20 +140,31 @@ class LatencyModel:
         self.layers, shapes = _layers(arch, input_size)
         self.meta_state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
         self.kept_shapes = KeptShapes({k: shapes[k] for k in self.layers}, groups)
+        self.blocks = models.removable_blocks(arch)
+        self.removed = ()  # blocks counted as gone (see `without`)
         self.rates = None
         self.fit_errors = None
         self.cache_path = None
 
     # --- the model ------------------------------------------------------------------------
 
+    def without(self, removed):
+        """This model (fitted rates shared) with the blocks named in `removed` counted as gone."""
+        view = copy.copy(self)
+        view.removed = tuple(removed)
+        return view
+
     def features(self, keep):
-        """The FEATURES of a candidate (absent groups keep every channel)."""
+        """The FEATURES of a candidate (absent groups keep every channel; removed blocks add nothing)."""
         out = dict.fromkeys(FEATURES, 0.0)
         for key, size in self.kept_shapes(keep).items():
+            if owned_by_any(key, self.removed):
+                continue
             kind, positions = self.layers[key]
             if kind != "norm":
                 out["depthwise_macs" if kind == "dw" else "dense_macs"] += float(np.prod(size)) * positions
             out["elements"] += float(size[0]) * positions
+            out["layers"] += 1.0
         out["constant"] = 1.0
         return np.array([out[f] for f in FEATURES])
 
@@ -161,7 +174,8 @@ class LatencyModel:
 
     def arch_of(self, keep):
         """The shape a candidate gives (surgery on weightless tensors)."""
-        return new_arch(self.arch, prune_state_dict(self.meta_state, self.groups, keep))
+        state = prune_state_dict(self.meta_state, self.groups, keep)
+        return new_arch(self.arch, remove_blocks(state, self.blocks, self.removed))
 
     # --- fitting and the cache ------------------------------------------------------------
 
@@ -189,25 +203,38 @@ class LatencyModel:
         return self
 
     def _variants(self):
-        """Shapes from small to whole: a share per shape, each group's jittered around it."""
+        """(keep, removed blocks) from small to whole: a share per shape, each group's jittered
+        around it; every second shape also lacks about half the removable blocks (each stage
+        keeps one), so the fit sees what a block costs beyond its widths."""
         gen = torch.Generator().manual_seed(0)
-        keeps = [{}]
+        shapes = [({}, ())]
         for i in range(VARIANTS):
             base = 0.1 + 0.9 * i / max(VARIANTS - 1, 1)
             keep = {}
             for g in self.groups:
                 share = min(1.0, base * (0.5 + float(torch.rand((), generator=gen))))
                 keep[g.name] = select(g, torch.arange(g.width), max(1, round(share * g.width)))
-            keeps.append(keep)
-        return keeps
+            removed = self._random_blocks(gen) if i % 2 else ()
+            shapes.append((keep, removed))
+        return shapes
+
+    def _random_blocks(self, gen):
+        left = models.FAMILIES[self.arch["family"]].stage_depths(self.arch) if self.blocks else []
+        removed = []
+        for b in self.blocks:
+            if float(torch.rand((), generator=gen)) < 0.5 and left[b.stage] > 1:
+                left[b.stage] -= 1
+                removed.append(b.name)
+        return tuple(removed)
 
     def _time_variants(self):
         samples = []
-        keeps = self._variants()
-        for i, keep in enumerate(keeps):
-            logger.info("latency model: timing shape %d of %d (%s)", i + 1, len(keeps), self.settings.describe())
-            ms = time_shapes([self.arch_of(keep)], self.input_size, self.settings, rounds=1)[0]
-            samples.append({"features": self.features(keep).tolist(), "ms": ms})
+        shapes = self._variants()
+        for i, (keep, removed) in enumerate(shapes):
+            logger.info("latency model: timing shape %d of %d (%s)", i + 1, len(shapes), self.settings.describe())
+            view = self.without(removed)
+            ms = time_shapes([view.arch_of(keep)], self.input_size, self.settings, rounds=1)[0]
+            samples.append({"features": view.features(keep).tolist(), "removed": list(removed), "ms": ms})
         return samples
 
     def _check_separates(self, samples):
@@ -261,40 +288,43 @@ def meet_target(plan, model, target_ms=None, target_speedup=None):
     bracketed. The plan measured closest to the target is returned.
 
     Args:
-        plan: goal_ms -> keep (plan.plan_keep with the latency goal in predicted ms).
+        plan: goal_ms -> plan.Cut (plan.plan_cut with the latency goal in predicted ms).
         model: a fitted LatencyModel.
         target_ms / target_speedup: milliseconds per batch, or times faster than the source.
     Returns:
-        (keep, report dict: settings, target, predicted and measured ms, speed-up, attempts).
+        (Cut, report dict: settings, target, predicted and measured ms, speed-up, attempts).
     """
     goal = target_ms if target_ms is not None else model.predict({}) / target_speedup
-    tried = []  # (miss, goal, keep, measured ms, source ms); miss > 0: faster than asked
+    tried = []  # (miss, goal, cut, measured ms, source ms); miss > 0: faster than asked
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            keep = plan(goal)
+            cut = plan(goal)
         except UserError:
             if not tried:
                 raise
             break  # a corrected aim beyond reach: the closest plan so far stands
-        archs = [model.arch_of(keep)] + ([model.arch] if target_speedup is not None else [])
+        view = model.without(cut.removed)
+        archs = [view.arch_of(cut.keep)] + ([model.arch] if target_speedup is not None else [])
         measured = time_shapes(archs, model.input_size, model.settings)
         if target_speedup is not None:
             miss = (measured[1] / measured[0]) / target_speedup - 1
         else:
             miss = target_ms / measured[0] - 1
-        tried.append((miss, goal, keep, measured[0], measured[1] if target_speedup is not None else None))
-        logger.info("latency plan %d: predicted %.3g ms, measured %.3g ms (%+.1f%% from the target)",
-                    attempt, model.predict(keep), measured[0], 100 * miss)
+        tried.append((miss, goal, cut, measured[0], measured[1] if target_speedup is not None else None))
+        logger.info("latency plan %d: predicted %.3g ms, measured %.3g ms (%+.1f%% from the target)%s",
+                    attempt, view.predict(cut.keep), measured[0], 100 * miss,
+                    f", {len(cut.removed)} blocks removed" if cut.removed else "")
         if abs(miss) <= TOLERANCE:
             break
         goal = _next_goal(tried)
-    miss, goal, keep, ms, source_ms = min(tried, key=lambda t: abs(t[0]))
+    miss, goal, cut, ms, source_ms = min(tried, key=lambda t: abs(t[0]))
     s = model.settings
     report = {"backend": s.backend, "batch": s.batch, "dtype": s.dtype, "threads": torch.get_num_threads(),
-              "target_ms": target_ms, "target_speedup": target_speedup, "predicted_ms": model.predict(keep),
+              "target_ms": target_ms, "target_speedup": target_speedup,
+              "predicted_ms": model.without(cut.removed).predict(cut.keep),
               "measured_ms": ms, "source_ms": source_ms, "speedup": source_ms / ms if source_ms else None,
               "miss": miss, "attempts": len(tried), "fit_errors": model.fit_errors, "cache": model.cache_path}
-    return keep, report
+    return cut, report
 
 
 def _next_goal(tried):

@@ -7,13 +7,23 @@ index (a stable sort), so all-zero scores keep channels 0..k-1. Kept indices are
 """
 import fnmatch
 import math
+from dataclasses import dataclass, field
+
 import torch
 
 from common.errors import UserError
 
 from models.groups import part_stop
 
+from .blocks import choose_removed, removal_order
 from .rules import Shape
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A plan: kept channel indices per group, and the blocks removed (name -> block score)."""
+    keep: dict
+    removed: dict = field(default_factory=dict)
 
 
 def ranking(score):
@@ -271,3 +281,97 @@ def _unmet_message(given, smallest, latency):
                      f"(goal {latency[1]:.3g} ms)")
     parts += [budget.reached(smallest) for budget, _ in given]
     return "target cannot be met: " + "; ".join(parts) + " (every group keeps >= 1 channel)"
+
+
+# --- depth ---------------------------------------------------------------------------------
+
+def remaining_groups(groups, removed):
+    """The groups that still exist once the `removed` blocks are gone (a block's own groups,
+    every slice inside it, go with it)."""
+    def inside(g):
+        return all(any(p.key.startswith(n + ".") for n in removed) for p in g.slices)
+    return [g for g in groups if not (removed and inside(g))]
+
+
+def _width_plan(groups, scores, rules, removed, cost_model, latency):
+    left = remaining_groups(groups, removed)
+    cost = cost_model.without(removed) if cost_model is not None else None
+    lat = (latency[0].without(removed), latency[1]) if latency is not None else None
+    return plan_keep(left, scores, rules, cost_model=cost, latency=lat)
+
+
+def plan_cut(groups, scores, rules, *, cost_model=None, latency=None, blocks=(), block_scores=None, depths=None):
+    """The Cut the rules give: blocks first (--depths / --remove_blocks), then the channel
+    rules on what is left; with prune_depth, depth and width are planned together
+    (`_depth_sweep`).
+
+    Args:
+        groups, scores, rules, cost_model, latency: as plan_keep.
+        blocks: the removable blocks; block_scores: name -> the criterion's block score;
+        depths: blocks per stage of the source.
+    """
+    if rules.prune_depth:
+        return _depth_sweep(groups, scores, rules, cost_model, latency, blocks, block_scores, depths)
+    removed = choose_removed(blocks, block_scores, rules, depths) if rules.prunes_depth else {}
+    return Cut(_width_plan(groups, scores, rules, removed, cost_model, latency), removed)
+
+
+def block_costs(blocks, block_scores, groups, scores):
+    """Each block's score in the units of the channel ranking: the block scores scaled so that
+    their mean equals the mean summed channel score of the groups inside a block (what
+    narrowing those groups to nothing would lose)."""
+    mass = {}
+    for b in blocks:
+        inner = [g for g in groups if all(p.key.startswith(b.name + ".") for p in g.slices)]
+        mass[b.name] = sum(float(scores[g.name].score.sum()) for g in inner if scores.get(g.name) is not None)
+    mean_score = sum(block_scores.values()) / len(blocks)
+    mean_mass = sum(mass.values()) / len(blocks)
+    if mean_score <= 0 or mean_mass <= 0:
+        return {b.name: block_scores[b.name] for b in blocks}
+    return {b.name: block_scores[b.name] / mean_score * mean_mass for b in blocks}
+
+
+def _lost(keep, groups, scores):
+    """Summed scores of the channels a plan removes."""
+    total = 0.0
+    for g in groups:
+        s = scores.get(g.name)
+        if s is not None and keep[g.name].numel() < g.width:
+            gone = torch.ones(g.width, dtype=torch.bool)
+            gone[keep[g.name]] = False
+            total += float(s.score[gone].sum())
+    return total
+
+
+def _depth_sweep(groups, scores, rules, cost_model, latency, blocks, block_scores, depths):
+    """Depth and width together under a latency goal. Blocks are ordered by their cost (block
+    score in channel units, `block_costs`) per predicted millisecond their removal saves; for
+    k = 0, 1, ... blocks removed in that order (every stage keeps one) the channels are
+    narrowed in the criterion's order until the goal is met; the k whose removed blocks and
+    channels add up to the lowest score wins. Narrowing stops paying when k blocks alone
+    meet the goal: more blocks only add to the loss."""
+    model, goal = latency
+    costs = block_costs(blocks, block_scores, groups, scores)
+    dense_ms = model.predict({})
+    saved = {b.name: max(dense_ms - model.without([b.name]).predict({}), 1e-12) for b in blocks}
+    left, sequence = list(depths), []
+    for b in sorted(removal_order(blocks, block_scores), key=lambda b: costs[b.name] / saved[b.name]):
+        if left[b.stage] > 1:
+            left[b.stage] -= 1
+            sequence.append(b)
+    best, first_error = None, None
+    for k in range(len(sequence) + 1):
+        removed = {b.name: block_scores[b.name] for b in sequence[:k]}
+        try:
+            keep = _width_plan(groups, scores, rules, removed, cost_model, latency)
+        except UserError as e:  # the goal is out of reach with k blocks gone
+            first_error = first_error or e
+            continue
+        lost = sum(costs[n] for n in removed) + _lost(keep, remaining_groups(groups, removed), scores)
+        if best is None or lost < best[0]:
+            best = (lost, Cut(keep, removed))
+        if all(keep[g.name].numel() == g.width for g in remaining_groups(groups, removed)):
+            break
+    if best is None:
+        raise first_error
+    return best[1]

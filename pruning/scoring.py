@@ -70,7 +70,7 @@ class GroupScores:
     sources: dict = field(default_factory=dict)
 
 
-def _seed_for(seed, key):
+def seed_for(seed, key):
     """A seed derived from a name, stable across runs and Python processes (no hash salt)."""
     return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63)
 
@@ -83,7 +83,7 @@ def _call(crit, tensor, seed, key, seed_key):
     so every full-width source of a group draws the same numbers and the reduction keeps them
     uniform.
     """
-    kwargs = {"seed": _seed_for(seed, seed_key)} if crit.seeded else {}
+    kwargs = {"seed": seed_for(seed, seed_key)} if crit.seeded else {}
     try:
         result = crit.score(tensor, **kwargs)
     except ValueError as e:

@@ -33,13 +33,15 @@ def _tuple(value, name="value"):
 
 # KeepRules' own settings and their defaults; the registered budgets (pruning/rules.py) join them
 SETTINGS = {"dims": None, "hidden_ratio": None, "mlp_ratio": None, "group_ratio": None, "round_to": 1,
+            "depths": None, "remove_blocks": None, "prune_depth": False,
             "target_latency": None, "target_speedup": None, "latency_backend": "eager", "latency_batch": 1,
             "latency_dtype": "fp32"}
 
 
 # KeepRules' settings and their allowed values (the budgets check their own)
 _RANGES = {"round_to": Range(1, integer=True), "hidden_ratio": Range(0, 1, lo_open=True), "mlp_ratio": Range(0, lo_open=True),
-           "dims": Range(1, integer=True), "target_latency": Range(0, 1e7, lo_open=True), "target_speedup": Range(1, 1000, lo_open=True),
+           "dims": Range(1, integer=True), "depths": Range(1, integer=True), "remove_blocks": Range(1, integer=True),
+           "target_latency": Range(0, 1e7, lo_open=True), "target_speedup": Range(1, 1000, lo_open=True),
            "latency_batch": Range(1, integer=True), "latency_dtype": Choice(("fp32", "bf16"))}
 
 
@@ -69,6 +71,10 @@ class KeepRules:
         or this many times faster than the source, measured on
         this machine (pruning/latency.py) in latency_backend (a registered Runtime) at
         latency_batch images in latency_dtype (fp32, or bf16 autocast in eager / compile).
+    depths: blocks kept per stage (depth pruning: the criterion's block scores pick which go).
+    remove_blocks: remove this many blocks, lowest block scores first, over the whole model.
+    prune_depth: with a latency target, the planner also removes blocks where a block's score
+        per millisecond saved is lower than narrowing's (pruning/plan.py).
     """
     __slots__ = ("_values",)
 
@@ -78,7 +84,7 @@ class KeepRules:
             raise TypeError(f"KeepRules got unknown rules {', '.join(unknown)}; "
                             f"known: {', '.join(rule_names())}")
         v = {name: values.get(name, SETTINGS.get(name)) for name in rule_names()}
-        for name in ("dims", "hidden_ratio", "mlp_ratio"):
+        for name in ("dims", "hidden_ratio", "mlp_ratio", "depths"):
             v[name] = _tuple(v[name], name)
         pairs = _tuple(v["group_ratio"], "group_ratio")
         v["group_ratio"] = None if pairs is None else tuple((str(p), float(r)) for p, r in pairs)
@@ -135,6 +141,17 @@ class KeepRules:
             if Range(0, 1, hi_open=True)(share):
                 raise FieldError("KeepRules", "group_ratio", f"{pattern}={share:g}: the share must be in [0, 1)")
         self._check_latency()
+        self._check_depth()
+
+    def _check_depth(self):
+        if not isinstance(self.prune_depth, bool):
+            raise FieldError("KeepRules", "prune_depth", f"must be true or false, got {self.prune_depth!r}")
+        given = [k for k in ("depths", "remove_blocks", "prune_depth") if self._values[k] not in (None, False)]
+        if len(given) > 1:
+            raise FieldError("KeepRules", given[0], f"and `{given[1]}` exclude each other: give one depth rule")
+        if self.prune_depth and not self.latency_targeted:
+            raise FieldError("KeepRules", "prune_depth", "plans depth with a latency target: give `target_latency` "
+                             "or `target_speedup` (or fix depth with `depths` / `remove_blocks`)")
 
     def _check_latency(self):
         if self.target_latency is not None and self.target_speedup is not None:
@@ -158,13 +175,23 @@ class KeepRules:
         return self.latency_targeted or bool(self.given_budgets())
 
     @property
+    def prunes_depth(self):
+        """Whether a rule removes blocks."""
+        return self.depths is not None or self.remove_blocks is not None or self.prune_depth
+
+    @property
+    def prunes_width(self):
+        """Whether a rule removes channels."""
+        return self.targeted or any(v is not None for v in (self.dims, self.hidden_ratio, self.mlp_ratio,
+                                                            self.group_ratio))
+
+    @property
     def reads_cost(self):
         """Whether a budget given reads params / MACs (a CostModel is needed)."""
         return any(b.reads_cost for b, _ in self.given_budgets())
 
     def any(self):
-        return self.targeted or any(v is not None for v in (self.dims, self.hidden_ratio, self.mlp_ratio,
-                                                            self.group_ratio))
+        return self.prunes_width or self.prunes_depth
 
 
 def _keep_rules(given):
@@ -237,18 +264,23 @@ class PruneSpec:
         """The spec with the criterion's defaults filled in (idempotent); UserError for any
         option given that the criterion does not read, and for a spec without a keep rule."""
         crit = get_criterion(self.criterion)
+        _check_criterion_rules(crit, self.rules)
         applies = crit.options()
+        if not self.rules.prunes_width:  # blocks alone: nothing reads the channel aggregation
+            applies -= {"scope", "normalize", "reduce", "raw_weights"}
         if self.compensate != "none":  # the compensation reads calibration images the seed draws
             applies |= {"seed", "calibration"}
         scope = self.aggregation.scope  # a criterion's own fixed scope is what it reads anyway
         given = {"scope": scope is not None and scope != crit.aggregation.scope, "raw_weights": self.raw_weights,
-                 "seed": self.seed is not None, "calibration": self.calibration is not None}
+                 "seed": self.seed is not None, "calibration": self.calibration is not None,
+                 "normalize": self.aggregation.normalize is not None, "reduce": self.aggregation.reduce is not None}
         for option, is_given in given.items():
             if is_given and option not in applies:
-                raise UserError(f"{_flag(option)} does not apply to criterion {crit.name}: {_why(crit, option)}")
+                raise UserError(f"{_flag(option)} does not apply to criterion {crit.name}: "
+                                f"{_why(crit, option, self.rules.prunes_width)}")
         if not self.rules.any():
             names = ["dims", "hidden_ratio", "mlp_ratio", "group_ratio", *(b.name for b in budgets()),
-                     "target_latency", "target_speedup"]
+                     "depths", "remove_blocks", "target_latency", "target_speedup"]
             raise UserError(f"no keep rule: give {', '.join('--' + n for n in names[:-1])} or --{names[-1]} "
                             "(without one the output equals the input)")
         return replace(self, criterion=crit, aggregation=self.aggregation.filled(crit.aggregation),
@@ -259,7 +291,7 @@ class PruneSpec:
         """The settings a resolved spec used, as JSON-able values (checkpoint `pruning.options`)."""
         rules = self.rules.values()
         rules["group_ratio"] = [list(p) for p in self.rules.group_ratio] if self.rules.group_ratio else None
-        for key in ("dims", "hidden_ratio", "mlp_ratio"):
+        for key in ("dims", "hidden_ratio", "mlp_ratio", "depths"):
             rules[key] = list(rules[key]) if rules[key] is not None else None
         if not self.rules.latency_targeted:  # no latency was measured
             rules.update(latency_backend=None, latency_batch=None, latency_dtype=None)
@@ -277,12 +309,28 @@ class PruneSpec:
         return out
 
 
+def _check_criterion_rules(crit, rules):
+    """A criterion scores channels, blocks or both: refuse rules it cannot serve."""
+    if crit.score is None and rules.prunes_width:
+        raise UserError(f"criterion {crit.name} scores whole blocks only: use it with --depths or "
+                        "--remove_blocks and no channel rule")
+    if crit.block_score is None and rules.prunes_depth:
+        from .blocks import block_criteria
+        raise UserError(f"criterion {crit.name} does not score whole blocks; depth rules (--depths, "
+                        f"--remove_blocks, --prune_depth) take one of: {', '.join(block_criteria())}")
+
+
 def _flag(option):
     return {"calibration": "calibration (--calib_batches, --calib_batch_size, --data_set, --data_path)",
-            "seed": "--seed", "scope": "--scope", "raw_weights": "--raw_weights"}[option]
+            "seed": "--seed", "scope": "--scope", "raw_weights": "--raw_weights", "normalize": "--normalize",
+            "reduce": "--reduce"}[option]
 
 
-def _why(crit, option):
+def _why(crit, option, width=True):
+    if crit.score is None and option in ("normalize", "reduce"):
+        return "it scores whole blocks, one number each"
+    if not width and option in ("scope", "normalize", "reduce", "raw_weights"):
+        return "it combines channel scores, and no rule here removes channels (blocks alone)"
     if option == "scope":
         return f"it reads {crit.reads}, not weight rows (scope {crit.aggregation.scope})"
     if option == "raw_weights":

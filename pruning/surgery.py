@@ -108,6 +108,46 @@ def silence(state_dict, groups, keep):
     return out
 
 
+def renamed_key(key, blocks, removed):
+    """A source key's name once the `removed` blocks are gone: None for their own tensors;
+    a later block of the same container has its index lowered by the removed ones before it.
+
+    Args:
+        blocks: the source's removable blocks (models.removable_blocks).
+        removed: names of the blocks removed.
+    """
+    gone = [b for b in blocks if b.name in removed]
+    if any(b.owns(key) for b in gone):
+        return None
+    for container in {b.container for b in gone}:
+        head, _, rest = key[len(container) + 1:].partition(".")
+        if key.startswith(container + ".") and head.isdigit():
+            shift = sum(1 for b in gone if b.container == container and b.index < int(head))
+            return f"{container}.{int(head) - shift}.{rest}"
+    return key
+
+
+def remove_blocks(state_dict, blocks, removed):
+    """The state dict without the removed blocks' tensors, the later blocks renumbered."""
+    out = {}
+    for key, value in state_dict.items():
+        new = renamed_key(key, blocks, removed)
+        if new is not None:
+            out[new] = value
+    return out
+
+
+def silence_blocks(state_dict, blocks, removed):
+    """The source with the removed blocks' branches zeroed (their `gain` tensors: layer scale,
+    the last BatchNorm's affine), so each adds nothing: the depth exactness check."""
+    out = dict(state_dict)
+    for b in blocks:
+        if b.name in removed:
+            for key in b.gain:
+                out[key] = torch.zeros_like(out[key])
+    return out
+
+
 def read_source(ckpt, model_name=None, use_ema=False, input_size=None):
     """The state dicts and shape of a checkpoint.
 
@@ -179,7 +219,7 @@ def _one_number(value):
     return value if math.isfinite(value) else None
 
 
-def prune_checkpoint(ckpt, sds, groups, keep, source_arch, provenance):
+def prune_checkpoint(ckpt, sds, groups, keep, source_arch, provenance, removed=None):
     """The pruned checkpoint: the same cut on every state dict, optimizer and scaler dropped.
 
     Args:
@@ -189,15 +229,19 @@ def prune_checkpoint(ckpt, sds, groups, keep, source_arch, provenance):
         keep: dict group name -> kept indices.
         source_arch: the source shape.
         provenance: dict recorded under `pruning` (criterion, options, source sha256, ...).
+        removed: blocks removed (depth pruning), name -> score, recorded as `removed_blocks`.
     Returns:
         dict with model (+ model_ema), args, arch and pruning.
     """
-    out = {key: prune_state_dict(sd, groups, keep) for key, sd in sds.items()}
+    blocks = models.removable_blocks(source_arch) if removed else []
+    out = {key: remove_blocks(prune_state_dict(sd, groups, keep), blocks, removed or {}) for key, sd in sds.items()}
     out["args"] = args_to_dict(ckpt.get("args") if isinstance(ckpt, dict) else None)
     out["arch"] = new_arch(source_arch, out["model"])
     record = dict(provenance)
     record["kept"] = {name: [int(i) for i in idx] for name, idx in keep.items()}
     record["source_arch"] = source_arch
+    if removed:
+        record["removed_blocks"] = [{"name": n, "score": s} for n, s in removed.items()]
     for key in ("epoch", "max_accuracy"):
         value = _one_number(ckpt.get(key)) if isinstance(ckpt, dict) else None
         if value is not None:  # provenance only: a damaged value is left out, never a crash

@@ -146,15 +146,17 @@ OPTIONS = {  # option -> (what PruneSpec gets, the CLI flags)
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_every_inapplicable_option_is_refused(source, name, option, capsys):
     crit, (fields, flags) = CRITERIA[name], OPTIONS[option]
-    spec = PruneSpec(criterion=name, rules=KeepRules(dims=[4, 8, 12, 16]), **fields)
+    width = crit.score is not None  # a block-only criterion runs with a depth rule
+    rules, rule_flags = ((KeepRules(dims=[4, 8, 12, 16]), ["--dims", "4", "8", "12", "16"]) if width
+                         else (KeepRules(remove_blocks=1), ["--remove_blocks", "1"]))
+    spec = PruneSpec(criterion=name, rules=rules, **fields)
     if option in crit.options():
         assert spec.resolved().criterion is crit
         return
     with pytest.raises(UserError, match="does not apply to criterion"):
         spec.resolved()
     _, path = source
-    assert cli.main(["--checkpoint", str(path), "--dry_run", "--criterion", name, "--dims", "4", "8", "12", "16",
-                     *flags]) == 2
+    assert cli.main(["--checkpoint", str(path), "--dry_run", "--criterion", name, *rule_flags, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "does not apply to criterion" in err and "\n" not in err
 

@@ -19,7 +19,7 @@ from models.complexity import count_macs
 from pruning import KeepRules, PruneSpec, open_source, prune
 from cli.prune import main as prune_main
 from pruning.latency import VARIANTS, LatencyModel, LatencySettings, time_shapes
-from pruning.plan import select
+from pruning.plan import Cut, select
 
 ARCH = {"family": "convnext", "depths": [1, 1, 2, 1], "dims": [32, 64, 96, 128], "num_classes": 10}
 SIZE, BATCH = 64, 4
@@ -166,6 +166,9 @@ def test_replanning_brackets_the_target_and_keeps_the_closest_plan(monkeypatch):
         arch, input_size, settings = {"family": "stub"}, 32, LatencySettings()
         fit_errors, cache_path = None, None
 
+        def without(self, removed):
+            return self
+
         def predict(self, keep):
             return keep["goal"]
 
@@ -177,20 +180,20 @@ def test_replanning_brackets_the_target_and_keeps_the_closest_plan(monkeypatch):
 
     def plan(goal):
         goals.append(goal)
-        return {"goal": goal}
-    keep, report = lat.meet_target(plan, Stub(), target_ms=20.0)
+        return Cut({"goal": goal})
+    cut, report = lat.meet_target(plan, Stub(), target_ms=20.0)
     assert abs(report["miss"]) <= lat.TOLERANCE and report["attempts"] == len(goals) <= lat.ATTEMPTS
     assert goals[1] == pytest.approx(goals[0] * (20.0 / (0.8 * 20.0 ** 1.1)))
-    assert report["measured_ms"] == pytest.approx(0.8 * keep["goal"] ** 1.1)
+    assert report["measured_ms"] == pytest.approx(0.8 * cut.keep["goal"] ** 1.1)
 
     def unreachable_after_one(goal):
         if goals:
             raise UserError("target cannot be met")
         goals.append(goal)
-        return {"goal": goal}
+        return Cut({"goal": goal})
     goals.clear()
-    keep, report = lat.meet_target(unreachable_after_one, Stub(), target_ms=5.0)
-    assert report["attempts"] == 1 and keep == {"goal": 5.0}
+    cut, report = lat.meet_target(unreachable_after_one, Stub(), target_ms=5.0)
+    assert report["attempts"] == 1 and cut.keep == {"goal": 5.0}
     with pytest.raises(UserError):
         lat.meet_target(lambda goal: (_ for _ in ()).throw(UserError("no")), Stub(), target_ms=5.0)
 
