@@ -139,7 +139,7 @@ def test_random_is_seeded():
 
 def test_registry():
     assert set(CRITERIA) == {"opnorm", "opnorm_abs", "l1", "l2", "fpgm", "random", "slimming",
-                             "taylor", "activation"}
+                             "taylor", "activation", "skip_logits", "skip_output"}
     assert get_criterion("l1").score is l1 and get_criterion(get_criterion("l1")) is get_criterion("l1")
     with pytest.raises(UserError, match="unknown criterion"):
         get_criterion("hrank")
