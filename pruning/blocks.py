@@ -162,12 +162,8 @@ def choose_removed(blocks, scores, rules, depths):
         for s, (want, have) in enumerate(zip(rules.depths, depths)):
             if want > have:
                 raise UserError(f"--depths: stage {s} has {have} blocks, cannot keep {want}")
+            # want >= 1 (KeepRules) and at most a stage's first block is not removable: enough can go
             stage = [b for b in order if b.stage == s]
-            fixed = have - len(stage)
-            if want < max(fixed, 1):
-                raise UserError(f"--depths: stage {s} must keep at least {max(fixed, 1)} block(s) "
-                                f"({fixed} with a downsampling shortcut stay)" if fixed else
-                                f"--depths: stage {s} must keep at least 1 block")
             removed.update((b.name, scores[b.name]) for b in stage[:have - want])
         return removed
     for b in order:

@@ -119,3 +119,27 @@ def test_onnx_export_of_the_example(family, tmp_path, capsys):
     assert export.main(["--checkpoint", str(path), "--output", str(tmp_path / "m.onnx"), "--input_size", "32",
                         "--parity_images", "4"]) is None
     assert "top-1 agreement 100.00%" in capsys.readouterr().out
+
+
+def test_removing_blocks_equals_zeroing_their_branch(family):
+    """Depth exactness on every family that declares removable blocks: each block's `gain`
+    zeroed in the source gives the depth-pruned model's logits (to 1e-5 of the largest)."""
+    from pruning import KeepRules, PruneSpec, prune
+    from pruning.surgery import silence_blocks
+    cls, model = family
+    blocks = cls.removable_blocks(model.arch)
+    for b in blocks:
+        sd = model.state_dict()
+        assert all(k in sd for k in (*b.gain, b.output, *(k for layer in b.branch for k in layer)))
+        assert b.scale is None or b.scale in sd
+    if not blocks:
+        return
+    result = prune(model, PruneSpec(criterion="l2", rules=KeepRules(remove_blocks=1), input_size=32))
+    removed = [b["name"] for b in result.removed_blocks]
+    assert len(removed) == 1 and removed[0] in {b.name for b in blocks}
+    silenced = models.with_weights(model.arch, silence_blocks(model.state_dict(), blocks, removed))
+    with torch.no_grad():
+        ref, out = silenced(images()), result.model(images())
+    assert torch.allclose(out, ref, atol=1e-5 * max(1.0, float(ref.abs().max())))
+    assert models.infer_arch(result.checkpoint["model"])["family"] == model.arch["family"]
+    assert sum(cls.stage_depths(result.arch)) == sum(cls.stage_depths(model.arch)) - 1
