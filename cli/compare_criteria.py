@@ -7,8 +7,11 @@
 A criterion is a name of pruning/criteria.py, optionally with prune.py scoring flags:
 `l2:scope=group,normalize=mean` is `--criterion l2 --scope group --normalize mean`.
 A budget is a named shape of the family (ConvNeXt-T: 21M, 16M, 13M, 3M), `dims=32,64,128,256`,
-`params=0.25` / `macs=0.25` (that share of the source's params / MACs, global ranking) or
-`ratio=0.5` (that share of all channels, global ranking). Seeded criteria (random, the
+`params=0.25` / `macs=0.25` (that share of the source's params / MACs, global ranking),
+`ratio=0.5` (that share of all channels, global ranking), depth: `depths=3,3,5,3` (blocks kept
+per stage) or `blocks=4` (remove 4), or latency: `speedup=3` / `latency=MS` (measured here;
+`+latency_batch=16`, `+latency_backend=onnxruntime`, `+prune_depth` to plan depth with it).
+Parts join with '+': `13M+depths=3,3,5,3`, `speedup=3+prune_depth+latency_batch=16`. Seeded criteria (random, the
 data-driven ones, whose calibration batches the seed draws, and any with compensate=stats|refit,
 whose fit images it draws) run once per seed; deterministic ones once, unless --finetune_epochs fine-tunes every cell with each seed (main.py --seed).
 
@@ -74,20 +77,35 @@ import torch  # noqa: E402
 from studies import stats, study  # noqa: E402
 
 
+# study budget parts beyond the registered budgets: KIND=VALUE -> prune.py flag
+RULE_PARTS = {"dims": "--dims", "depths": "--depths", "blocks": "--remove_blocks", "speedup": "--target_speedup",
+              "latency": "--target_latency", "latency_batch": "--latency_batch", "latency_backend": "--latency_backend"}
+
+
 def budget_argv(spec, arch, input_size):
-    """A budget -> prune.py keep-rule flags: a named shape, dims=A,B,.. or SHORT=S for a
-    registered budget (pruning/rules.py) with a study form, S a share in (0, 1)."""
+    """A budget -> prune.py keep-rule flags: parts joined by '+', each a named shape, dims=A,B,..,
+    depths=A,B,.. (blocks per stage), blocks=N (remove N), speedup=X / latency=MS (measured on this
+    machine; latency_batch=B, latency_backend=NAME), prune_depth (plan depth with the latency
+    target), or SHORT=S for a registered budget (pruning/rules.py) with a study form, S a share
+    in (0, 1)."""
+    return [flag for part in spec.split("+") for flag in _part_argv(part, spec, arch, input_size)]
+
+
+def _part_argv(part, spec, arch, input_size):
     named = models.named_dims(arch)
-    if spec in named:
-        return ["--dims", *map(str, named[spec])]
+    if part in named:
+        return ["--dims", *map(str, named[part])]
+    if part == "prune_depth":
+        return ["--prune_depth", "true"]
     shares = {b.short: b for b in budgets() if b.short}
-    kind, sep, value = spec.partition("=")
-    if not sep or kind not in ("dims", *shares):
+    kind, sep, value = part.partition("=")
+    if not sep or not value or kind not in (*RULE_PARTS, *shares):
         known = ", ".join(named) or "none for this model"
-        raise UserError(f"budget {spec!r}: give a named shape ({known}), dims=A,B,.. or "
+        raise UserError(f"budget {spec!r}: give a named shape ({known}), dims=A,B,.., depths=A,B,.., blocks=N, "
+                        "speedup=X, latency=MS (with +prune_depth, +latency_batch=B), or "
                         + ", ".join(f"{k}=S" for k in shares))
-    if kind == "dims":
-        return ["--dims", *value.split(",")]
+    if kind in RULE_PARTS:
+        return [RULE_PARTS[kind], *value.split(",")]
     try:
         share = float(value)
     except ValueError:

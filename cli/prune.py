@@ -98,6 +98,8 @@ def get_args_parser():
                        "block scores choose which go")
     rules.add_argument("--remove_blocks", type=int, metavar="N",
                        help="depth pruning: remove the N blocks with the lowest block scores (every stage keeps one)")
+    rules.add_argument("--drop_blocks", nargs="+", metavar="NAME",
+                       help="depth pruning: remove these blocks by name (--list_groups lists them)")
     rules.add_argument("--prune_depth", type=str2bool, default=False, metavar="BOOL",
                        help="with --target_latency / --target_speedup: plan depth and width together (a block "
                        "goes where its score per millisecond saved is below narrowing's)")
@@ -214,7 +216,7 @@ def list_groups(source):
         print(f"  {name:<24} kept whole: {why}")
     if source.blocks:
         per_stage = ", ".join(f"{sum(b.stage == s for b in source.blocks)} of {n}" for s, n in enumerate(source.depths))
-        print(f"removable blocks (--depths, --remove_blocks) per stage: {per_stage}:")
+        print(f"removable blocks (--depths, --remove_blocks, --drop_blocks) per stage: {per_stage}:")
         print("  " + " ".join(b.name for b in source.blocks))
 
 

@@ -15,6 +15,10 @@ into --output_dir; rerun the same command after a kill to finish the rest. With 
 it prints the --group_ratio arguments that keep every set, pruned alone, within T points of the
 source (the largest ratio whose accuracy and every smaller ratio's stay within T). Sets pruned
 together usually lose more than each alone: fine-tune, and check the combined cut.
+
+With --blocks true it measures depth instead: each removable block removed alone (prune.py
+--drop_blocks NAME), one row per block (ratio 1), a table and sensitivity.png (accuracy per
+block); --tolerance T then prints the --drop_blocks names each within T points alone.
 """
 import fnmatch
 import os
@@ -23,7 +27,7 @@ import time
 from types import SimpleNamespace
 
 
-from cli.flags import DATA_SETS
+from cli.flags import DATA_SETS, str2bool
 from common.errors import UserError, parse_first, run_cli
 from studies import dispatch
 
@@ -31,6 +35,8 @@ from studies import dispatch
 def get_args_parser():
     p = dispatch.study_parser("sensitivity", __doc__)
     p.add_argument("--criterion", default="l1", help="NAME or NAME:flag=value,... (see compare_criteria.py)")
+    p.add_argument("--blocks", type=str2bool, default=False, metavar="BOOL",
+                   help="remove each removable block alone instead of pruning groups at --ratios")
     p.add_argument("--sets", nargs="+", default=None,
                    help="glob patterns over group names, one set each (default: every group)")
     p.add_argument("--ratios", nargs="+", type=float, default=[round(0.1 * i, 1) for i in range(1, 10)],
@@ -60,6 +66,10 @@ def check_args(args):
         raise UserError("--ratios must be distinct values in (0, 1)")
     if args.tolerance is not None and args.tolerance < 0:
         raise UserError(f"--tolerance must be >= 0, got {args.tolerance}")
+    if args.blocks and args.sets:
+        raise UserError("--sets names channel groups; --blocks removes each removable block: give one")
+    if args.blocks:
+        args.ratios = [1.0]
 
 
 def check_sets(sets, groups):
@@ -77,9 +87,10 @@ def plan_cells(args, c_argv):
     for seed in seeds:  # outermost: each seed's calibration is measured once
         for pattern in args.sets:
             for ratio in sorted(args.ratios):
-                spec = study.cell_spec(args.checkpoint, c_argv + [
-                    "--group_ratio", f"{pattern}={ratio}", "--input_size", str(args.input_size)]
-                    + study.seed_flags(c_argv, seed) + study.calibration_flags(c_argv, args.data_set, args.data_path))
+                rule = ["--drop_blocks", pattern] if args.blocks else ["--group_ratio", f"{pattern}={ratio}"]
+                spec = study.cell_spec(args.checkpoint, c_argv + rule + ["--input_size", str(args.input_size)]
+                                       + study.seed_flags(c_argv, seed)
+                                       + study.calibration_flags(c_argv, args.data_set, args.data_path))
                 cells.append((pattern, ratio, seed, spec))
     return cells
 
@@ -99,7 +110,8 @@ def compute(ctx, args, cell):
 
 
 def say(n, total, row):
-    print(f"[{n}/{total}] {row['set']} pruned by {row['ratio']:g} (seed {row['seed']}): top-1 {row['acc']:.2f} "
+    what = "removed" if row["ratio"] == 1 else f"pruned by {row['ratio']:g}"  # group ratios are < 1
+    print(f"[{n}/{total}] {row['set']} {what} (seed {row['seed']}): top-1 {row['acc']:.2f} "
           f"({row['params'] / 1e6:.2f}M params)", flush=True)
 
 
@@ -123,6 +135,17 @@ def tolerated(curve, base, tolerance):
     return best
 
 
+def plot_blocks(curve_of, base, path, criterion):
+    """Accuracy with each block removed alone, one bar per block in model order."""
+    plt = study.pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(curve_of)), 4.5))
+    names = list(curve_of)
+    ax.bar(range(len(names)), [c[0][1] for c in curve_of.values()])
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_title(f"sensitivity to removing one block ({criterion} block scores recorded)")
+    study.finish_plot(plt, fig, ax, base, "block removed", path)
+
+
 def plot(curve_of, base, path, criterion, streams):
     """One curve per set; sets that cut a residual stream drawn thicker."""
     plt = study.pyplot()
@@ -140,12 +163,20 @@ def run(args):
     check_args(args)
     c_argv = study.criterion_argv(args.criterion)
     source, args.input_size = study.open_source(args.checkpoint)
+    if args.blocks:
+        if not source.blocks:
+            raise UserError("--blocks: this model declares no removable blocks (residual blocks with an identity "
+                            "shortcut)")
+        args.sets = [b.name for b in source.blocks]
     args.sets = args.sets or [g.name for g in source.groups]
-    check_sets(args.sets, source.groups)
+    if not args.blocks:
+        check_sets(args.sets, source.groups)
     cells = plan_cells(args, c_argv)
     data = args.data = source.held.data_args(args.data_set, args.data_path, args.input_size)
     settings = {k: getattr(args, k) for k in ("criterion", "sets", "ratios", "seeds", "data_set",
                                               "data_path", "eval_subset")}
+    if args.blocks:  # a block study is another study: its folder says so
+        settings["blocks"] = True
     settings.update(source_sha256=source.sha256, input_size=args.input_size)
     evaluator = study.Evaluator(data, args.eval_subset)  # data errors first: they leave no folder
     results = study.Results(args.output_dir, settings, ("set", "ratio", "seed"),
@@ -163,11 +194,18 @@ def run(args):
     study.write_table(os.path.join(args.output_dir, "sensitivity.csv"), header, rows)
     streams = {p for p in args.sets
                if any(g.kind == "residual" and fnmatch.fnmatchcase(g.name, p) for g in source.groups)}
-    plot(curve_of, base, os.path.join(args.output_dir, "sensitivity.png"), args.criterion, streams)
+    if args.blocks:
+        plot_blocks(curve_of, base, os.path.join(args.output_dir, "sensitivity.png"), args.criterion)
+    else:
+        plot(curve_of, base, os.path.join(args.output_dir, "sensitivity.png"), args.criterion, streams)
     print("\n| set | " + " | ".join(header[1:]) + " |\n|---|" + "---:|" * (len(header) - 1))
     for r in rows:
         print("| " + " | ".join(str(v) for v in r) + " |")
-    if args.tolerance is not None:
+    if args.tolerance is not None and args.blocks:
+        kept = [p for p, c in curve_of.items() if c[0][1] >= base - args.tolerance]
+        print(f"\nwithin {args.tolerance:g} points of {base:.2f}, each block removed alone:")
+        print("--drop_blocks " + " ".join(kept) if kept else "no block can be removed within the tolerance")
+    elif args.tolerance is not None:
         picks = {p: tolerated(c, base, args.tolerance) for p, c in curve_of.items()}
         kept = [f"'{p}={r:g}'" for p, r in picks.items() if r > 0]
         print(f"\nwithin {args.tolerance:g} points of {base:.2f}, each set pruned alone:")

@@ -106,9 +106,7 @@ def random_block(view):
 
 def score_blocks(state, blocks, crit, *, seed=0, evidence=None):
     """name -> the criterion's score of each block (finite; UserError where it has no block score)."""
-    if crit.block_score is None:
-        raise UserError(f"criterion {crit.name} does not score whole blocks; depth rules (--depths, "
-                        f"--remove_blocks, --prune_depth) take one of: {', '.join(block_criteria())}")
+    check_block_score(crit)
     scores = {}
     for b in blocks:
         try:
@@ -124,9 +122,13 @@ def score_blocks(state, blocks, crit, *, seed=0, evidence=None):
     return scores
 
 
-def block_criteria():
-    from .criteria import CRITERIA
-    return [c.name for c in CRITERIA.values() if c.block_score is not None]
+def check_block_score(crit):
+    """Refuse a criterion without a block score for a depth rule, naming those that have one."""
+    if crit.block_score is None:
+        from .criteria import CRITERIA
+        names = ", ".join(c.name for c in CRITERIA.values() if c.block_score is not None)
+        raise UserError(f"criterion {crit.name} does not score whole blocks; depth rules (--depths, --remove_blocks, "
+                        f"--drop_blocks, --prune_depth) take one of: {names}")
 
 
 def check_depth_rules(rules, blocks, n_stages):
@@ -134,7 +136,7 @@ def check_depth_rules(rules, blocks, n_stages):
     if not rules.prunes_depth:
         return
     if not blocks:
-        raise UserError("depth rules (--depths, --remove_blocks, --prune_depth): this model declares no "
+        raise UserError("depth rules (--depths, --remove_blocks, --drop_blocks, --prune_depth): this model declares no "
                         "removable blocks (residual blocks with an identity shortcut)")
     if rules.depths is not None and len(rules.depths) != n_stages:
         raise UserError(f"--depths takes {n_stages} values for this model (blocks kept per stage), "
@@ -147,8 +149,25 @@ def removal_order(blocks, scores):
     return sorted(blocks, key=lambda b: (scores[b.name], -b.stage, -b.index))
 
 
+def _named(blocks, scores, names, left):
+    by_name = {b.name: b for b in blocks}
+    removed = {}
+    for name in names:
+        if name not in by_name:
+            raise UserError(f"--drop_blocks {name}: not a removable block of this model (prune.py --list_groups "
+                            "lists them)")
+        b = by_name[name]
+        if name in removed:
+            continue
+        if left[b.stage] == 1:
+            raise UserError(f"--drop_blocks: stage {b.stage} would keep no block; every stage keeps one")
+        left[b.stage] -= 1
+        removed[name] = scores[name]
+    return removed
+
+
 def choose_removed(blocks, scores, rules, depths):
-    """The blocks --depths / --remove_blocks remove: name -> score, lowest scores first.
+    """The blocks --depths / --remove_blocks / --drop_blocks remove: name -> score.
 
     Args:
         blocks: the removable blocks; scores: name -> score.
@@ -158,6 +177,8 @@ def choose_removed(blocks, scores, rules, depths):
     order = removal_order(blocks, scores)
     left = list(depths)
     removed = {}
+    if rules.drop_blocks is not None:
+        return _named(blocks, scores, rules.drop_blocks, left)
     if rules.depths is not None:
         for s, (want, have) in enumerate(zip(rules.depths, depths)):
             if want > have:

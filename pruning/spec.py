@@ -12,6 +12,7 @@ from common.config import Choice, FieldError, Range, check_value
 from common.errors import UserError
 from deploy.runtime import get_runtime, runtime_names
 
+from .blocks import check_block_score
 from .criteria import Aggregation, Criterion, get_criterion
 from .rules import budgets
 
@@ -33,7 +34,7 @@ def _tuple(value, name="value"):
 
 # KeepRules' own settings and their defaults; the registered budgets (pruning/rules.py) join them
 SETTINGS = {"dims": None, "hidden_ratio": None, "mlp_ratio": None, "group_ratio": None, "round_to": 1,
-            "depths": None, "remove_blocks": None, "prune_depth": False,
+            "depths": None, "remove_blocks": None, "drop_blocks": None, "prune_depth": False,
             "target_latency": None, "target_speedup": None, "latency_backend": "eager", "latency_batch": 1,
             "latency_dtype": "fp32"}
 
@@ -73,6 +74,7 @@ class KeepRules:
         latency_batch images in latency_dtype (fp32, or bf16 autocast in eager / compile).
     depths: blocks kept per stage (depth pruning: the criterion's block scores pick which go).
     remove_blocks: remove this many blocks, lowest block scores first, over the whole model.
+    drop_blocks: remove these blocks, by name (prune.py --list_groups; sensitivity.py --blocks).
     prune_depth: with a latency target, the planner also removes blocks where a block's score
         per millisecond saved is lower than narrowing's (pruning/plan.py).
     """
@@ -84,8 +86,9 @@ class KeepRules:
             raise TypeError(f"KeepRules got unknown rules {', '.join(unknown)}; "
                             f"known: {', '.join(rule_names())}")
         v = {name: values.get(name, SETTINGS.get(name)) for name in rule_names()}
-        for name in ("dims", "hidden_ratio", "mlp_ratio", "depths"):
+        for name in ("dims", "hidden_ratio", "mlp_ratio", "depths", "drop_blocks"):
             v[name] = _tuple(v[name], name)
+        v["drop_blocks"] = None if v["drop_blocks"] is None else tuple(str(n) for n in v["drop_blocks"])
         pairs = _tuple(v["group_ratio"], "group_ratio")
         v["group_ratio"] = None if pairs is None else tuple((str(p), float(r)) for p, r in pairs)
         object.__setattr__(self, "_values", v)
@@ -146,7 +149,8 @@ class KeepRules:
     def _check_depth(self):
         if not isinstance(self.prune_depth, bool):
             raise FieldError("KeepRules", "prune_depth", f"must be true or false, got {self.prune_depth!r}")
-        given = [k for k in ("depths", "remove_blocks", "prune_depth") if self._values[k] not in (None, False)]
+        given = [k for k in ("depths", "remove_blocks", "drop_blocks", "prune_depth")
+                 if self._values[k] not in (None, False)]
         if len(given) > 1:
             raise FieldError("KeepRules", given[0], f"and `{given[1]}` exclude each other: give one depth rule")
         if self.prune_depth and not self.latency_targeted:
@@ -177,7 +181,7 @@ class KeepRules:
     @property
     def prunes_depth(self):
         """Whether a rule removes blocks."""
-        return self.depths is not None or self.remove_blocks is not None or self.prune_depth
+        return any(v is not None for v in (self.depths, self.remove_blocks, self.drop_blocks)) or self.prune_depth
 
     @property
     def prunes_width(self):
@@ -273,7 +277,8 @@ class PruneSpec:
         scope = self.aggregation.scope  # a criterion's own fixed scope is what it reads anyway
         given = {"scope": scope is not None and scope != crit.aggregation.scope, "raw_weights": self.raw_weights,
                  "seed": self.seed is not None, "calibration": self.calibration is not None,
-                 "normalize": self.aggregation.normalize is not None, "reduce": self.aggregation.reduce is not None}
+                 **{k: getattr(self.aggregation, k) not in (None, getattr(crit.aggregation, k))
+                    for k in ("normalize", "reduce")}}  # a default (a resolved spec's) reads as not given
         for option, is_given in given.items():
             if is_given and option not in applies:
                 raise UserError(f"{_flag(option)} does not apply to criterion {crit.name}: "
@@ -291,7 +296,7 @@ class PruneSpec:
         """The settings a resolved spec used, as JSON-able values (checkpoint `pruning.options`)."""
         rules = self.rules.values()
         rules["group_ratio"] = [list(p) for p in self.rules.group_ratio] if self.rules.group_ratio else None
-        for key in ("dims", "hidden_ratio", "mlp_ratio", "depths"):
+        for key in ("dims", "hidden_ratio", "mlp_ratio", "depths", "drop_blocks"):
             rules[key] = list(rules[key]) if rules[key] is not None else None
         if not self.rules.latency_targeted:  # no latency was measured
             rules.update(latency_backend=None, latency_batch=None, latency_dtype=None)
@@ -312,12 +317,10 @@ class PruneSpec:
 def _check_criterion_rules(crit, rules):
     """A criterion scores channels, blocks or both: refuse rules it cannot serve."""
     if crit.score is None and rules.prunes_width:
-        raise UserError(f"criterion {crit.name} scores whole blocks only: use it with --depths or "
-                        "--remove_blocks and no channel rule")
-    if crit.block_score is None and rules.prunes_depth:
-        from .blocks import block_criteria
-        raise UserError(f"criterion {crit.name} does not score whole blocks; depth rules (--depths, "
-                        f"--remove_blocks, --prune_depth) take one of: {', '.join(block_criteria())}")
+        raise UserError(f"criterion {crit.name} scores whole blocks only: use it with --depths, --remove_blocks "
+                        "or --drop_blocks and no channel rule")
+    if rules.prunes_depth:
+        check_block_score(crit)
 
 
 def _flag(option):

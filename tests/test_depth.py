@@ -303,7 +303,7 @@ def test_prune_cli_depth_flags(tmp_path, capsys):
     save_checkpoint_file({"model": model.state_dict(), "arch": model.arch}, src)
     assert main(["--checkpoint", str(src), "--list_groups"]) == 0
     out = capsys.readouterr().out
-    assert "removable blocks (--depths, --remove_blocks) per stage: 2 of 2, 3 of 3" in out and "stages.1.2" in out
+    assert "removable blocks (--depths, --remove_blocks, --drop_blocks) per stage: 2 of 2, 3 of 3" in out and "stages.1.2" in out
     assert main(["--checkpoint", str(src), "--output", str(tmp_path / "p.pth"), "--depths", "1", "2",
                  "--criterion", "opnorm", "--input_size", "32"]) == 0
     out = capsys.readouterr().out
@@ -313,3 +313,48 @@ def test_prune_cli_depth_flags(tmp_path, capsys):
     from cli import export
     assert export.main(["--checkpoint", str(tmp_path / "p.pth"), "--output", str(tmp_path / "p.onnx"),
                         "--input_size", "32", "--parity_images", "4"]) in (0, None)
+
+
+@pytest.fixture(scope="module")
+def digits_source(tmp_path_factory):
+    """A ConvNeXt with two blocks per stage that says it was trained on DIGITS at 32 px."""
+    from checkpoints.io import save_checkpoint_file
+    model = randomised({**DEEP["convnext"], "num_classes": 10})
+    path = tmp_path_factory.mktemp("src") / "src.pth"
+    save_checkpoint_file({"model": model.state_dict(), "arch": model.arch,
+                          "args": {"data_set": "DIGITS", "input_size": 32}}, path)
+    return path
+
+
+@pytest.mark.cli
+def test_sensitivity_removes_one_block_at_a_time(digits_source, tmp_path, capsys):
+    from cli import sensitivity
+    out = tmp_path / "sens"
+    assert sensitivity.main(["--checkpoint", str(digits_source), "--output_dir", str(out), "--blocks", "true",
+                             "--criterion", "l1", "--eval_subset", "40", "--tolerance", "100"]) in (0, None)
+    text = capsys.readouterr().out
+    rows = [__import__("json").loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    names = [b.name for b in models.removable_blocks(DEEP["convnext"])]
+    assert sorted(r["set"] for r in rows) == sorted(names) and {r["ratio"] for r in rows} == {1.0}
+    assert "--drop_blocks " + " ".join(names) in text and (out / "sensitivity.png").stat().st_size > 1000
+    assert sensitivity.main(["--checkpoint", str(digits_source), "--output_dir", str(tmp_path / "x"), "--blocks",
+                             "true", "--sets", "stages.0.*"]) == 2
+
+
+@pytest.mark.cli
+def test_compare_criteria_depth_budgets(digits_source, tmp_path, capsys):
+    from cli import compare_criteria
+    from cli.compare_criteria import budget_argv
+    arch = DEEP["convnext"]
+    assert budget_argv("depths=1,2+ratio=0.5", arch, 32) == ["--depths", "1", "2", "--ratio", "0.5"]
+    assert budget_argv("speedup=3+prune_depth+latency_batch=16", arch, 32) == [
+        "--target_speedup", "3", "--prune_depth", "true", "--latency_batch", "16"]
+    assert budget_argv("blocks=2", arch, 32) == ["--remove_blocks", "2"]
+    out = tmp_path / "cmp"
+    assert compare_criteria.main(["--checkpoint", str(digits_source), "--output_dir", str(out), "--criteria", "l1",
+                                  "random", "--budgets", "blocks=2", "depths=1,2+ratio=0.3", "--seeds", "0", "1",
+                                  "--eval_subset", "40"]) in (0, None)
+    rows = [__import__("json").loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["criterion"], r["budget"]) for r in rows} == {(c, b) for c in ("l1", "random")
+                                                             for b in ("blocks=2", "depths=1,2+ratio=0.3")}
+    assert "| blocks=2 | l1 |" in capsys.readouterr().out
