@@ -13,6 +13,8 @@ import os
 import time
 from dataclasses import replace
 
+import torch
+
 import models
 from checkpoints.io import save_checkpoint_file
 from pruning import KeepRules, PruneSpec, api
@@ -189,3 +191,21 @@ def _diff(a, b):
     if d is None:
         return "-"
     return d.text() + (" *" if d.excludes_zero else "") + f" (n = {d.n})"
+
+
+def exactness(source, criterion="l2", removed_counts=(1,), seed=0, images=4):
+    """Rows of the depth exactness check: for each N, the source pruned by --remove_blocks N
+    against the source with those blocks' branches zeroed (surgery.silence_blocks), on seeded
+    random images at the source's input size: (N, removed names, max |difference| / max |logit|)."""
+    from pruning.surgery import silence_blocks
+    size = source.held.input_size()
+    x = torch.randn(images, source.arch.get("in_chans", 3), size, size, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for n in removed_counts:
+        result = api.prune(source, PruneSpec(criterion=criterion, rules=KeepRules(remove_blocks=n), input_size=size))
+        names = [b["name"] for b in result.removed_blocks]
+        dead = models.with_weights(source.arch, silence_blocks(source.sds["model"], source.blocks, names))
+        with torch.no_grad():
+            ref, out = dead(x), result.model(x)
+        rows.append((n, names, float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))))
+    return rows

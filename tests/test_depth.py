@@ -358,3 +358,34 @@ def test_compare_criteria_depth_budgets(digits_source, tmp_path, capsys):
     assert {(r["criterion"], r["budget"]) for r in rows} == {(c, b) for c in ("l1", "random")
                                                              for b in ("blocks=2", "depths=1,2+ratio=0.3")}
     assert "| blocks=2 | l1 |" in capsys.readouterr().out
+
+
+@pytest.mark.cli
+def test_exactness_script(digits_source, capsys):
+    import importlib.util
+    from helpers import ROOT
+    spec = importlib.util.spec_from_file_location("depth_exactness", ROOT / "scripts/depth_exactness.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--checkpoint", str(digits_source), "--remove_blocks", "1", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 | " in out and "exact: every difference <= 1e-05" in out
+
+
+@pytest.mark.e2e
+def test_a_depth_pruned_checkpoint_fine_tunes(digits_source, tmp_path):
+    import subprocess
+    import sys
+    from helpers import ENV, ROOT
+    pruned = tmp_path / "p.pth"
+    prune(str(digits_source), PruneSpec(criterion="opnorm", rules=KeepRules(depths=[1, 2]))).save(pruned)
+    out = tmp_path / "ft"
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--finetune", str(pruned), "--epochs", "1",
+                           "--batch_size", "64", "--lr", "1e-3", "--warmup_epochs", "0", "--mixup", "0", "--cutmix", "0",
+                           "--reprob", "0", "--aa", "none", "--smoothing", "0", "--num_workers", "0", "--device", "cpu",
+                           "--drop_path", "0.1", "--layer_decay", "0.8", "--data_set", "DIGITS", "--input_size", "32",
+                           "--output_dir", str(out)],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint_file(out / "checkpoint-0.pth")
+    assert ckpt["arch"]["depths"] == [1, 2] and "stages.1.1.gamma" in ckpt["model"]
