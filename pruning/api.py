@@ -258,8 +258,8 @@ class Result:
 
     def export_scores(self, path):
         """Per-group scores, each source's row (null where it does not cover) and the kept
-        indices, as JSON."""
-        data = {"provenance": self.checkpoint["pruning"], "groups": {}}
+        indices, and with a depth rule every removable block's score, as JSON."""
+        data = {"provenance": self.checkpoint["pruning"], "groups": {}, "blocks": self.block_scores}
         for g in self.source.groups:
             s = self.scores[g.name]
             data["groups"][g.name] = {

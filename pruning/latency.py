@@ -1,11 +1,12 @@
 """The latency keep rule: a measured model of how fast a candidate shape runs on this machine.
 
-`LatencyModel` predicts the time of one batch for any kept-channel set of a source shape. Every
-layer of these families is a conv, a Linear or a norm; the time is taken as a rate per MAC of
-the dense layers (convs, Linears), one per MAC of the depthwise convs, one per activation
-element the layers write (memory traffic: norms, activations, adds follow these sizes) and a
-constant (per-op overheads). The rates are fitted (non-negative least squares) to real
-timings of the source and of `VARIANTS` shapes of random widths, run in the chosen runtime at
+`LatencyModel` predicts the time of one batch for any kept-channel set (and set of removed
+blocks) of a source shape. Every layer of these families is a conv, a Linear or a norm; the time
+is taken as a rate per MAC of the dense layers (convs, Linears), one per MAC of the depthwise
+convs, one per activation element the layers write (memory traffic: norms, activations, adds
+follow these sizes), one per layer (its fixed overhead, what a removed block saves beyond its
+widths) and a constant. The rates are fitted (non-negative least squares) to real timings of
+the source and of `VARIANTS` shapes of random widths (half of them without some blocks), run in the chosen runtime at
 the chosen batch and precision, and cached per machine, runtime, versions, shape, input size
 and batch (`cache_dir()`), so a second pruning of the same source times nothing.
 
