@@ -167,7 +167,8 @@ def _named(blocks, scores, names, left):
 
 
 def choose_removed(blocks, scores, rules, depths):
-    """The blocks --depths / --remove_blocks / --drop_blocks remove: name -> score.
+    """The blocks --depths / --remove_blocks / --drop_blocks remove: name -> score, lowest
+    first (--drop_blocks: as named).
 
     Args:
         blocks: the removable blocks; scores: name -> score.
@@ -186,7 +187,7 @@ def choose_removed(blocks, scores, rules, depths):
             # want >= 1 (KeepRules) and at most a stage's first block is not removable: enough can go
             stage = [b for b in order if b.stage == s]
             removed.update((b.name, scores[b.name]) for b in stage[:have - want])
-        return removed
+        return {b.name: removed[b.name] for b in order if b.name in removed}  # lowest first
     for b in order:
         if len(removed) == rules.remove_blocks:
             break
