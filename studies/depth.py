@@ -155,7 +155,7 @@ def _acc(rows, step):
 def tables(rows, dense_count, criterion, targets, random_seeds, ft_seeds):
     """The report's markdown lines: per runtime and target, each mode's top-1 after pruning and
     fine-tuning with intervals, the random floor, depth - width paired, and the speed side."""
-    out = ["| runtime | target | planner | measured speed-up | MACs ratio | speed-up / MACs ratio | blocks removed "
+    out = ["| runtime | target | planner | measured speed-up (x) | MACs ratio (x) | speed-up / MACs ratio | blocks removed "
            "| top-1 after pruning | random floor (same latency) | fine-tuned |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     diffs = ["| runtime | target | depth - width after pruning | depth - width fine-tuned | "
@@ -178,7 +178,7 @@ def tables(rows, dense_count, criterion, targets, random_seeds, ft_seeds):
                 ratio = stats.mean_interval([m["macs_ratio"] for m in main])
                 eff = stats.mean_interval([m["speedup"] / m["macs_ratio"] for m in main])
                 removed = "/".join(str(m["removed"]) for m in main)
-                out.append(f"| {backend} | {x:g}x | {criterion}, {mode} | {speed.text()}x | {ratio.text()}x | "
+                out.append(f"| {backend} | {x:g}x | {criterion}, {mode} | {speed.text()} | {ratio.text()} | "
                            f"{eff.text()} | {removed} | {stats.mean_interval(list(pruned.values())).text()} | "
                            f"{_maybe(floor)} | {_maybe(tuned)} |")
             if len(per_mode) == 2:
@@ -195,7 +195,7 @@ def _diff(a, b):
     d = stats.paired_difference(a, b)
     if d is None:
         return "-"
-    return d.text() + (" *" if d.excludes_zero else "") + f" (n = {d.n})"
+    return d.text() + (" *" if d.excludes_zero else "") + ("" if d.half is None else f" (n = {d.n})")
 
 
 def exactness(source, criterion="l2", removed_counts=(1,), seed=0, images=4):
