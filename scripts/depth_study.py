@@ -81,12 +81,11 @@ def main(argv=None):
     for d, path in enumerate(args.checkpoints):
         run.run_dense(d, path, args.criterion, args.targets, args.latency_batch, args.input_size, args.random_seeds,
                       args.finetune_seeds, args.finetune_epochs, args.train_args)
-    main_table, diffs = tables(run.results.rows, len(args.checkpoints), args.criterion, args.targets,
-                               args.random_seeds, args.finetune_seeds)
-    print("\n".join(main_table + [""] + diffs))
+    body = "\n\n".join("\n".join(t) for t in tables(run.results.rows, len(args.checkpoints), args.criterion,
+                                                      args.targets, args.random_seeds, args.finetune_seeds))
+    print(body)
     if args.report:
-        write_report(args.report, "scripts/depth_study.py", " ".join(["python", *sys.argv]),
-                     "\n".join(main_table + [""] + diffs), args.overwrite)
+        write_report(args.report, "scripts/depth_study.py", " ".join(["python", *sys.argv]), body, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -153,13 +153,16 @@ def _acc(rows, step):
 
 
 def tables(rows, dense_count, criterion, targets, random_seeds, ft_seeds):
-    """The report's markdown lines: per runtime and target, each mode's top-1 after pruning and
-    fine-tuning with intervals, the random floor, depth - width paired, and the speed side."""
+    """The report's three tables (markdown lines): per runtime and target, each mode's speed,
+    top-1 after pruning and fine-tuning with intervals and the random floor; depth - width
+    paired; what planning cost."""
     out = ["| runtime | target | planner | measured speed-up (x) | MACs ratio (x) | speed-up / MACs ratio | blocks removed "
            "| top-1 after pruning | random floor (same latency) | fine-tuned |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     diffs = ["| runtime | target | depth - width after pruning | depth - width fine-tuned | "
              "depth - width, random floor |", "|---|---|---|---|---|"]
+    cost = ["| runtime | target | planner | whole prune, timings included (s) | plans measured | planner alone (s) |",
+            "|---|---|---|---|---|---|"]
     for backend, speedups in targets:
         for x in speedups:
             per_mode = {}
@@ -178,13 +181,16 @@ def tables(rows, dense_count, criterion, targets, random_seeds, ft_seeds):
                 ratio = stats.mean_interval([m["macs_ratio"] for m in main])
                 eff = stats.mean_interval([m["speedup"] / m["macs_ratio"] for m in main])
                 removed = "/".join(str(m["removed"]) for m in main)
+                cost.append(f"| {backend} | {x:g}x | {mode} | {stats.mean_interval([m['seconds'] for m in main]).text(1)} | "
+                            f"{'/'.join(str(m['attempts']) for m in main)} | "
+                            f"{stats.mean_interval([m['plan_seconds'] for m in main]).text(3)} |")
                 out.append(f"| {backend} | {x:g}x | {criterion}, {mode} | {speed.text()} | {ratio.text()} | "
                            f"{eff.text()} | {removed} | {stats.mean_interval(list(pruned.values())).text()} | "
                            f"{_maybe(floor)} | {_maybe(tuned)} |")
             if len(per_mode) == 2:
                 (pw, fw, tw), (pd, fd, td) = per_mode["width"], per_mode["depth"]
                 diffs.append(f"| {backend} | {x:g}x | {_diff(pd, pw)} | {_diff(td, tw)} | {_diff(fd, fw)} |")
-    return out, diffs
+    return out, diffs, cost
 
 
 def _maybe(values):
