@@ -301,7 +301,7 @@ def _width_plan(groups, scores, rules, removed, cost_model, latency):
 
 
 def plan_cut(groups, scores, rules, *, cost_model=None, latency=None, blocks=(), block_scores=None, depths=None):
-    """The Cut the rules give: blocks first (--depths / --remove_blocks), then the channel
+    """The Cut the rules give: blocks first (--depths / --remove_blocks / --drop_blocks), then the channel
     rules on what is left; with prune_depth, depth and width are planned together
     (`_depth_sweep`).
 
