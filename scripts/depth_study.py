@@ -35,6 +35,7 @@ def get_args_parser():
     p.add_argument("--targets", nargs="+", default=["eager:2,3,5"], help="RUNTIME:X,X,... speed-up targets")
     p.add_argument("--latency_batch", type=int, default=16)
     p.add_argument("--input_size", type=int, default=224, help="the side latency is measured at")
+    p.add_argument("--round_to", type=int, default=1, help="prune.py --round_to of every plan (widths a multiple of this)")
     p.add_argument("--random_seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     p.add_argument("--finetune_seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--finetune_epochs", type=int, default=2)
@@ -54,8 +55,8 @@ def check_args(args):
     for backend, _ in args.targets:
         if backend not in runtime_names():
             raise UserError(f"--targets: unknown runtime {backend!r}; choose one of {', '.join(runtime_names())}")
-    if args.latency_batch < 1 or args.input_size < 1 or args.finetune_epochs < 1:
-        raise UserError("--latency_batch, --input_size and --finetune_epochs must be >= 1")
+    if min(args.latency_batch, args.input_size, args.finetune_epochs, args.round_to) < 1:
+        raise UserError("--latency_batch, --input_size, --finetune_epochs and --round_to must be >= 1")
     for path in args.checkpoints:
         if not os.path.isfile(path):
             raise UserError(f"--checkpoints: {path} is not a file")
@@ -76,11 +77,13 @@ def main(argv=None):
         check_output_file(args.report, "--report", args.overwrite)
     settings = {k: getattr(args, k) for k in ("checkpoints", "criterion", "targets", "latency_batch", "input_size",
                                               "random_seeds", "finetune_seeds", "finetune_epochs", "train_args")}
+    if args.round_to != 1:  # studies run before the flag keep their settings
+        settings["round_to"] = args.round_to
     settings["checkpoints"] = [os.path.abspath(p) for p in args.checkpoints]
     run = DepthStudy(args.output_dir, settings)
     for d, path in enumerate(args.checkpoints):
         run.run_dense(d, path, args.criterion, args.targets, args.latency_batch, args.input_size, args.random_seeds,
-                      args.finetune_seeds, args.finetune_epochs, args.train_args)
+                      args.finetune_seeds, args.finetune_epochs, args.train_args, args.round_to)
     body = "\n\n".join("\n".join(t) for t in tables(run.results.rows, len(args.checkpoints), args.criterion,
                                                       args.targets, args.random_seeds, args.finetune_seeds))
     print(body)

@@ -85,7 +85,8 @@ class DepthStudy:
         print(f"{step}: top-1 {row['acc']:.2f}" + "".join(
             f", {k} {row[k]:.3g}" for k in ("speedup", "macs_ratio") if row.get(k) is not None), flush=True)
 
-    def run_dense(self, d, path, criterion, targets, batch, size, random_seeds, ft_seeds, ft_epochs, train_args):
+    def run_dense(self, d, path, criterion, targets, batch, size, random_seeds, ft_seeds, ft_epochs, train_args,
+                  round_to=1):
         src = api.open_source(path)
         data = src.held.data_args()
         evaluator = study.Evaluator(data)
@@ -94,10 +95,10 @@ class DepthStudy:
             for x in speedups:
                 for mode in MODES:
                     cell = f"d{d}/{backend}/{x:g}x/{mode}"
-                    self._prune(src, evaluator, cell, criterion, mode, x, backend, batch, size)
+                    self._prune(src, evaluator, cell, criterion, mode, x, backend, batch, size, round_to)
                     row = next(r for r in self.results.rows if r["step"] == f"{cell}/{criterion}")
                     for s in random_seeds:
-                        self._random(src, evaluator, f"{cell}/random{s}", mode, s, row, backend, batch, size)
+                        self._random(src, evaluator, f"{cell}/random{s}", mode, s, row, backend, batch, size, round_to)
                     if backend == targets[0][0]:
                         for s in ft_seeds:
                             self._finetune(f"{cell}/{criterion}/ft{s}", f"{cell}/{criterion}", data, s, ft_epochs,
@@ -110,11 +111,11 @@ class DepthStudy:
     def _checkpoint(self, step):
         return os.path.join(self.folder, "ckpt", step.replace("/", "_") + ".pth")
 
-    def _prune(self, src, evaluator, cell, criterion, mode, x, backend, batch, size):
+    def _prune(self, src, evaluator, cell, criterion, mode, x, backend, batch, size, round_to):
         step = f"{cell}/{criterion}"
         if self._done(step):
             return
-        spec = PruneSpec(criterion=criterion, rules=rules_for(mode, x, backend, batch), input_size=size)
+        spec = PruneSpec(criterion=criterion, rules=rules_for(mode, x, backend, batch, round_to=round_to), input_size=size)
         start = time.perf_counter()
         for _ in range(RETRIES + 1):  # a machine busy during the timing misses; the rows keep the target's
             result = api.prune(src, spec)
@@ -132,10 +133,11 @@ class DepthStudy:
                   attempts=lat["attempts"], seconds=seconds, plan_seconds=plan_seconds,
                   **describe(result.checkpoint, src.arch, size))
 
-    def _random(self, src, evaluator, step, mode, seed, reference, backend, batch, size):
+    def _random(self, src, evaluator, step, mode, seed, reference, backend, batch, size, round_to):
         if self._done(step):
             return
-        spec = PruneSpec(criterion="random", seed=seed, rules=rules_for(mode, 2.0, backend, batch), input_size=size)
+        spec = PruneSpec(criterion="random", seed=seed, rules=rules_for(mode, 2.0, backend, batch, round_to=round_to),
+                         input_size=size)
         ckpt, _ = plan_at(src, spec, reference["predicted_ms"])
         self._add(step, acc=evaluator.accuracy(ckpt["arch"], ckpt["model"]), **describe(ckpt, src.arch, size))
 
