@@ -42,6 +42,8 @@ def get_args_parser():
     p.add_argument("--train_args", default="--lr 1e-3 --batch_size 32 --warmup_epochs 0 --drop_path 0 --mixup 0 "
                    "--cutmix 0 --reprob 0 --aa none --smoothing 0 --num_workers 0 --device cpu --save_ckpt false")
     p.add_argument("--report", help="write the tables as a markdown report")
+    p.add_argument("--tables_only", action="store_true",
+                   help="print (and --report) the tables of the finished rows; run no cell (a study cut short)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
     return p
 
@@ -81,7 +83,7 @@ def main(argv=None):
         settings["round_to"] = args.round_to
     settings["checkpoints"] = [os.path.abspath(p) for p in args.checkpoints]
     run = DepthStudy(args.output_dir, settings)
-    for d, path in enumerate(args.checkpoints):
+    for d, path in enumerate([] if args.tables_only else args.checkpoints):
         run.run_dense(d, path, args.criterion, args.targets, args.latency_batch, args.input_size, args.random_seeds,
                       args.finetune_seeds, args.finetune_epochs, args.train_args, args.round_to)
     body = "\n\n".join("\n".join(t) for t in tables(run.results.rows, len(args.checkpoints), args.criterion,

@@ -389,3 +389,24 @@ def test_a_depth_pruned_checkpoint_fine_tunes(digits_source, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = load_checkpoint_file(out / "checkpoint-0.pth")
     assert ckpt["arch"]["depths"] == [1, 2] and "stages.1.1.gamma" in ckpt["model"]
+
+
+def test_depth_study_tables_pair_depth_with_width():
+    """The study's tables from rows: depth - width paired by dense model (after pruning) and by
+    dense model and seed (fine-tuned, random floor); a dense model missing a plan is left out."""
+    from studies.depth import tables
+    rows = []
+    for d in range(3):
+        for mode, acc in (("width", 80.0 + d), ("depth", 82.0 + 2 * d)):
+            cell = f"d{d}/eager/3x/{mode}"
+            if d == 2 and mode == "depth":
+                continue  # cut short
+            rows.append({"step": f"{cell}/opnorm", "acc": acc, "speedup": 3.0, "macs_ratio": 3.0 if mode == "width" else 2.5,
+                         "removed": 0 if mode == "width" else 3, "seconds": 1.0, "attempts": 1, "plan_seconds": 0.1})
+            rows += [{"step": f"{cell}/random{s}", "acc": acc - 5 + s} for s in (0, 1)]
+            rows += [{"step": f"{cell}/opnorm/ft{s}", "acc": acc + 10 + s} for s in (0, 1)]
+    main, diffs, cost = tables(rows, 3, "opnorm", [("eager", [3.0])], [0, 1], [0, 1])
+    assert "| eager | 3x | opnorm, depth | 3.00 +- 0.00 | 2.50 +- 0.00 | 1.20 +- 0.00 | 3/3 |" in main[3]
+    # dense models 0 and 1: depth - width = 2 and 3 after pruning, the same per seed after fine-tuning
+    assert diffs[2].startswith("| eager | 3x | 2.50 +- 6.35 (n = 2) | 2.50 +- 0.92 * (n = 4) | 2.50 +- 0.92 * (n = 4) |")
+    assert len(cost) == 4
