@@ -32,6 +32,9 @@ from common.errors import UserError, parse_first, run_cli
 from studies import dispatch
 
 
+DEFAULT_RATIOS = [round(0.1 * i, 1) for i in range(1, 10)]
+
+
 def get_args_parser():
     p = dispatch.study_parser("sensitivity", __doc__)
     p.add_argument("--criterion", default="l1", help="NAME or NAME:flag=value,... (see compare_criteria.py)")
@@ -39,7 +42,7 @@ def get_args_parser():
                    help="remove each removable block alone instead of pruning groups at --ratios")
     p.add_argument("--sets", nargs="+", default=None,
                    help="glob patterns over group names, one set each (default: every group)")
-    p.add_argument("--ratios", nargs="+", type=float, default=[round(0.1 * i, 1) for i in range(1, 10)],
+    p.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS,
                    help="shares of each set's channels to prune")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (used by seeded criteria)")
     p.add_argument("--tolerance", type=float, default=None,
@@ -66,8 +69,9 @@ def check_args(args):
         raise UserError("--ratios must be distinct values in (0, 1)")
     if args.tolerance is not None and args.tolerance < 0:
         raise UserError(f"--tolerance must be >= 0, got {args.tolerance}")
-    if args.blocks and args.sets:
-        raise UserError("--sets names channel groups; --blocks removes each removable block: give one")
+    if args.blocks and (args.sets or args.ratios != DEFAULT_RATIOS):
+        raise UserError("--sets and --ratios prune channel groups; --blocks removes each removable block whole: "
+                        "give one")
     if args.blocks:
         args.ratios = [1.0]
 

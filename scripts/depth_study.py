@@ -59,6 +59,8 @@ def check_args(args):
             raise UserError(f"--targets: unknown runtime {backend!r}; choose one of {', '.join(runtime_names())}")
     if min(args.latency_batch, args.input_size, args.finetune_epochs, args.round_to) < 1:
         raise UserError("--latency_batch, --input_size, --finetune_epochs and --round_to must be >= 1")
+    if min(args.random_seeds + args.finetune_seeds, default=0) < 0:
+        raise UserError("--random_seeds and --finetune_seeds must be >= 0")
     for path in args.checkpoints:
         if not os.path.isfile(path):
             raise UserError(f"--checkpoints: {path} is not a file")

@@ -339,6 +339,8 @@ def test_sensitivity_removes_one_block_at_a_time(digits_source, tmp_path, capsys
     assert "--drop_blocks " + " ".join(names) in text and (out / "sensitivity.png").stat().st_size > 1000
     assert sensitivity.main(["--checkpoint", str(digits_source), "--output_dir", str(tmp_path / "x"), "--blocks",
                              "true", "--sets", "stages.0.*"]) == 2
+    assert sensitivity.main(["--checkpoint", str(digits_source), "--output_dir", str(tmp_path / "x"), "--blocks",
+                             "true", "--ratios", "0.5"]) == 2
 
 
 @pytest.mark.cli
