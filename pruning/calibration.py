@@ -3,11 +3,15 @@
 A few batches of the training split, seen through the evaluation transform (no augmentation
 noise), go through the model in eval mode:
 - saliency (taylor): the cross-entropy over all batches is back-propagated once per batch into
-  one accumulated gradient; saliency = |w * dL/dw| per parameter (Molchanov et al.'s first order);
+  one accumulated gradient; saliency = |w * dL/dw| per parameter (Molchanov et al.'s first order),
+  and each batch's signed sum of w * dL/dw per tensor (taylor's block score);
 - activation: the mean |input| of every channel of every Linear / Conv2d layer, keyed by the
   (weight key, axis) under which the channel groups name that layer's input channels (axis 1,
-  or axis 0 of a depthwise conv, whose filters are its input channels).
-pruning/scoring.py turns both into per-channel scores of each group.
+  or axis 0 of a depthwise conv, whose filters are its input channels);
+- skip: per removable block, the change of the logits with its branch zeroed (one more forward
+  over the batches per block) and of its output against its input (skip_logits, skip_output).
+pruning/scoring.py turns the first two into per-channel scores of each group, pruning/blocks.py
+the rest into block scores.
 """
 import torch
 import torch.nn as nn
