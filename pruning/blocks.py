@@ -143,6 +143,16 @@ def check_depth_rules(rules, blocks, n_stages):
                         f"got {len(rules.depths)}")
 
 
+def one_per_stage(blocks, depths):
+    """The blocks, in the order given, that can go while every stage keeps one block."""
+    left, out = list(depths), []
+    for b in blocks:
+        if left[b.stage] > 1:
+            left[b.stage] -= 1
+            out.append(b)
+    return out
+
+
 def removal_order(blocks, scores):
     """Blocks lowest score first (equal scores: the later block first, as it is nearer the
     head and its removal disturbs fewer layers)."""
@@ -175,12 +185,11 @@ def choose_removed(blocks, scores, rules, depths):
         rules: spec.KeepRules.
         depths: blocks per stage of the source (every block, removable or not).
     """
-    order = removal_order(blocks, scores)
-    left = list(depths)
-    removed = {}
     if rules.drop_blocks is not None:
-        return _named(blocks, scores, rules.drop_blocks, left)
+        return _named(blocks, scores, rules.drop_blocks, list(depths))
+    order = removal_order(blocks, scores)
     if rules.depths is not None:
+        removed = {}
         for s, (want, have) in enumerate(zip(rules.depths, depths)):
             if want > have:
                 raise UserError(f"--depths: stage {s} has {have} blocks, cannot keep {want}")
@@ -188,12 +197,7 @@ def choose_removed(blocks, scores, rules, depths):
             stage = [b for b in order if b.stage == s]
             removed.update((b.name, scores[b.name]) for b in stage[:have - want])
         return {b.name: removed[b.name] for b in order if b.name in removed}  # lowest first
-    for b in order:
-        if len(removed) == rules.remove_blocks:
-            break
-        if left[b.stage] > 1:
-            left[b.stage] -= 1
-            removed[b.name] = scores[b.name]
+    removed = {b.name: scores[b.name] for b in one_per_stage(order, depths)[:rules.remove_blocks]}
     if len(removed) < rules.remove_blocks:
         raise UserError(f"--remove_blocks {rules.remove_blocks}: only {len(removed)} blocks can go "
                         "(every stage keeps one, and blocks with a downsampling shortcut stay)")

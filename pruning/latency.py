@@ -40,6 +40,7 @@ from common.provenance import machine
 from deploy.runtime import Settings, check_settings, get_runtime
 
 from .costs import KeptShapes, owned_by_any
+from .blocks import one_per_stage
 from .plan import select
 from .surgery import new_arch, prune_state_dict, remove_blocks
 
@@ -220,13 +221,11 @@ class LatencyModel:
         return shapes
 
     def _random_blocks(self, gen):
-        left = models.FAMILIES[self.arch["family"]].stage_depths(self.arch) if self.blocks else []
-        removed = []
-        for b in self.blocks:
-            if float(torch.rand((), generator=gen)) < 0.5 and left[b.stage] > 1:
-                left[b.stage] -= 1
-                removed.append(b.name)
-        return tuple(removed)
+        if not self.blocks:
+            return ()
+        drawn = [b for b in self.blocks if float(torch.rand((), generator=gen)) < 0.5]
+        depths = models.FAMILIES[self.arch["family"]].stage_depths(self.arch)
+        return tuple(b.name for b in one_per_stage(drawn, depths))
 
     def _time_variants(self):
         samples = []

@@ -15,7 +15,8 @@ from common.errors import UserError
 
 from models.groups import part_stop
 
-from .blocks import choose_removed, removal_order
+from .blocks import choose_removed, one_per_stage, removal_order
+from .costs import owned_by_any
 from .rules import Shape
 
 
@@ -289,7 +290,7 @@ def remaining_groups(groups, removed):
     """The groups that still exist once the `removed` blocks are gone (a block's own groups,
     every slice inside it, go with it)."""
     def inside(g):
-        return all(any(p.key.startswith(n + ".") for n in removed) for p in g.slices)
+        return all(owned_by_any(p.key, removed) for p in g.slices)
     return [g for g in groups if not (removed and inside(g))]
 
 
@@ -322,7 +323,7 @@ def block_costs(blocks, block_scores, groups, scores):
     narrowing those groups to nothing would lose)."""
     mass = {}
     for b in blocks:
-        inner = [g for g in groups if all(p.key.startswith(b.name + ".") for p in g.slices)]
+        inner = [g for g in groups if all(b.owns(p.key) for p in g.slices)]
         mass[b.name] = sum(float(scores[g.name].score.sum()) for g in inner if scores.get(g.name) is not None)
     mean_score = sum(block_scores.values()) / len(blocks)
     mean_mass = sum(mass.values()) / len(blocks)
@@ -354,11 +355,8 @@ def _depth_sweep(groups, scores, rules, cost_model, latency, blocks, block_score
     costs = block_costs(blocks, block_scores, groups, scores)
     dense_ms = model.predict({})
     saved = {b.name: max(dense_ms - model.without([b.name]).predict({}), 1e-12) for b in blocks}
-    left, sequence = list(depths), []
-    for b in sorted(removal_order(blocks, block_scores), key=lambda b: costs[b.name] / saved[b.name]):
-        if left[b.stage] > 1:
-            left[b.stage] -= 1
-            sequence.append(b)
+    sequence = one_per_stage(sorted(removal_order(blocks, block_scores), key=lambda b: costs[b.name] / saved[b.name]),
+                             depths)
     best, first_error = None, None
     for k in range(len(sequence) + 1):
         removed = {b.name: block_scores[b.name] for b in sequence[:k]}
